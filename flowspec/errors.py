@@ -1,0 +1,19 @@
+"""User-facing errors: each says what is wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class FlowSpecError(Exception):
+    """Base class of every error that is meant to be shown to a user as one message."""
+
+
+class ModelError(FlowSpecError):
+    """The model could not be found, read or is not supported."""
+
+
+class ContextOverflowError(FlowSpecError):
+    """A request needs more KV-cache slots than the configured maximum context."""
+
+
+class CausalityError(FlowSpecError):
+    """A segment or tree update names nodes in an order the cache cannot honour."""

@@ -1,0 +1,1 @@
+"""The numerical engine: weights, stages, KV cache. No sockets, no runtime imports."""

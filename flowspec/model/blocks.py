@@ -1,0 +1,131 @@
+"""Compact Llama-family blocks: RMSNorm, rotary embeddings, attention over a slot cache, MLP.
+
+Weights are kept in the model dtype (bfloat16 by default); keys, values, rotary
+embeddings and attention run in the cache dtype (float32 by default), which on CPU is
+both faster and more exact for the short queries of decoding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with llama3 or linear scaling applied."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    sc = cfg.rope_scaling
+    if not sc:
+        return inv
+    factor = float(sc.get("factor", 1.0))
+    if sc["rope_type"] == "linear":
+        return inv / factor
+    # llama3: long wavelengths are slowed down by `factor`, short ones kept, the band between smoothed.
+    low = float(sc.get("low_freq_factor", 1.0))
+    high = float(sc.get("high_freq_factor", 4.0))
+    old_ctx = float(sc.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape [n, head_dim] for integer positions of shape [n]."""
+    ang = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat((ang, ang), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [heads, n, head_dim]; cos/sin: [n, head_dim]."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm decoder layer; attention reads and writes a slot-addressed KV cache."""
+
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], prefix: str) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+        def lin(name: str, bias: bool = False) -> nn.Linear:
+            weight = w[prefix + name + ".weight"]
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias, dtype=weight.dtype)
+            layer.weight = nn.Parameter(weight, requires_grad=False)
+            if bias:
+                layer.bias = nn.Parameter(w[prefix + name + ".bias"], requires_grad=False)
+            return layer
+
+        self.input_norm = RMSNorm(w[prefix + "input_layernorm.weight"], cfg.rms_norm_eps)
+        self.post_norm = RMSNorm(w[prefix + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        self.q_proj = lin("self_attn.q_proj", cfg.qkv_bias)
+        self.k_proj = lin("self_attn.k_proj", cfg.qkv_bias)
+        self.v_proj = lin("self_attn.v_proj", cfg.qkv_bias)
+        self.o_proj = lin("self_attn.o_proj")
+        self.gate_proj = lin("mlp.gate_proj")
+        self.up_proj = lin("mlp.up_proj")
+        self.down_proj = lin("mlp.down_proj")
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+        span: int,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """x: [n, hidden]. Writes the new keys/values at `slots`, attends over cache[:span]
+        with the boolean `mask` [n, span] (True = may attend)."""
+        cfg = self.cfg
+        n = x.shape[0]
+        h = self.input_norm(x)
+        cdt = k_cache.dtype
+        q = self.q_proj(h).to(cdt).view(n, cfg.num_heads, cfg.head_dim).transpose(0, 1)
+        k = self.k_proj(h).to(cdt).view(n, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
+        v = self.v_proj(h).to(cdt).view(n, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        k_cache[:, slots] = k
+        v_cache[:, slots] = v
+        keys = k_cache[:, :span]
+        vals = v_cache[:, :span]
+        groups = cfg.num_heads // cfg.num_kv_heads
+        if groups > 1:
+            keys = keys.repeat_interleave(groups, dim=0)
+            vals = vals.repeat_interleave(groups, dim=0)
+        att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask[None])
+        att = att.transpose(0, 1).reshape(n, cfg.num_heads * cfg.head_dim).to(x.dtype)
+        x = x + self.o_proj(att)
+        h = self.post_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))

@@ -1,0 +1,174 @@
+"""A preallocated KV cache whose slots are addressed by stable tree-node ids.
+
+Every token the target processes is a *node* with an id chosen by the source and a
+parent id (-1 for the very first token of a sequence). Committed nodes form the prefix
+that every later token attends to; uncommitted nodes are speculative tree nodes that
+attend to the prefix, to their own uncommitted ancestors and to themselves.
+
+The physical order of slots does not matter to attention (rotary embeddings are applied
+before keys are cached, and the mask says who sees whom), so the cache is free to
+compact: it moves live slots to the front whenever dropped nodes leave too many holes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CausalityError, ContextOverflowError
+
+NO_PARENT = -1
+
+
+@dataclass
+class SegmentPlan:
+    """How one incoming segment maps onto the cache."""
+
+    keep: list[int]  # indices (into the segment) of the rows that are computed
+    slots: torch.Tensor  # long [len(keep)]: cache slot of each kept row
+    span: int  # attention runs over cache slots [0, span)
+    mask: torch.Tensor  # bool [len(keep), span]: True where a row may attend
+
+
+class KVCache:
+    """Keys and values of several layers, for one sequence, in `capacity` slots."""
+
+    def __init__(
+        self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype
+    ) -> None:
+        self.capacity = capacity
+        self.keys = [torch.zeros(num_kv_heads, capacity, head_dim, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(num_kv_heads, capacity, head_dim, dtype=dtype) for _ in range(num_layers)]
+        self._committed_mask = torch.zeros(capacity, dtype=torch.bool)
+        self.reset()
+
+    # ----------------------------------------------------------------- state
+    def reset(self) -> None:
+        """Forget the sequence (a new request starts)."""
+        self.slot_of: dict[int, int] = {}  # live node id -> slot
+        self.parent_of: dict[int, int] = {}  # uncommitted live node id -> parent id
+        self.committed: list[int] = []  # committed node ids, in sequence order
+        self.dropped: set[int] = set()  # ids dropped (or skipped because an ancestor was)
+        self.span = 0  # slots [0, span) have been handed out
+        self._committed_mask.zero_()
+
+    @property
+    def num_committed(self) -> int:
+        return len(self.committed)
+
+    @property
+    def num_live(self) -> int:
+        return len(self.slot_of)
+
+    @property
+    def last_committed(self) -> int:
+        return self.committed[-1] if self.committed else NO_PARENT
+
+    def is_committed(self, node: int) -> bool:
+        s = self.slot_of.get(node)
+        return s is not None and node not in self.parent_of
+
+    # ---------------------------------------------------------------- segments
+    def plan(self, node_ids: list[int], parent_ids: list[int]) -> SegmentPlan:
+        """Allocate slots for a segment and build its attention mask from parent ids.
+
+        Rows whose parent was dropped (or skipped) are skipped and recorded as dropped:
+        a segment that was in flight when its branch was pruned costs nothing here.
+        """
+        if len(node_ids) != len(parent_ids):
+            raise CausalityError("a segment needs one parent id per node id")
+        keep: list[int] = []
+        row_of: dict[int, int] = {}
+        for i, (nid, pid) in enumerate(zip(node_ids, parent_ids)):
+            if nid in self.slot_of or nid in row_of or nid < 0:
+                raise CausalityError(f"node id {nid} is already in use (or negative)")
+            if pid in self.dropped or nid in self.dropped:
+                self.dropped.add(nid)
+                continue
+            if pid == NO_PARENT:
+                if self.committed or self.parent_of:
+                    raise CausalityError(f"node {nid} has no parent but the sequence has started")
+            elif pid not in self.slot_of and pid not in row_of:
+                raise CausalityError(
+                    f"node {nid} names parent {pid}, which this stage has never seen: "
+                    "ancestors must arrive in an earlier segment or earlier in the same one"
+                )
+            row_of[nid] = len(keep)
+            keep.append(i)
+        slots = self._allocate(len(keep))
+        span = self.span
+        m = len(keep)
+        mask = self._committed_mask[:span].expand(m, span).clone()
+        for r, i in enumerate(keep):
+            pid = parent_ids[i]
+            if pid in row_of:
+                mask[r] |= mask[row_of[pid]]
+            else:
+                a = pid
+                while a in self.parent_of:  # uncommitted ancestors already cached
+                    mask[r, self.slot_of[a]] = True
+                    a = self.parent_of[a]
+            mask[r, slots[r]] = True
+        for r, i in enumerate(keep):
+            self.slot_of[node_ids[i]] = int(slots[r])
+            self.parent_of[node_ids[i]] = parent_ids[i]
+        return SegmentPlan(keep=keep, slots=slots, span=span, mask=mask)
+
+    def _allocate(self, n: int) -> torch.Tensor:
+        holes = self.span - self.num_live
+        if self.span + n > self.capacity or (holes > 64 and holes * 4 > self.span):
+            self.compact()
+        if self.span + n > self.capacity:
+            raise ContextOverflowError(
+                f"the KV cache is full: {self.num_live} tokens are cached and {n} more were sent, "
+                f"but max_context is {self.capacity}; raise model.max_context in the topology "
+                "(or --max-context), or use a shorter prompt / fewer new tokens"
+            )
+        slots = torch.arange(self.span, self.span + n, dtype=torch.long)
+        self.span += n
+        return slots
+
+    # ------------------------------------------------------------ tree updates
+    def commit(self, ids: list[int]) -> None:
+        """The accepted path: `ids`, in order, extend the committed prefix."""
+        for nid in ids:
+            if nid not in self.parent_of:
+                state = "already committed" if nid in self.slot_of else (
+                    "dropped" if nid in self.dropped else "unknown")
+                raise CausalityError(f"cannot commit node {nid}: it is {state}")
+            if self.parent_of[nid] != self.last_committed:
+                raise CausalityError(
+                    f"cannot commit node {nid}: its parent {self.parent_of[nid]} is not the last "
+                    f"committed node {self.last_committed}"
+                )
+            del self.parent_of[nid]
+            self.committed.append(nid)
+            self._committed_mask[self.slot_of[nid]] = True
+
+    def drop(self, ids: list[int]) -> None:
+        """Rejected nodes: their slots become free (reclaimed at the next compaction)."""
+        for nid in ids:
+            if nid in self.parent_of:
+                del self.parent_of[nid]
+                del self.slot_of[nid]
+            elif nid in self.slot_of:
+                raise CausalityError(f"cannot drop node {nid}: it is committed")
+            self.dropped.add(nid)
+
+    def compact(self) -> None:
+        """Move live slots to the front (committed in order, then tree nodes); results unchanged."""
+        order = list(self.committed) + sorted(self.parent_of, key=self.slot_of.__getitem__)
+        old = [self.slot_of[n] for n in order]
+        start = 0
+        while start < len(old) and old[start] == start:
+            start += 1
+        if start < len(old):
+            src = torch.tensor(old[start:], dtype=torch.long)
+            for t in self.keys + self.values:
+                t[:, start : len(old)] = t[:, src]
+            for j in range(start, len(order)):
+                self.slot_of[order[j]] = j
+        self.span = len(order)
+        self._committed_mask.zero_()
+        self._committed_mask[: len(self.committed)] = True

