@@ -17,3 +17,7 @@ class ContextOverflowError(FlowSpecError):
 
 class CausalityError(FlowSpecError):
     """A segment or tree update names nodes in an order the cache cannot honour."""
+
+
+class TopologyError(FlowSpecError):
+    """A topology file is unreadable or invalid; the message names the file, the field and what is allowed."""

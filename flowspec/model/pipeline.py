@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from .config import ModelConfig
-from .stage import LMHead, Segment, Stage, split_layers
+from .stage import LMHead, Segment, Stage, StageOutput, split_layers
 
 
 @dataclass
@@ -49,11 +49,16 @@ class LocalPipeline:
         for s in self.stages:
             s.apply_update(commit, drop)
 
-    def run(self, seg: Segment) -> PipelineOutput:
+    def run_stages(self, seg: Segment) -> StageOutput:
+        """The segment through every stage: final hidden states of the computed rows."""
         out = None
         for s in self.stages:
             out = s(seg if out is None else out.as_segment())
         assert out is not None
+        return out
+
+    def run(self, seg: Segment) -> PipelineOutput:
+        out = self.run_stages(seg)
         return PipelineOutput(out.node_ids, out.hidden, self.head(out.hidden))
 
 

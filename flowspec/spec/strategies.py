@@ -1,0 +1,336 @@
+"""Decoding strategies as sans-I/O state machines with one interface.
+
+A strategy never touches a socket. The driver (the in-memory ring in tests, the source
+node over TCP) calls ``start()`` and then ``on_result()`` for every segment that comes
+back around the ring, in order, and sends what they return: a tree update (commit ids,
+drop ids) followed by a segment, in band on the same FIFO stream. Because a strategy
+reacts only to results, in order, a run is deterministic whatever the timing.
+
+* ``autoregressive``: one token per ring trip.
+* ``chunked`` (Chunk-PP): one whole draft tree per round, cut into chunks that are sent
+  back to back and verified when all are back.
+* ``pipedec``: one tree level per segment; levels stream through the pipeline and are
+  verified as they come back.
+* ``flowspec``: segments ordered by draft score, step-wise verification as each one
+  returns, in-band pruning, and dynamic expansion from the new frontier so the ring never
+  runs dry.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..model.stage import Segment
+from .drafters.base import Drafter, DraftView, NoDrafter
+from .sampling import SamplingParams
+from .tree import DraftTree, Node
+from .verify import accept_deterministic
+
+STRATEGIES = ("autoregressive", "chunked", "pipedec", "flowspec")
+
+
+@dataclass(frozen=True)
+class TreeParams:
+    """Shape of the draft tree and of the stream of segments."""
+
+    depth: int = 5  # levels below the root a draft may reach
+    top_k: int = 8  # children per node, and width of each drafted level
+    total: int = 64  # nodes in a round's tree (chunked) / live unverified nodes (flowspec)
+    segment: int = 16  # nodes per segment
+    expand: int = 32  # nodes added per dynamic expansion (flowspec)
+    in_flight: int = 3  # segments in the ring at once (pipedec, flowspec)
+
+
+@dataclass
+class Send:
+    """What the driver sends next: an update, then (optionally) a segment, on the same stream."""
+
+    commit: list[int]  # node ids that join the committed prefix, in order
+    drop: list[int]  # node ids whose KV entries are discarded
+    segment: Segment | None  # new nodes to run, or None for an update alone
+
+
+@dataclass
+class Stats:
+    """Per-request counters."""
+
+    new_tokens: int = 0
+    segments_sent: int = 0  # ring trips started
+    verifications: int = 0  # returned segments that advanced the accepted path
+    rounds: int = 0  # draft-and-verify rounds: each ends with a token that was not drafted
+    drafted: int = 0  # nodes the drafter proposed and the tree kept
+    verified: int = 0  # drafted nodes sent through the target
+    pruned: int = 0  # drafted nodes discarded (sent or not)
+    pruned_sent: int = 0  # of which had been sent (wasted ring work)
+    accepted_drafts: int = 0  # drafted nodes accepted
+    draft_s: float = 0.0  # source time spent drafting
+    verify_s: float = 0.0  # source time spent in the lm_head and acceptance
+
+    def as_dict(self) -> dict[str, float]:
+        d = dict(self.__dict__)
+        d["draft_s"] = round(self.draft_s, 4)
+        d["verify_s"] = round(self.verify_s, 4)
+        d["mean_accepted"] = round(self.new_tokens / self.verifications, 3) if self.verifications else 0.0
+        d["tau"] = round(self.new_tokens / self.rounds, 3) if self.rounds else 0.0
+        return d
+
+
+class Speculator:
+    """One request, decoded by one strategy."""
+
+    def __init__(
+        self,
+        strategy: str,
+        head: Callable[[torch.Tensor], torch.Tensor],
+        drafter: Drafter | None,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        eos_ids: Sequence[int] = (),
+        sampling: SamplingParams = SamplingParams(),
+        tree: TreeParams = TreeParams(),
+        prefill_chunk: int = 256,
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        self.strategy = strategy
+        self.head = head
+        self.drafter: Drafter = NoDrafter() if strategy == "autoregressive" or drafter is None else drafter
+        self.prompt = list(prompt)
+        self.max_new_tokens = max_new_tokens
+        self.eos = set(eos_ids)
+        self.sampling = sampling
+        self.p = tree
+        self.prefill_chunk = prefill_chunk
+        self.tree = DraftTree()
+        self.output: list[int] = []
+        self.stats = Stats()
+        self.done = False
+        self.in_flight = 0
+        self._sent: set[int] = set()
+        self._to_commit: list[int] = []
+        self._to_drop: list[int] = []
+        self._chain_ids: list[int] = []
+        self._chain_tokens: list[int] = []
+        self._hidden: dict[int, torch.Tensor] = {}
+        self._round_open = False  # chunked: a round is in the ring
+        self._max_in_flight = 1 if strategy == "autoregressive" else max(1, tree.in_flight)
+        self.drafter.begin(self.prompt)
+
+    # ----------------------------------------------------------------- driver API
+    def start(self) -> list[Send]:
+        """Prefill segments for the prompt, then the first speculative segments."""
+        ids = self.tree.take_ids(len(self.prompt) - 1)
+        ids.append(self.tree.set_root(self.prompt[-1], ids[-1] if ids else -1, len(self.prompt) - 1).id)
+        self._chain_ids = list(ids)
+        self._chain_tokens = list(self.prompt)
+        self._to_commit = list(ids)
+        sends = []
+        for a in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[a : a + self.prefill_chunk]
+            seg = Segment(chunk, [i - 1 if i > ids[0] else -1 for i in chunk], list(range(a, a + len(chunk))),
+                          tokens=torch.tensor(self.prompt[a : a + len(chunk)]))
+            sends.append(self._send(seg))
+        self.tree[self.tree.root].sent = True
+        self._plan()
+        return sends + self._fill()
+
+    def on_result(self, node_ids: Sequence[int], hidden: torch.Tensor) -> list[Send]:
+        """A segment came back from the last stage: verify, prune, expand, send more."""
+        self.in_flight -= 1
+        if self.done:
+            return []
+        t0 = time.perf_counter()
+        rows = [i for i, n in enumerate(node_ids) if n in self.tree and self.tree[n].logits is None]
+        if rows:
+            logits = self.head(hidden[rows])
+            for j, i in enumerate(rows):
+                node = self.tree[node_ids[i]]
+                node.logits = logits[j]
+                if self.drafter.needs_hidden:
+                    node.hidden = hidden[i]
+        advanced = self._verify()
+        self.stats.verify_s += time.perf_counter() - t0
+        if advanced:
+            self.stats.verifications += 1
+        if self.done:
+            return []
+        if self.strategy == "chunked" and self.in_flight == 0:
+            self._round_open = False
+        self._plan()
+        return self._fill()
+
+    # ------------------------------------------------------------- verification
+    def _verify(self) -> bool:
+        """Walk from the root along accepted children while the target's logits are known."""
+        advanced = False
+        if self.strategy == "chunked" and self.in_flight > 0:
+            return False  # Chunk-PP verifies a round only when all its chunks are back
+        while not self.done:
+            root = self.tree[self.tree.root]
+            if root.logits is None:
+                break
+            tok, child = accept_deterministic(root.logits, root.children, self.sampling, root.position + 1)
+            advanced = True
+            self.output.append(tok)
+            if child is not None:
+                pruned_sent, pruned = self.tree.advance(child)
+                self.stats.accepted_drafts += 1
+                new = self.tree[child]
+            else:
+                new, pruned_sent, pruned = self.tree.replace_root(tok)
+                self.stats.rounds += 1
+            self._hidden_keep(root)
+            self.stats.pruned += pruned
+            self.stats.pruned_sent += len(pruned_sent)
+            self._to_drop.extend(pruned_sent)
+            self._chain_ids.append(new.id)
+            self._chain_tokens.append(tok)
+            self._to_commit.append(new.id)
+            if tok in self.eos or len(self.output) >= self.max_new_tokens:
+                self.done = True
+                if child is not None:
+                    self.stats.rounds += 1
+        self.stats.new_tokens = len(self.output)
+        return advanced
+
+    def _hidden_keep(self, node: Node) -> None:
+        if self.drafter.needs_hidden and node.hidden is not None:
+            self._hidden[node.id] = node.hidden
+
+    # ---------------------------------------------------------------- drafting
+    def _view(self) -> DraftView:
+        return DraftView(self._chain_ids, self._chain_tokens, self.tree, self._hidden)
+
+    def _draft_level(self, frontier: list[Node], width: int) -> list[Node]:
+        """Children of the frontier; the best `width` new nodes are returned (all are kept)."""
+        view = self._view()
+        frontier = [n for n in frontier if self.drafter.ready(view, n)]
+        if not frontier:
+            return []
+        t0 = time.perf_counter()
+        props = self.drafter.propose(view, frontier, self.p.top_k)
+        self.stats.draft_s += time.perf_counter() - t0
+        new: list[Node] = []
+        for node, plist in zip(frontier, props):
+            node.expanded = True
+            for tok, lp in plist:
+                c = self.tree.add_child(node.id, tok, lp)
+                if c is not None:
+                    new.append(c)
+        new.sort(key=Node.sort_key)
+        return new
+
+    def _grow(self, budget: int, width: int, max_depth: int) -> int:
+        """Add up to `budget` nodes, level by level from the best unexpanded nodes."""
+        added = 0
+        frontier = self.tree.frontier(width, max_depth)
+        while frontier and added < budget:
+            new = self._draft_level(frontier, width)
+            if not new:
+                frontier = self.tree.frontier(width, max_depth)
+                continue
+            for n in new[budget - added :]:  # over budget: forget the worst
+                del self.tree[n.parent].children[n.token]
+                del self.tree.nodes[n.id]
+            new = new[: budget - added]
+            added += len(new)
+            frontier = [n for n in new if self.tree.depth(n.id) < max_depth][:width]
+        self.stats.drafted += added
+        return added
+
+    def _plan(self) -> None:
+        """Decide which nodes exist before filling the ring."""
+        if self.done or self.strategy == "autoregressive":
+            return
+        unsent = sum(1 for n in self.tree if not n.sent)
+        live = len(self.tree) - 1
+        if self.strategy == "chunked":
+            if self._round_open or self.tree[self.tree.root].logits is not None:
+                return
+            self._grow(self.p.total, self.p.top_k, self.p.depth)
+        elif self.strategy == "pipedec":
+            # one new level per step, each of width top_k, from the deepest live level
+            if unsent == 0 and live < self.p.total:
+                deepest = max(self.tree.depth(n.id) for n in self.tree)
+                level = [n for n in self.tree if self.tree.depth(n.id) == deepest and not n.expanded]
+                if deepest < self.p.depth:
+                    level.sort(key=Node.sort_key)
+                    self.stats.drafted += len(
+                        self._keep_level(self._draft_level(level[: self.p.top_k], self.p.top_k)))
+        else:  # flowspec
+            if unsent < self.p.segment and live < self.p.total:
+                self._grow(min(self.p.expand, self.p.total - live), self.p.top_k, self.p.depth)
+
+    def _keep_level(self, new: list[Node]) -> list[Node]:
+        for n in new[self.p.top_k :]:
+            del self.tree[n.parent].children[n.token]
+            del self.tree.nodes[n.id]
+        return new[: self.p.top_k]
+
+    # ----------------------------------------------------------------- sending
+    def _fill(self) -> list[Send]:
+        sends: list[Send] = []
+        if self.done:
+            return sends
+        if self.strategy == "chunked":
+            if self._round_open:
+                return sends
+            unsent = self.tree.unsent()
+            if not unsent:
+                return sends
+            for a in range(0, len(unsent), self.p.segment):
+                sends.append(self._send(self._segment(unsent[a : a + self.p.segment])))
+            self._round_open = True
+            return sends
+        while self.in_flight < self._max_in_flight:
+            unsent = self.tree.unsent()
+            if self.strategy == "pipedec":
+                if unsent:
+                    depth = self.tree.depth(unsent[0].id)
+                    unsent = [n for n in unsent if self.tree.depth(n.id) <= depth + (1 if depth == 0 else 0)]
+            else:
+                unsent = unsent[: self.p.segment]
+            if not unsent:
+                break
+            sends.append(self._send(self._segment(unsent)))
+            self._plan()
+        return sends
+
+    def _segment(self, nodes: list[Node]) -> Segment:
+        for n in nodes:
+            n.sent = True
+            if n.id != self.tree.root:
+                self.stats.verified += 1
+        return Segment([n.id for n in nodes], [n.parent for n in nodes], [n.position for n in nodes],
+                       tokens=torch.tensor([n.token for n in nodes]))
+
+    def _send(self, seg: Segment) -> Send:
+        """The update goes first, so it may only commit nodes of segments sent earlier."""
+        update = Send(self._commit_ready(), self._take_drops(), seg)
+        self._sent.update(seg.node_ids)
+        self.in_flight += 1
+        self.stats.segments_sent += 1
+        return update
+
+    def _commit_ready(self) -> list[int]:
+        """The accepted ids that every stage has already seen, in order."""
+        n = 0
+        while n < len(self._to_commit) and self._to_commit[n] in self._sent:
+            n += 1
+        out, self._to_commit = self._to_commit[:n], self._to_commit[n:]
+        return out
+
+    def _take_drops(self) -> list[int]:
+        out, self._to_drop = self._to_drop, []
+        return out
+
+    def result_stats(self) -> dict[str, float]:
+        return self.stats.as_dict()
