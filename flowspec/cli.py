@@ -45,7 +45,7 @@ def _emit(args: argparse.Namespace, text: str, token_ids: list[int], stats: dict
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.topology:
-        from .runtime.client import generate_on_ring
+        from .runtime.commands import generate_on_ring
 
         res = generate_on_ring(args)
         _emit(args, res["text"], res["token_ids"], res["stats"])
@@ -107,10 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_runtime_commands(sub: Any) -> None:
     """Subcommands that live in the runtime (registered lazily so `generate --model` stays light)."""
-    try:
-        from .runtime.commands import add_commands
-    except ImportError:  # runtime not built yet
-        return
+    from .runtime.commands import add_commands
+
     add_commands(sub)
 
 

@@ -89,10 +89,10 @@ class DecoderLayer(nn.Module):
         self.q_proj = lin("self_attn.q_proj", cfg.qkv_bias)
         self.k_proj = lin("self_attn.k_proj", cfg.qkv_bias)
         self.v_proj = lin("self_attn.v_proj", cfg.qkv_bias)
-        self.o_proj = lin("self_attn.o_proj")
-        self.gate_proj = lin("mlp.gate_proj")
-        self.up_proj = lin("mlp.up_proj")
-        self.down_proj = lin("mlp.down_proj")
+        self.o_proj = lin("self_attn.o_proj", cfg.o_bias)
+        self.gate_proj = lin("mlp.gate_proj", cfg.mlp_bias)
+        self.up_proj = lin("mlp.up_proj", cfg.mlp_bias)
+        self.down_proj = lin("mlp.down_proj", cfg.mlp_bias)
 
     def forward(
         self,

@@ -27,9 +27,11 @@ class ModelConfig:
     rms_norm_eps: float  # epsilon of every RMSNorm
     rope_theta: float  # RoPE base
     rope_scaling: dict[str, Any] | None  # None, or {"rope_type": "llama3"|"linear", ...}
-    qkv_bias: bool  # q/k/v projections carry a bias (Qwen2)
+    qkv_bias: bool  # q/k/v projections carry a bias (Qwen2; Llama with attention_bias)
     tie_word_embeddings: bool  # lm_head shares the embedding matrix (SmolLM2)
     max_position_embeddings: int  # longest context the model was trained for
+    o_bias: bool = False  # the attention output projection carries a bias (Llama attention_bias)
+    mlp_bias: bool = False  # gate/up/down projections carry a bias (Llama mlp_bias)
     sliding_window: int | None = None  # Mistral's attention window; contexts beyond it are refused
     bos_token_id: int | None = None  # beginning-of-sequence token
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)  # tokens that end generation
@@ -63,9 +65,10 @@ class ModelConfig:
                 if kind == "default":
                     scaling = None
             if mt == "qwen2":
-                qkv_bias = True
+                qkv_bias, o_bias = True, False
             else:
-                qkv_bias = bool(d.get("attention_bias", False))
+                qkv_bias = o_bias = bool(d.get("attention_bias", False))
+            mlp_bias = bool(d.get("mlp_bias", False)) if mt == "llama" else False
             eos = d.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
             window = d.get("sliding_window")
@@ -84,6 +87,8 @@ class ModelConfig:
                 rope_theta=float(theta),
                 rope_scaling=scaling,
                 qkv_bias=qkv_bias,
+                o_bias=o_bias,
+                mlp_bias=mlp_bias,
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
                 sliding_window=int(window) if window else None,
@@ -113,6 +118,6 @@ class ModelConfig:
         """Parameters of one decoder layer."""
         h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
         q = self.num_heads * self.head_dim
-        attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if self.qkv_bias else 0)
-        mlp = 3 * h * self.intermediate_size
+        attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if self.qkv_bias else 0) + (h if self.o_bias else 0)
+        mlp = 3 * h * self.intermediate_size + ((2 * self.intermediate_size + h) if self.mlp_bias else 0)
         return attn + mlp + 2 * h

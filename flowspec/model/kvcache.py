@@ -80,6 +80,7 @@ class KVCache:
             raise CausalityError("a segment needs one parent id per node id")
         keep: list[int] = []
         row_of: dict[int, int] = {}
+        roots = 0
         for i, (nid, pid) in enumerate(zip(node_ids, parent_ids)):
             if nid in self.slot_of or nid in row_of or nid < 0:
                 raise CausalityError(f"node id {nid} is already in use (or negative)")
@@ -87,7 +88,8 @@ class KVCache:
                 self.dropped.add(nid)
                 continue
             if pid == NO_PARENT:
-                if self.committed or self.parent_of:
+                roots += 1
+                if self.committed or self.parent_of or roots > 1:
                     raise CausalityError(f"node {nid} has no parent but the sequence has started")
             elif pid not in self.slot_of and pid not in row_of:
                 raise CausalityError(
@@ -147,14 +149,18 @@ class KVCache:
             self._committed_mask[self.slot_of[nid]] = True
 
     def drop(self, ids: list[int]) -> None:
-        """Rejected nodes: their slots become free (reclaimed at the next compaction)."""
+        """Rejected nodes and their cached descendants: their slots become free (reclaimed
+        at the next compaction)."""
         for nid in ids:
-            if nid in self.parent_of:
+            if nid not in self.parent_of and nid in self.slot_of:
+                raise CausalityError(f"cannot drop node {nid}: it is committed")
+        gone = set(ids)
+        for nid, pid in list(self.parent_of.items()):  # parents were inserted before children
+            if nid in gone or pid in gone:
+                gone.add(nid)
                 del self.parent_of[nid]
                 del self.slot_of[nid]
-            elif nid in self.slot_of:
-                raise CausalityError(f"cannot drop node {nid}: it is committed")
-            self.dropped.add(nid)
+        self.dropped |= gone
 
     def compact(self) -> None:
         """Move live slots to the front (committed in order, then tree nodes); results unchanged."""

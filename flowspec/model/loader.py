@@ -190,6 +190,10 @@ def layer_tensor_names(cfg: ModelConfig, i: int) -> list[str]:
     ]
     if cfg.qkv_bias:
         names += [p + "self_attn.q_proj.bias", p + "self_attn.k_proj.bias", p + "self_attn.v_proj.bias"]
+    if cfg.o_bias:
+        names.append(p + "self_attn.o_proj.bias")
+    if cfg.mlp_bias:
+        names += [p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias", p + "mlp.down_proj.bias"]
     return names
 
 

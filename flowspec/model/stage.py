@@ -148,20 +148,23 @@ class Stage(nn.Module):
 
     @torch.inference_mode()
     def forward(self, seg: Segment) -> StageOutput:  # type: ignore[override]
+        if self.first and seg.tokens is None:
+            raise ModelError("the first stage needs token ids")
+        if not self.first and seg.hidden is None:
+            raise ModelError("a later stage needs hidden states")
+        n = len(seg)
+        data = seg.tokens if self.first else seg.hidden
+        assert data is not None
+        if data.shape[0] != n or len(seg.positions) != n:
+            raise ModelError(f"a segment of {n} nodes came with {data.shape[0]} inputs and "
+                             f"{len(seg.positions)} positions")
         plan = self.cache.plan(seg.node_ids, seg.parent_ids)
         keep = plan.keep
         ids = [seg.node_ids[i] for i in keep]
         parents = [seg.parent_ids[i] for i in keep]
         positions = [seg.positions[i] for i in keep]
-        if self.first:
-            if seg.tokens is None:
-                raise ModelError("the first stage needs token ids")
-            x = self.embed(seg.tokens[keep] if len(keep) != len(seg) else seg.tokens)
-        else:
-            if seg.hidden is None:
-                raise ModelError("a later stage needs hidden states")
-            x = seg.hidden[keep] if len(keep) != len(seg) else seg.hidden
-            x = x.to(self.dtype)
+        x = data[keep] if len(keep) != n else data
+        x = self.embed(x) if self.first else x.to(self.dtype)
         if not keep:
             return StageOutput(ids, parents, positions, x[:0])
         cos, sin = rope_cos_sin(self.inv_freq, torch.tensor(positions, dtype=torch.long))

@@ -1,0 +1,219 @@
+"""`flowspec node`, `flowspec up`, and `flowspec generate --topology`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import time
+from typing import Any, Awaitable, Callable, TypeVar
+
+from ..config import Topology
+from ..errors import FlowSpecError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def run_async(main: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine on uvloop where it is installed, else on asyncio's loop."""
+    try:
+        import uvloop
+
+        return uvloop.run(main())  # type: ignore[no-any-return]
+    except ImportError:
+        return asyncio.run(main())  # type: ignore[arg-type]
+
+
+def _node_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"dtype": getattr(args, "dtype", None), "drafter": getattr(args, "drafter", None),
+            "max_context": getattr(args, "max_context", None) or None}
+
+
+def load_topology(args: argparse.Namespace) -> Topology:
+    topo = Topology.load(args.topology)
+    over = _node_overrides(args)
+    return topo.with_overrides(**over) if any(v is not None for v in over.values()) else topo
+
+
+# ------------------------------------------------------------------------------- node
+def build_node(topo: Topology, name: str) -> Any:
+    """Load what node `name` needs (only its own layers) and return the node object."""
+    import torch
+
+    from ..model.config import ModelConfig
+    from ..model.loader import resolve_model
+    from ..model.stage import LMHead, Stage, parse_dtype
+
+    me = topo.node(name)
+    key = topo.cluster_key()
+    folder = resolve_model(topo.model.target)
+    cfg = ModelConfig.from_file(str(folder / "config.json"))
+    dtype = topo.model.dtype
+    layer_bytes = cfg.layer_params() * torch.empty((), dtype=parse_dtype(dtype)).element_size()
+    ranges = topo.resolve_layers(cfg.num_layers, layer_bytes)
+    if me.is_source:
+        from ..model.tokenizer import Tokenizer
+        from ..spec.drafters import make_drafter
+        from .source_node import SourceNode
+
+        drafter = make_drafter(topo.model.drafter.kind, topo.model.drafter.path, cfg.vocab_size, dtype,
+                               topo.model.max_context)
+        head = LMHead.load(folder, dtype=dtype, cfg=cfg)
+        return SourceNode(topo, name, key, Tokenizer(folder), head, drafter, cfg.fingerprint(),
+                          cfg.num_layers, str(topo.model.target))
+    from .stage_node import StageNode
+
+    a, b = ranges[name]
+    stage = Stage.load(folder, a, b, dtype=dtype, max_context=topo.model.max_context, cfg=cfg)
+    log.info("%s: layers %d-%d loaded (%d parameters, %.1f MB)", name, a, b - 1, stage.num_params(),
+             stage.weight_bytes() / 1e6)
+    return StageNode(topo, name, key, stage, cfg.fingerprint())
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.verbose == 0:
+        logging.getLogger("flowspec").setLevel(logging.INFO)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    topo = load_topology(args)
+    node = build_node(topo, args.name)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        extra = []
+        if topo.node(args.name).is_source and not args.no_api:
+            try:
+                from ..api import serve_api
+            except ImportError:
+                serve_api = None
+            if serve_api is not None:
+                extra.append(asyncio.create_task(serve_api(node, topo, stop)))
+        await node.run(stop)
+        for t in extra:
+            t.cancel()
+
+    run_async(main)
+    log.info("%s stopped", args.name)
+    return 0
+
+
+# --------------------------------------------------------------------------------- up
+def _summary_table(status: dict[str, Any], topo: Topology) -> Any:
+    from rich.table import Table
+
+    t = Table(title=f"ring {topo.cluster!r}: {status.get('model')}")
+    for col in ("node", "address", "layers", "weights", "status"):
+        t.add_column(col)
+    src = topo.source
+    t.add_row(src.name, f"{src.host}:{src.port}", "lm_head + drafter", "", "source, ready")
+    for r in status.get("ring", []):
+        a, b = r["layers"]
+        t.add_row(r["name"], r["address"], f"{a}-{b - 1}", f"{r['weight_bytes'] / 1e6:.1f} MB", "ready")
+    return t
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .client import wait_formed
+    from .launcher import LocalRing
+
+    topo = load_topology(args)
+    console = Console(stderr=False)
+    ring = LocalRing(args.topology, topo, _node_flags(args), threads=args.threads or None)
+    def on_signal(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        ring.start()
+        st = run_async(lambda: wait_formed(topo, ring.key, args.timeout, ring.check_alive))
+        console.print(_summary_table(st, topo))
+        console.print(f"ring formed; API at http://{topo.api.host}:{topo.api.port} ; Ctrl-C stops every node")
+        while True:
+            ring.check_alive()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        console.print("stopping the ring ...")
+        return 0
+    finally:
+        ring.stop()
+        signal.signal(signal.SIGTERM, old)
+
+
+def _node_flags(args: argparse.Namespace) -> list[str]:
+    flags: list[str] = []
+    if getattr(args, "dtype", None):
+        flags += ["--dtype", args.dtype]
+    if getattr(args, "drafter", None):
+        flags += ["--drafter", args.drafter]
+    if getattr(args, "max_context", None):
+        flags += ["--max-context", str(args.max_context)]
+    return flags
+
+
+# --------------------------------------------------------------------------- generate
+def request_meta(args: argparse.Namespace) -> dict[str, Any]:
+    meta: dict[str, Any] = {"prompt": args.prompt, "raw": bool(args.raw), "max_new_tokens": args.max_new_tokens}
+    for k in ("strategy", "temperature", "top_p", "top_k", "seed"):
+        v = getattr(args, k, None)
+        if v is not None:
+            meta[k] = v
+    return meta
+
+
+def generate_on_ring(args: argparse.Namespace) -> dict[str, Any]:
+    from .client import RingClient, wait_formed
+    from .launcher import LocalRing
+
+    topo = load_topology(args)
+
+    async def ask(key: bytes) -> dict[str, Any]:
+        c = await RingClient.connect(topo, key)
+        try:
+            return await c.generate(request_meta(args))
+        finally:
+            await c.close()
+
+    if not args.local:
+        key = topo.cluster_key()
+        return run_async(lambda: ask(key))
+    ring = LocalRing(args.topology, topo, _node_flags(args), threads=args.threads or None)
+    try:
+        ring.start()
+
+        async def go() -> dict[str, Any]:
+            await wait_formed(topo, ring.key, 300, ring.check_alive)
+            return await ask(ring.key)
+
+        return run_async(go)
+    finally:
+        ring.stop()
+
+
+def add_commands(sub: Any) -> None:
+    n = sub.add_parser("node", help="run one node of a topology in the foreground")
+    n.add_argument("--topology", required=True)
+    n.add_argument("--name", required=True, help="which node of the topology this process is")
+    n.add_argument("--threads", type=int, default=0, help="torch compute threads (0: torch's default)")
+    n.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    n.add_argument("--drafter", default=None, help="override model.drafter (source only)")
+    n.add_argument("--max-context", type=int, default=0)
+    n.add_argument("--no-api", action="store_true", help="source: do not serve the HTTP API")
+    n.set_defaults(func=cmd_node)
+
+    u = sub.add_parser("up", help="start every node of a topology that lives on this machine")
+    u.add_argument("topology")
+    u.add_argument("--threads", type=int, default=0, help="torch threads per node (default: cores / nodes)")
+    u.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    u.add_argument("--drafter", default=None)
+    u.add_argument("--max-context", type=int, default=0)
+    u.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the ring to form")
+    u.set_defaults(func=cmd_up)

@@ -1,0 +1,112 @@
+"""Start the nodes of a topology that live on this machine as separate processes, and stop them."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Topology, is_local_host
+from ..errors import FlowSpecError
+
+log = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Linux: the child gets SIGTERM when the launcher dies, so no node outlives it."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class NodeProcess:
+    name: str  # node name
+    proc: subprocess.Popen[bytes]  # the running `flowspec node`
+    log_path: Path  # its stderr
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+
+class LocalRing:
+    """The local part of a ring: one process per node whose host is this machine."""
+
+    def __init__(self, topo_path: str, topo: Topology, node_args: list[str] | None = None,
+                 threads: int | None = None, log_dir: str | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.topo_path, self.topo = topo_path, topo
+        self.node_args = node_args or []  # extra `flowspec node` flags (--dtype, --drafter)
+        self.local = [n for n in topo.nodes if is_local_host(n.host)]
+        if not self.local:
+            raise FlowSpecError(f"{topo.origin}: no node of this topology lives on this machine")
+        if threads is None:
+            threads = topo.testbed.threads if topo.testbed else max(1, (os.cpu_count() or 1) // len(self.local))
+        self.threads = threads
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="flowspec-"))
+        self.env = dict(os.environ, **(extra_env or {}))
+        self.procs: list[NodeProcess] = []
+        self.key = self._key()
+
+    def _key(self) -> bytes:
+        """The cluster key; a random one for a ring whose nodes are all local and unkeyed."""
+        try:
+            return self.topo.cluster_key(self.env)
+        except FlowSpecError:
+            if len(self.local) != len(self.topo.nodes) or self.topo.security.key_file is not None:
+                raise
+            key = secrets.token_hex(32)
+            self.env[self.topo.security.key_env] = key
+            log.info("no cluster key set: using a fresh random key for this local ring")
+            return key.encode()
+
+    def start(self) -> None:
+        for n in self.local:
+            cmd = [sys.executable, "-m", "flowspec.cli", "node", "--topology", self.topo_path,
+                   "--name", n.name, "--threads", str(self.threads), *self.node_args]
+            path = self.log_dir / f"{n.name}.log"
+            with open(path, "wb") as err:
+                p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT,
+                                     env=self.env, preexec_fn=_die_with_parent)
+            self.procs.append(NodeProcess(n.name, p, path))
+        log.info("started %d nodes; logs in %s", len(self.procs), self.log_dir)
+
+    def check_alive(self) -> None:
+        for np_ in self.procs:
+            rc = np_.proc.poll()
+            if rc is not None:
+                raise FlowSpecError(f"node {np_.name!r} exited with code {rc}; its log "
+                                    f"({np_.log_path}) ends with:\n{np_.tail()}")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        for np_ in self.procs:
+            if np_.proc.poll() is None:
+                np_.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for np_ in self.procs:
+            try:
+                np_.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("node %s did not stop in %.0f s; killing it", np_.name, timeout)
+                np_.proc.kill()
+                np_.proc.wait()
+
+    def __enter__(self) -> "LocalRing":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

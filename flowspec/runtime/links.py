@@ -1,0 +1,202 @@
+"""The two links every ring node has: to its successor (it connects) and from its
+predecessor (it accepts), with authentication, handshake, heartbeats and a watchdog."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+from ..config import Topology
+from .protocol import Frame, FrameType, ProtocolError
+from .transport import (AuthError, FrameStream, HandshakeError, PeerGone, check_hello, client_auth,
+                        open_stream, server_auth)
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[FrameStream, dict[str, Any]], Awaitable[None]]
+
+
+class RingLinks:
+    """Owns the server socket, the successor connection and liveness of both neighbours.
+
+    `on_upstream(stream, hello)` runs for an authenticated predecessor, `on_client` for an
+    authenticated client (only the source accepts clients); each runs until the
+    connection ends. `on_dead(name, reason)` is called once per neighbour failure."""
+
+    def __init__(self, topo: Topology, name: str, key: bytes, hello: dict[str, Any],
+                 on_upstream: Handler, on_client: Handler | None,
+                 on_downstream_frame: Callable[[Frame], Awaitable[None]],
+                 on_dead: Callable[[str, str], Awaitable[None]]) -> None:
+        self.topo, self.name, self.key, self.hello = topo, name, key, hello
+        self.me = topo.node(name)
+        self.succ = topo.successor(name)
+        self.pred = topo.predecessor(name)
+        sec = topo.security
+        self.max_frame = sec.max_frame_bytes
+        self.read_timeout = sec.read_timeout_s
+        self.heartbeat = sec.heartbeat_s
+        self.dead_after = sec.dead_after_s
+        self._on_upstream, self._on_client = on_upstream, on_client
+        self._on_down_frame, self._on_dead = on_downstream_frame, on_dead
+        self.upstream: FrameStream | None = None
+        self.downstream: FrameStream | None = None
+        self.down_ready = asyncio.Event()
+        self.up_ready = asyncio.Event()
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.closing = False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        host, port = self.me.address
+        try:
+            self._server = await asyncio.start_server(self._accept, host, port, reuse_address=True)
+        except OSError as e:
+            from ..errors import FlowSpecError
+
+            raise FlowSpecError(
+                f"node {self.name!r} cannot listen on {host}:{port}: {e.strerror or e} "
+                "(is another node or program using that port?)") from None
+        log.info("%s listening on %s:%d", self.name, host, port)
+        self._tasks.append(asyncio.create_task(self._connect_loop(), name="connect"))
+        self._tasks.append(asyncio.create_task(self._heartbeats(), name="heartbeat"))
+
+    async def close(self) -> None:
+        self.closing = True
+        for t in self._tasks:
+            t.cancel()
+        if self._server is not None:
+            self._server.close()
+        for s in (self.upstream, self.downstream):
+            if s is not None:
+                await s.close()
+
+    # ------------------------------------------------------------------ accepting
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._accept_inner(reader, writer)
+        except asyncio.CancelledError:  # shutting down
+            writer.close()
+
+    async def _accept_inner(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        s = FrameStream(reader, writer, self.max_frame, self.read_timeout, "peer")
+        try:
+            await server_auth(s, self.key)
+            f = await s.recv(5.0)
+            if f.type != FrameType.HELLO:
+                raise ProtocolError("expected HELLO after authentication")
+            theirs = f.meta
+            check_hello(self.hello, theirs)
+            role = theirs.get("role")
+            if role == "client":
+                if self._on_client is None:
+                    raise HandshakeError(f"node {self.name!r} is a stage; clients talk to the source")
+            elif theirs.get("name") != self.pred.name:
+                raise HandshakeError(
+                    f"node {theirs.get('name')!r} connected to {self.name!r}, but the topology says "
+                    f"the predecessor of {self.name!r} is {self.pred.name!r}")
+            await s.send(Frame(FrameType.HELLO, meta=self.hello))
+        except (AuthError, HandshakeError, ProtocolError, PeerGone) as e:
+            log.warning("%s: refused a connection from %s: %s", self.name, s.peer, e)
+            if isinstance(e, HandshakeError):
+                try:
+                    await s.send(Frame(FrameType.REJECT, meta={"reason": str(e)}))
+                except Exception:  # the peer may be gone already
+                    pass
+            await s.close()
+            return
+        s.label = str(theirs.get("name") or "client")
+        if role == "client":
+            assert self._on_client is not None
+            try:
+                await self._on_client(s, theirs)
+            finally:
+                await s.close()
+            return
+        if self.upstream is not None:
+            log.info("%s: predecessor %s reconnected; replacing the old link", self.name, s.label)
+            await self.upstream.close()
+        self.upstream = s
+        self.up_ready.set()
+        log.info("%s: predecessor %s connected from %s", self.name, s.label, s.peer)
+        try:
+            await self._on_upstream(s, theirs)
+        finally:
+            if self.upstream is s:
+                self.upstream = None
+                self.up_ready.clear()
+                if not self.closing:
+                    await self._on_dead(self.pred.name, "its connection closed")
+            await s.close()
+
+    # ----------------------------------------------------------------- connecting
+    async def _connect_loop(self) -> None:
+        host, port = self.succ.address
+        delay = 0.1
+        warned = time.monotonic()
+        while not self.closing:
+            try:
+                s = await open_stream(host, port, self.max_frame, self.read_timeout, self.succ.name)
+                await client_auth(s, self.key)
+                await s.send(Frame(FrameType.HELLO, meta=self.hello))
+                f = await s.recv(5.0)
+                if f.type == FrameType.REJECT:
+                    raise HandshakeError(str(f.meta.get("reason")))
+                if f.type != FrameType.HELLO:
+                    raise ProtocolError("expected HELLO")
+                check_hello(self.hello, f.meta)
+                if f.meta.get("name") != self.succ.name:
+                    raise HandshakeError(
+                        f"{host}:{port} is node {f.meta.get('name')!r}, but the topology puts "
+                        f"{self.succ.name!r} there")
+            except (AuthError, HandshakeError) as e:
+                await self._on_dead(self.succ.name, str(e))
+                log.error("%s: %s", self.name, e)
+                await asyncio.sleep(2.0)
+                continue
+            except (PeerGone, ProtocolError) as e:
+                if time.monotonic() - warned > 10:
+                    log.warning("%s: still waiting for %s: %s", self.name, self.succ.name, e)
+                    warned = time.monotonic()
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 2.0)
+                continue
+            delay = 0.1
+            self.downstream = s
+            self.down_ready.set()
+            log.info("%s: connected to successor %s at %s:%d", self.name, self.succ.name, host, port)
+            try:
+                while True:  # the successor only sends heartbeats and errors back
+                    f = await s.recv()
+                    if f.type != FrameType.HEARTBEAT:
+                        await self._on_down_frame(f)
+            except (PeerGone, ProtocolError) as e:
+                if not self.closing:
+                    log.warning("%s: lost successor %s: %s", self.name, self.succ.name, e)
+            finally:
+                self.downstream = None
+                self.down_ready.clear()
+                await s.close()
+            if not self.closing:
+                await self._on_dead(self.succ.name, "its connection closed")
+
+    # ------------------------------------------------------------------ liveness
+    async def _heartbeats(self) -> None:
+        hb = Frame(FrameType.HEARTBEAT)
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            now = time.monotonic()
+            for s, who in ((self.downstream, self.succ.name), (self.upstream, self.pred.name)):
+                if s is None:
+                    continue
+                if now - s.last_seen > self.dead_after:
+                    log.warning("%s: %s sent nothing for %.1f s", self.name, who, now - s.last_seen)
+                    await self._on_dead(who, f"no heartbeat for {now - s.last_seen:.1f} s (stuck or cut off)")
+                    await s.close()
+                    continue
+                try:
+                    s.send_nowait(hb)
+                except Exception:  # a broken socket is noticed by its reader
+                    pass

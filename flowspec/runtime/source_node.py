@@ -1,0 +1,407 @@
+"""The source node: request queue, scheduler loop around a strategy, and the ring's edges."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import torch
+
+from ..config import Topology
+from ..errors import FlowSpecError
+from ..model.stage import LMHead
+from ..model.tokenizer import Tokenizer
+from ..spec.drafters import Drafter
+from ..spec.sampling import SamplingParams
+from ..spec.strategies import STRATEGIES, Send, Speculator, TreeParams
+from ..telemetry import HopStats
+from .links import RingLinks
+from .protocol import Frame, FrameType, ProtocolError, SegmentMsg, UpdateMsg
+from .transport import FrameStream, PeerGone, hello_meta
+
+log = logging.getLogger(__name__)
+
+
+class RingError(FlowSpecError):
+    """The ring cannot serve the request (not formed, or a node died)."""
+
+
+class RequestError(FlowSpecError):
+    """The request itself is invalid."""
+
+
+@dataclass
+class GenRequest:
+    """One generation request, after validation."""
+
+    prompt_ids: list[int]  # tokens of the templated prompt
+    max_new_tokens: int  # upper bound of generated tokens
+    strategy: str  # one of STRATEGIES
+    sampling: SamplingParams  # temperature, top-p, top-k, seed
+    tree: TreeParams  # draft tree shape
+    stop: list[str] = field(default_factory=list)  # strings that end the answer (not included)
+
+
+class SourceNode:
+    def __init__(self, topo: Topology, name: str, key: bytes, tokenizer: Tokenizer, head: LMHead,
+                 drafter: Drafter, fingerprint: str, num_layers: int, model_name: str) -> None:
+        self.topo, self.name, self.tok, self.head, self.drafter = topo, name, tokenizer, head, drafter
+        self.num_layers, self.model_name = num_layers, model_name
+        hello = hello_meta(topo.cluster, fingerprint, name, "source", None)
+        self.links = RingLinks(topo, name, key, hello, self._serve_upstream, self._serve_client,
+                               self._from_downstream, self._peer_dead)
+        self.ready = asyncio.Event()  # the ring is formed and verified
+        self.ring: list[dict[str, Any]] = []  # what FORM collected: one entry per stage
+        self.error: str | None = None  # why the ring is not usable, if it is not
+        self._results: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self._form_waiter: asyncio.Future[Frame] | None = None
+        self._lock = asyncio.Lock()  # one request on the ring at a time
+        self._request = 0
+        self._seq = 0
+        self.waiting = 0  # requests queued behind the current one
+        self.metrics: dict[str, float] = {"requests": 0, "tokens": 0, "errors": 0, "decode_s": 0.0,
+                                          "verifications": 0}
+        self.last_stats: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.links.start()
+        former = asyncio.create_task(self._form_loop())
+        try:
+            await stop.wait()
+        finally:
+            former.cancel()
+            await self.links.close()
+
+    async def _form_loop(self) -> None:
+        """Whenever both links are up and the ring is not formed, send FORM around it."""
+        while True:
+            await self.links.down_ready.wait()
+            await self.links.up_ready.wait()
+            if self.ready.is_set():
+                await asyncio.sleep(0.2)
+                continue
+            loop = asyncio.get_running_loop()
+            self._form_waiter = loop.create_future()
+            down = self.links.downstream
+            if down is None:
+                continue
+            try:
+                await down.send(Frame(FrameType.FORM, meta={"ring": []}))
+                f = await asyncio.wait_for(self._form_waiter, 10.0)
+            except (asyncio.TimeoutError, PeerGone, ConnectionError):
+                await asyncio.sleep(0.5)
+                continue
+            problem = self._check_ring(f.meta.get("ring") or [])
+            if problem:
+                self.error = problem
+                log.error("%s: ring formation stopped: %s", self.name, problem)
+                await asyncio.sleep(5.0)
+                continue
+            self.ring = f.meta["ring"]
+            self.error = None
+            self.ready.set()
+            log.info("%s: ring formed: %s", self.name,
+                     " -> ".join(f"{r['name']}[{r['layers'][0]}-{r['layers'][1] - 1}]" for r in self.ring))
+
+    def _check_ring(self, ring: list[dict[str, Any]]) -> str | None:
+        """The stages must cover the model's layers exactly once, in ring order."""
+        expected = [n.name for n in self.topo.stages]
+        got = [str(r.get("name")) for r in ring]
+        if got != expected:
+            return f"the ring passes through {got}, but the topology lists the stages {expected}"
+        nxt, prev = 0, None
+        for r in ring:
+            a, b = r["layers"]
+            if a != nxt:
+                what = "overlap" if a < nxt else "leave a gap"
+                after = f"node {prev['name']!r} has layers {prev['layers'][0]}-{prev['layers'][1] - 1}" \
+                    if prev else "the ring starts"
+                return (f"layer ranges {what}: {after} but node {r['name']!r} has layers {a}-{b - 1}; "
+                        f"the stages must cover layers 0-{self.num_layers - 1} exactly once in ring order")
+            nxt, prev = b, r
+        if nxt != self.num_layers:
+            return (f"the stages end at layer {nxt - 1} (node {prev['name'] if prev else '?'!r}) but the "
+                    f"model has {self.num_layers} layers")
+        return None
+
+    # ------------------------------------------------------------------ failures
+    async def _peer_dead(self, who: str, reason: str) -> None:
+        self._fail(f"node {who!r} is unreachable: {reason}")
+
+    def _fail(self, message: str) -> None:
+        if self.links.closing:
+            return
+        if self.ready.is_set() or self.error != message:
+            log.error("%s: %s", self.name, message)
+        self.ready.clear()
+        self.error = message
+        self._results.put_nowait((-1, message))
+
+    async def _from_downstream(self, f: Frame) -> None:
+        if f.type == FrameType.ERROR:
+            self._on_error(f)
+
+    def _on_error(self, f: Frame) -> None:
+        node, msg = f.meta.get("node", "?"), str(f.meta.get("message", "unknown error"))
+        if "unreachable" in msg:
+            self._fail(msg)
+        else:
+            self._results.put_nowait((-1, f"{msg} (reported by {node!r})"))
+
+    # ------------------------------------------------------------------ results
+    async def _serve_upstream(self, s: FrameStream, hello: dict[str, Any]) -> None:
+        try:
+            while True:
+                f = await s.recv()
+                if f.type == FrameType.HEARTBEAT:
+                    continue
+                if f.type == FrameType.SEGMENT:
+                    self._results.put_nowait((f.request_id, (SegmentMsg.from_frame(f), time.time())))
+                elif f.type == FrameType.FORM:
+                    if self._form_waiter is not None and not self._form_waiter.done():
+                        self._form_waiter.set_result(f)
+                elif f.type == FrameType.ERROR:
+                    self._on_error(f)
+                elif f.type == FrameType.PROBE:
+                    self._results.put_nowait((f.request_id, f))
+                else:
+                    raise ProtocolError(f"unexpected {f.type.name} frame from the last stage")
+        except (ProtocolError, PeerGone) as e:
+            log.warning("%s: link from %s: %s", self.name, s.label, e)
+
+    # ------------------------------------------------------------------ requests
+    def make_request(self, meta: dict[str, Any]) -> GenRequest:
+        """Validate a client's request (the same fields as the HTTP API's)."""
+        d = self.topo.decoding
+
+        def num(key: str, default: Any, kind: type, lo: float | None = None, hi: float | None = None) -> Any:
+            v = meta.get(key, default)
+            if v is None:
+                v = default
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+                raise RequestError(f"{key} must be {'an integer' if kind is int else 'a number'}, not {v!r}")
+            v = kind(v)
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                raise RequestError(f"{key} must be within [{lo}, {hi}], not {v}")
+            return v
+
+        if "messages" in meta and meta["messages"] is not None:
+            msgs = meta["messages"]
+            if not isinstance(msgs, list) or not msgs or not all(
+                    isinstance(m, dict) and isinstance(m.get("content"), str) and
+                    m.get("role") in ("system", "user", "assistant") for m in msgs):
+                raise RequestError("messages must be a non-empty list of {role: system|user|assistant, "
+                                   "content: string}")
+            ids = self.tok.encode_chat([{"role": m["role"], "content": m["content"]} for m in msgs])
+        elif isinstance(meta.get("prompt"), str) and meta["prompt"]:
+            ids = self.tok.encode_prompt(meta["prompt"], raw=bool(meta.get("raw")))
+        else:
+            raise RequestError("the request needs a non-empty prompt or messages")
+        ctx = self.topo.model.max_context
+        max_new = num("max_new_tokens", d.max_new_tokens, int, 1, ctx)
+        strategy = meta.get("strategy") or d.strategy
+        if strategy not in STRATEGIES:
+            raise RequestError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        t = d.tree
+        in_flight = self.topo.in_flight
+        tree = TreeParams(t.depth, t.top_k, t.total, t.segment, t.expand, in_flight)
+        reserve = tree.total + tree.segment * (in_flight + 1) if strategy != "autoregressive" else 2
+        if len(ids) + max_new + reserve > ctx:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens; with {max_new} new tokens and room for the draft tree "
+                f"({reserve}) that exceeds max_context {ctx}; shorten the prompt, lower max_tokens, or raise "
+                "model.max_context in the topology")
+        seed = meta.get("seed", d.seed)
+        if seed is None:
+            seed = int.from_bytes(__import__("os").urandom(4), "little")
+        sampling = SamplingParams(num("temperature", d.temperature, float, 0.0, 100.0),
+                                  num("top_p", d.top_p, float, 1e-9, 1.0),
+                                  num("top_k", d.top_k, int, 0, None), num("seed", seed, int))
+        stop = meta.get("stop") or []
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop) or len(stop) > 4:
+            raise RequestError("stop must be a string or a list of up to 4 non-empty strings")
+        return GenRequest(ids, max_new, strategy, sampling, tree, stop)
+
+    async def generate(self, req: GenRequest) -> AsyncIterator[dict[str, Any]]:
+        """Run one request on the ring; yields {"type": "tokens"} events, then {"type": "done"}."""
+        self.waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            async for ev in self._generate(req):
+                yield ev
+        except RingError:
+            self.metrics["errors"] += 1
+            raise
+        finally:
+            self._lock.release()
+
+    async def _generate(self, req: GenRequest) -> AsyncIterator[dict[str, Any]]:
+        if not self.ready.is_set():
+            raise RingError(self.error or "the ring is not formed yet; start every node of the topology")
+        while not self._results.empty():  # leftovers of an aborted request
+            self._results.get_nowait()
+        self._request = (self._request + 1) & 0xFFFFFFFF
+        rid = self._request
+        down = self.links.downstream
+        if down is None:
+            raise RingError(self.error or "the source is not connected to the first stage")
+        spec = Speculator(req.strategy, self.head, self.drafter, req.prompt_ids, req.max_new_tokens,
+                          self.tok.eos_ids, req.sampling, req.tree, self.topo.decoding.prefill_chunk)
+        hops = HopStats(self.name)
+        t0 = time.perf_counter()
+        wall0 = time.time()
+        t_first: float | None = None
+        wait_s = 0.0
+        await down.send(Frame(FrameType.RESET, rid))
+        await self._send_all(down, rid, spec.start())
+        emitted = 0
+        text_so_far = ""
+        finish = "length"
+        timeout = self.topo.security.read_timeout_s
+        while not spec.done:
+            tw = time.perf_counter()
+            try:
+                got_rid, item = await asyncio.wait_for(self._results.get(), timeout)
+            except asyncio.TimeoutError:
+                raise RingError(f"no result came back around the ring for {timeout:.0f} s") from None
+            wait_s += time.perf_counter() - tw
+            if got_rid == -1:
+                raise RingError(str(item))
+            if got_rid != rid or not isinstance(item, tuple):
+                continue
+            msg, t_back = item
+            hops.add(msg.hops, msg.t_sent, t_back)
+            hidden = msg.hidden if msg.hidden is not None else torch.empty(0)
+            sends = spec.on_result(msg.node_ids, hidden)
+            if self.links.downstream is not down:
+                raise RingError(self.error or "the link to the first stage was lost")
+            await self._send_all(down, rid, sends)
+            if len(spec.output) > emitted:
+                if t_first is None:
+                    t_first = time.perf_counter()
+                new = spec.output[emitted:]
+                emitted = len(spec.output)
+                text = self.tok.decode(spec.output)
+                cut = _stop_at(text, req.stop)
+                if cut is not None:
+                    text, finish = text[:cut], "stop"
+                delta = text[len(text_so_far):] if text.startswith(text_so_far) else text
+                text_so_far = text
+                yield {"type": "tokens", "ids": new, "text": delta}
+                if finish == "stop":
+                    break
+        t_end = time.perf_counter()
+        if spec.output and spec.output[-1] in self.tok.eos_ids:
+            finish = "stop"
+        st = spec.result_stats()
+        decode_s = t_end - (t_first or t_end)
+        wall = time.time() - wall0
+        stats: dict[str, Any] = dict(st)
+        stats.update({
+            "strategy": req.strategy, "prompt_tokens": len(req.prompt_ids),
+            "prefill_s": round((t_first or t_end) - t0, 4), "decode_s": round(decode_s, 4),
+            "total_s": round(t_end - t0, 4),
+            "tokens_per_s": round((len(spec.output) - 1) / decode_s, 2) if decode_s > 0 and len(spec.output) > 1 else 0.0,
+            "e2e_tokens_per_s": round(len(spec.output) / (t_end - t0), 2) if t_end > t0 else 0.0,
+            "source": {"draft_s": st["draft_s"], "verify_s": st["verify_s"], "wait_s": round(wait_s, 4)},
+            "hops": hops.summary(wall),
+        })
+        self.metrics["requests"] += 1
+        self.metrics["tokens"] += len(spec.output)
+        self.metrics["decode_s"] += decode_s
+        self.metrics["verifications"] += st["verifications"]
+        self.last_stats = stats
+        yield {"type": "done", "token_ids": list(spec.output), "text": text_so_far if req.stop else
+               self.tok.decode(spec.output), "finish_reason": finish, "stats": stats}
+
+    async def _send_all(self, down: FrameStream, rid: int, sends: list[Send]) -> None:
+        try:
+            for s in sends:
+                if s.commit or s.drop:
+                    self._seq += 1
+                    down.send_nowait(UpdateMsg(s.commit, s.drop).to_frame(rid, self._seq))
+                if s.segment is not None:
+                    seg = s.segment
+                    self._seq += 1
+                    msg = SegmentMsg(seg.node_ids, seg.parent_ids, seg.positions, tokens=seg.tokens,
+                                     t_sent=time.time())
+                    down.send_nowait(msg.to_frame(rid, self._seq))
+            await down.drain()
+        except (ConnectionError, OSError) as e:
+            raise RingError(f"lost the link to {down.label}: {e}") from None
+
+    # ------------------------------------------------------------------ clients
+    def status(self) -> dict[str, Any]:
+        return {"formed": self.ready.is_set(), "error": self.error, "ring": self.ring,
+                "cluster": self.topo.cluster, "model": self.model_name, "source": self.name,
+                "busy": self._lock.locked(), "waiting": self.waiting}
+
+    async def _serve_client(self, s: FrameStream, hello: dict[str, Any]) -> None:
+        """Binary-protocol clients (`flowspec generate --topology`, `flowspec up`)."""
+        try:
+            while True:
+                f = await s.recv(timeout=3600)
+                if f.type == FrameType.STATUS:
+                    await s.send(Frame(FrameType.STATUS, f.request_id, meta=self.status()))
+                elif f.type == FrameType.REQUEST:
+                    await self._client_request(s, f)
+                elif f.type == FrameType.HEARTBEAT:
+                    continue
+                else:
+                    raise ProtocolError(f"unexpected {f.type.name} frame from a client")
+        except (ProtocolError, PeerGone) as e:
+            log.info("%s: client %s left: %s", self.name, s.peer, e)
+
+    async def _client_request(self, s: FrameStream, f: Frame) -> None:
+        try:
+            req = self.make_request(f.meta)
+        except FlowSpecError as e:
+            await s.send(Frame(FrameType.ERROR, f.request_id, meta={"message": f"bad request: {e}"}))
+            return
+
+        async def produce() -> None:
+            async for ev in self.generate(req):
+                if ev["type"] == "tokens":
+                    await s.send(Frame(FrameType.TOKENS, f.request_id, meta={"ids": ev["ids"], "text": ev["text"]}))
+                else:
+                    await s.send(Frame(FrameType.DONE, f.request_id, meta=ev))
+
+        task = asyncio.create_task(produce())
+        reader = asyncio.create_task(s.recv(timeout=3600))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if task in done:
+                    exc = task.exception()
+                    if exc is not None:
+                        msg = str(exc) if isinstance(exc, FlowSpecError) else f"internal error: {exc!r}"
+                        if not isinstance(exc, FlowSpecError):
+                            log.exception("%s: request failed", self.name, exc_info=exc)
+                        await s.send(Frame(FrameType.ERROR, f.request_id, meta={"message": msg}))
+                    return
+                g = reader.result()  # raises PeerGone when the client left: the request is cancelled
+                if g.type == FrameType.CANCEL:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                    await s.send(Frame(FrameType.ERROR, f.request_id, meta={"message": "cancelled"}))
+                    return
+                reader = asyncio.create_task(s.recv(timeout=3600))
+        finally:
+            for t in (task, reader):
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(task, reader, return_exceptions=True)
+
+
+def _stop_at(text: str, stops: list[str]) -> int | None:
+    cuts = [text.find(s) for s in stops if s in text]
+    return min(cuts) if cuts else None

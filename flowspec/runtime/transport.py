@@ -1,0 +1,157 @@
+"""Framed streams over TCP: limits, timeouts, byte counts and mutual HMAC authentication."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import time
+from typing import Any
+
+from ..errors import FlowSpecError
+from .protocol import HEADER_SIZE, PRE_AUTH_MAX, VERSION, Frame, FrameType, ProtocolError, parse_header, parse_meta
+
+log = logging.getLogger(__name__)
+
+NONCE = 32
+
+
+class AuthError(FlowSpecError):
+    """The peer does not know the cluster key (or is not a FlowSpec node)."""
+
+
+class HandshakeError(FlowSpecError):
+    """The peer is a FlowSpec node of another cluster, model or ring layout."""
+
+
+class PeerGone(FlowSpecError):
+    """The connection closed or timed out."""
+
+
+class FrameStream:
+    """One TCP connection carrying frames, with a frame-size limit and read timeouts."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 max_frame: int, read_timeout: float, label: str = "peer") -> None:
+        self.reader, self.writer = reader, writer
+        self.max_frame = max_frame  # the limit after authentication
+        self.read_timeout = read_timeout  # seconds a read may wait for the next frame
+        self.label = label  # for log messages: which peer this is
+        self.authenticated = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.last_seen = time.monotonic()  # when the last frame arrived
+        self._wlock = asyncio.Lock()
+
+    @property
+    def peer(self) -> str:
+        p = self.writer.get_extra_info("peername")
+        return f"{p[0]}:{p[1]}" if p else "?"
+
+    async def send(self, frame: Frame) -> int:
+        data = frame.encode()
+        async with self._wlock:
+            self.writer.write(data)
+            await self.writer.drain()
+        self.bytes_out += len(data)
+        return len(data)
+
+    def send_nowait(self, frame: Frame) -> int:
+        """Queue a frame without waiting for the socket buffer (callers drain later)."""
+        data = frame.encode()
+        self.writer.write(data)
+        self.bytes_out += len(data)
+        return len(data)
+
+    async def drain(self) -> None:
+        async with self._wlock:
+            await self.writer.drain()
+
+    async def recv(self, timeout: float | None = None) -> Frame:
+        limit = self.max_frame if self.authenticated else PRE_AUTH_MAX
+        t = self.read_timeout if timeout is None else timeout
+        try:
+            head = await asyncio.wait_for(self.reader.readexactly(HEADER_SIZE), t)
+            ftype, rid, seq, mlen, plen = parse_header(head, limit)
+            body = await asyncio.wait_for(self.reader.readexactly(mlen + plen), t)
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                raise ProtocolError(f"connection closed inside a frame ({len(e.partial)} bytes)") from None
+            raise PeerGone(f"{self.label} closed the connection") from None
+        except asyncio.TimeoutError:
+            raise PeerGone(f"{self.label} sent nothing for {t:.0f} s") from None
+        except (ConnectionError, OSError) as e:
+            raise PeerGone(f"{self.label}: {e}") from None
+        self.bytes_in += HEADER_SIZE + len(body)
+        self.last_seen = time.monotonic()
+        return Frame(ftype, rid, seq, parse_meta(body[:mlen]), bytes(body[mlen:]))
+
+    async def close(self) -> None:
+        try:
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+        except (Exception, asyncio.CancelledError):  # closing a broken socket is not an error
+            pass
+
+
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    return hmac.new(key, b"|".join(parts), hashlib.sha256).digest()
+
+
+async def server_auth(s: FrameStream, key: bytes, timeout: float = 5.0) -> None:
+    """Accepting side: challenge the client, check its proof, prove ourselves."""
+    ns = os.urandom(NONCE)
+    await s.send(Frame(FrameType.CHALLENGE, payload=ns))
+    f = await s.recv(timeout)
+    if f.type != FrameType.AUTH or len(f.payload) != NONCE + 32:
+        raise AuthError(f"{s.peer} did not answer the challenge")
+    nc, proof = f.payload[:NONCE], f.payload[NONCE:]
+    if not hmac.compare_digest(proof, _mac(key, b"client", ns, nc)):
+        raise AuthError(f"{s.peer} failed authentication: wrong cluster key")
+    await s.send(Frame(FrameType.AUTH_OK, payload=_mac(key, b"server", nc, ns)))
+    s.authenticated = True
+
+
+async def client_auth(s: FrameStream, key: bytes, timeout: float = 5.0) -> None:
+    """Connecting side: answer the challenge, check the server's proof."""
+    f = await s.recv(timeout)
+    if f.type != FrameType.CHALLENGE or len(f.payload) != NONCE:
+        raise AuthError(f"{s.label} at {s.peer} did not send a FlowSpec challenge")
+    ns, nc = f.payload, os.urandom(NONCE)
+    await s.send(Frame(FrameType.AUTH, payload=nc + _mac(key, b"client", ns, nc)))
+    f = await s.recv(timeout)
+    if f.type == FrameType.REJECT:
+        raise AuthError(f"{s.label} refused us: {f.meta.get('reason', 'wrong cluster key')}")
+    if f.type != FrameType.AUTH_OK or not hmac.compare_digest(f.payload, _mac(key, b"server", nc, ns)):
+        raise AuthError(f"{s.label} at {s.peer} failed authentication: wrong cluster key")
+    s.authenticated = True
+
+
+def hello_meta(cluster: str, fingerprint: str, name: str, role: str, layers: tuple[int, int] | None,
+               **extra: Any) -> dict[str, Any]:
+    return {"protocol": VERSION, "cluster": cluster, "fingerprint": fingerprint, "name": name,
+            "role": role, "layers": list(layers) if layers else None, **extra}
+
+
+def check_hello(mine: dict[str, Any], theirs: dict[str, Any]) -> None:
+    """Both ends of a link must agree on cluster and model; the message names both nodes."""
+    a, b = mine.get("name"), theirs.get("name")
+    for field, what in (("cluster", "cluster name"), ("fingerprint", "model fingerprint (config hash)")):
+        if theirs.get(field) != mine.get(field) and theirs.get("role") != "client":
+            raise HandshakeError(
+                f"{what} mismatch: node {a!r} has {mine.get(field)!r} but node {b!r} has "
+                f"{theirs.get(field)!r}; start every node from the same topology and model"
+            )
+
+
+async def open_stream(host: str, port: int, max_frame: int, read_timeout: float, label: str,
+                      timeout: float = 5.0) -> FrameStream:
+    try:
+        r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except asyncio.TimeoutError:
+        raise PeerGone(f"{label} at {host}:{port} did not accept the connection in {timeout:.0f} s") from None
+    except OSError as e:
+        raise PeerGone(f"cannot connect to {label} at {host}:{port}: {e.strerror or e}") from None
+    return FrameStream(r, w, max_frame, read_timeout, label)
