@@ -197,6 +197,12 @@ class SourceNode:
                 raise RequestError("messages must be a non-empty list of {role: system|user|assistant, "
                                    "content: string}")
             ids = self.tok.encode_chat([{"role": m["role"], "content": m["content"]} for m in msgs])
+        elif meta.get("prompt_ids") is not None:
+            ids = meta["prompt_ids"]
+            vocab = self.head.weight.shape[0]
+            if not isinstance(ids, list) or not ids or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):
+                raise RequestError(f"prompt_ids must be a non-empty list of token ids in [0, {vocab})")
         elif isinstance(meta.get("prompt"), str) and meta["prompt"]:
             ids = self.tok.encode_prompt(meta["prompt"], raw=bool(meta.get("raw")))
         else:
