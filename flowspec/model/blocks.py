@@ -84,7 +84,9 @@ class DecoderLayer(nn.Module):
                 layer.bias = nn.Parameter(w[prefix + name + ".bias"], requires_grad=False)
             return layer
 
-        self.input_norm = RMSNorm(w[prefix + "input_layernorm.weight"], cfg.rms_norm_eps)
+        # EAGLE heads have no input norm in their single layer: identity when the weight is absent
+        norm_w = w.get(prefix + "input_layernorm.weight")
+        self.input_norm: nn.Module = RMSNorm(norm_w, cfg.rms_norm_eps) if norm_w is not None else nn.Identity()
         self.post_norm = RMSNorm(w[prefix + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         self.q_proj = lin("self_attn.q_proj", cfg.qkv_bias)
         self.k_proj = lin("self_attn.k_proj", cfg.qkv_bias)

@@ -119,7 +119,8 @@ class Speculator:
         self._to_drop: list[int] = []
         self._chain_ids: list[int] = []
         self._chain_tokens: list[int] = []
-        self._hidden: dict[int, torch.Tensor] = {}
+        self._hidden: dict[int, torch.Tensor] = {}  # target features of accepted nodes (feature drafters)
+        self._prompt_ids: set[int] = set()
         self._round_open = False  # chunked: a round is in the ring
         self._max_in_flight = 1 if strategy == "autoregressive" else max(1, tree.in_flight)
         self.drafter.begin(self.prompt)
@@ -131,6 +132,7 @@ class Speculator:
         ids.append(self.tree.set_root(self.prompt[-1], ids[-1] if ids else -1, len(self.prompt) - 1).id)
         self._chain_ids = list(ids)
         self._chain_tokens = list(self.prompt)
+        self._prompt_ids = set(ids[:-1])
         self._to_commit = list(ids)
         sends = []
         for a in range(0, len(ids), self.prefill_chunk):
@@ -148,6 +150,10 @@ class Speculator:
         if self.done:
             return []
         t0 = time.perf_counter()
+        if self.drafter.needs_hidden:  # prompt tokens' features, for feature drafters
+            for i, n in enumerate(node_ids):
+                if n in self._prompt_ids:
+                    self._hidden[n] = hidden[i]
         rows = [i for i, n in enumerate(node_ids) if n in self.tree and self.tree[n].logits is None]
         if rows:
             logits = self.head(hidden[rows])
@@ -235,7 +241,10 @@ class Speculator:
         while frontier and added < budget:
             new = self._draft_level(frontier, width)
             if not new:
-                frontier = self.tree.frontier(width, max_depth)
+                again = self.tree.frontier(width, max_depth)
+                if [n.id for n in again] == [n.id for n in frontier]:
+                    break  # no frontier node is ready (the drafter waits, e.g. for hidden states)
+                frontier = again
                 continue
             for n in new[budget - added :]:  # over budget: forget the worst
                 del self.tree[n.parent].children[n.token]

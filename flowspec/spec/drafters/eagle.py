@@ -1,0 +1,297 @@
+"""EAGLE-style feature drafter: one decoder layer over [token embedding ; target feature].
+
+The head reads the target's final (normed) hidden state f at position p-1 and the
+embedding of the token at position p, predicts the target's feature at p, and the
+target's frozen lm_head turns that into draft log-probabilities for position p+1. Deeper
+tree levels feed the head its own predicted features (or the target's, once a node has
+been through the ring).
+
+Checkpoint layout (a folder), shared by the project's own heads and published EAGLE-1/2
+heads: ``config.json`` (a Llama config of the single layer) and ``model.safetensors`` or
+``pytorch_model.bin`` with ``fc.weight`` [H, 2H] (+ optional ``fc.bias``),
+``layers.0.self_attn.{q,k,v,o}_proj.weight``, ``layers.0.mlp.{gate,up,down}_proj.weight``,
+``layers.0.post_attention_layernorm.weight``, optional ``layers.0.input_layernorm.weight``
+(EAGLE has none: identity), optional ``embed_tokens.weight`` (else the target's is used),
+and, in the project's format only, ``draft_vocab`` (int64 token ids the drafter ranks;
+verification always uses the full vocabulary).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import ModelError
+from ...model.blocks import DecoderLayer, apply_rope, rope_cos_sin, rope_inv_freq
+from ...model.config import ModelConfig
+from ...model.kvcache import KVCache
+from ..tree import Node
+from .base import Drafter, DraftView
+
+log = logging.getLogger(__name__)
+
+LAYER = "layers.0."
+
+
+def read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a head folder: safetensors, or a .bin read with weights_only=True (no pickle code)."""
+    st = sorted(folder.glob("*.safetensors"))
+    if st:
+        from safetensors.torch import load_file
+
+        out: dict[str, torch.Tensor] = {}
+        for f in st:
+            out.update(load_file(str(f)))
+        return out
+    bins = sorted(folder.glob("*.bin"))
+    if bins:
+        out = {}
+        for f in bins:
+            out.update(torch.load(str(f), map_location="cpu", weights_only=True))
+        return out
+    raise ModelError(f"{folder}: no model.safetensors or pytorch_model.bin in the EAGLE head folder")
+
+
+class EagleHead(nn.Module):
+    """fc(2H -> H) + one decoder layer; embedding and lm_head are the target's (frozen)."""
+
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], embed: torch.Tensor,
+                 lm_head: torch.Tensor, draft_vocab: torch.Tensor | None = None) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        if w["fc.weight"].shape != (h, 2 * h):
+            raise ModelError(f"EAGLE head: fc.weight has shape {tuple(w['fc.weight'].shape)}, expected ({h}, {2 * h})")
+        if embed.shape[1] != h or lm_head.shape[1] != h:
+            raise ModelError(f"EAGLE head of width {h} does not fit a target of width {embed.shape[1]}")
+        self.cfg = cfg
+        dtype = w["fc.weight"].dtype
+        self.fc = nn.Linear(2 * h, h, bias="fc.bias" in w, dtype=dtype)
+        self.fc.weight = nn.Parameter(w["fc.weight"])
+        if "fc.bias" in w:
+            self.fc.bias = nn.Parameter(w["fc.bias"])
+        self.layer = DecoderLayer(cfg, w, LAYER)
+        own = w.get("embed_tokens.weight")
+        self.embed = nn.Embedding.from_pretrained((own if own is not None else embed).to(dtype), freeze=True)
+        self.lm_head = nn.Parameter(lm_head.to(dtype), requires_grad=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        if draft_vocab is not None:
+            draft_vocab = draft_vocab.to(torch.long)
+            if draft_vocab.numel() == 0 or int(draft_vocab.max()) >= lm_head.shape[0] or int(draft_vocab.min()) < 0:
+                raise ModelError("EAGLE head: draft_vocab holds token ids outside the target's vocabulary")
+        self.register_buffer("draft_vocab", draft_vocab, persistent=False)
+        self._draft_rows = lm_head[draft_vocab].to(dtype).contiguous() if draft_vocab is not None else None
+
+    # ------------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, folder: str | Path, embed: torch.Tensor, lm_head: torch.Tensor,
+             dtype: torch.dtype = torch.bfloat16) -> "EagleHead":
+        folder = Path(folder)
+        cfg_path = folder / "config.json"
+        if not cfg_path.is_file():
+            raise ModelError(f"{folder}: an EAGLE head folder needs config.json")
+        d = json.loads(cfg_path.read_text())
+        d.setdefault("model_type", "llama")
+        cfg = ModelConfig.from_hf_dict(d, source=str(cfg_path))
+        raw = read_checkpoint(folder)
+        # some published heads prefix names with "model." or "ea_layer."
+        w: dict[str, torch.Tensor] = {}
+        for k, v in raw.items():
+            for pre in ("ea_layer.", "model."):
+                if k.startswith(pre):
+                    k = k[len(pre):]
+            w[k] = v
+        need = ["fc.weight"] + [LAYER + n for n in (
+            "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+            "post_attention_layernorm.weight")]
+        missing = [n for n in need if n not in w]
+        if missing:
+            raise ModelError(f"{folder}: not an EAGLE head: missing {', '.join(missing)}")
+        dv = w.pop("draft_vocab", None)
+        w = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in w.items()}
+        return cls(cfg, w, embed, lm_head, dv)
+
+    def save(self, folder: str | Path, extra_config: dict | None = None) -> None:
+        """Write the head in the project's format (EAGLE layout + draft_vocab)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        c = self.cfg
+        config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c.hidden_size,
+                  "intermediate_size": c.intermediate_size, "num_hidden_layers": 1,
+                  "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
+                  "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
+                  "rope_scaling": c.rope_scaling, "vocab_size": c.vocab_size,
+                  "max_position_embeddings": c.max_position_embeddings, "bias": self.fc.bias is not None}
+        config.update(extra_config or {})
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        t = {"fc.weight": self.fc.weight.detach()}
+        if self.fc.bias is not None:
+            t["fc.bias"] = self.fc.bias.detach()
+        for name, p in self.layer.state_dict().items():
+            t[LAYER + _HF_NAMES.get(name, name)] = p.detach()
+        if self.draft_vocab is not None:
+            t["draft_vocab"] = self.draft_vocab
+        save_file({k: v.contiguous() for k, v in t.items()}, str(folder / "model.safetensors"))
+
+    # ------------------------------------------------------------------- compute
+    def fuse(self, tokens: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """fc([embedding ; feature]) for token ids [..] and features [.., H]."""
+        e = self.embed(tokens)
+        return self.fc(torch.cat((e, feats.to(e.dtype)), dim=-1))
+
+    def logits(self, pred: torch.Tensor, full: bool = False) -> torch.Tensor:
+        """Draft logits (float32) over the drafting vocabulary, or all tokens with full=True."""
+        w = self.lm_head if full or self._draft_rows is None else self._draft_rows
+        return (pred.to(w.dtype) @ w.T).float()
+
+    def forward_train(self, tokens: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,
+                      valid: torch.Tensor) -> torch.Tensor:
+        """Causal full-sequence pass for training: tokens/positions [B, T], feats [B, T, H],
+        valid [B, T] (False = padding). Returns predicted features [B, T, H]."""
+        layer, cfg = self.layer, self.cfg
+        x = self.fuse(tokens, feats)
+        B, T, _ = x.shape
+        h = layer.input_norm(x)
+        q = layer.q_proj(h).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = layer.k_proj(h).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = layer.v_proj(h).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        cos, sin = rope_cos_sin(self.inv_freq, positions.reshape(-1))
+        cos, sin = cos.view(B, 1, T, -1).to(q.dtype), sin.view(B, 1, T, -1).to(q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        g = cfg.num_heads // cfg.num_kv_heads
+        if g > 1:
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        mask = (causal[None] & valid[:, None, :]) | torch.eye(T, dtype=torch.bool)[None]
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        att = att.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)
+        x = x + layer.o_proj(att)
+        h = layer.post_norm(x)
+        return x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
+
+
+_HF_NAMES = {
+    "input_norm.weight": "input_layernorm.weight", "post_norm.weight": "post_attention_layernorm.weight",
+    "q_proj.weight": "self_attn.q_proj.weight", "k_proj.weight": "self_attn.k_proj.weight",
+    "v_proj.weight": "self_attn.v_proj.weight", "o_proj.weight": "self_attn.o_proj.weight",
+    "q_proj.bias": "self_attn.q_proj.bias", "k_proj.bias": "self_attn.k_proj.bias",
+    "v_proj.bias": "self_attn.v_proj.bias", "o_proj.bias": "self_attn.o_proj.bias",
+    "gate_proj.weight": "mlp.gate_proj.weight", "up_proj.weight": "mlp.up_proj.weight",
+    "down_proj.weight": "mlp.down_proj.weight",
+}
+
+
+class EagleDrafter(Drafter):
+    """Drafts with an EagleHead, keeping the head's own tree-addressed KV cache.
+
+    Head cache ids: 2*id for an accepted token (computed with the target's true feature of
+    its predecessor), 2*id+1 for a tree node (computed with whatever feature its parent had
+    when it was drafted). Pruned tree entries are dropped; accepted ones are committed."""
+
+    name = "eagle"
+    needs_hidden = True
+
+    def __init__(self, head: EagleHead, max_context: int = 2048) -> None:
+        self.head = head
+        c = head.cfg
+        self.cache = KVCache(1, c.num_kv_heads, c.head_dim, max_context, torch.float32)
+        self.begin([])
+
+    def begin(self, prompt: list[int]) -> None:
+        self.cache.reset()
+        self._chain_done = 0  # chain entries 1.._chain_done are committed in the head cache
+        self._pred: dict[int, torch.Tensor] = {}  # head id -> predicted feature
+
+    def ready(self, view: DraftView, node: Node) -> bool:
+        if node.id != view.tree.root:
+            return True
+        return len(view.chain_ids) >= 2 and view.chain_ids[-2] in view.hidden
+
+    @torch.inference_mode()
+    def _run(self, hids: list[int], parents: list[int], positions: list[int], tokens: list[int],
+             feats: list[torch.Tensor]) -> None:
+        plan = self.cache.plan(hids, parents)
+        if not plan.keep:
+            return
+        keep = plan.keep
+        x = self.head.fuse(torch.tensor([tokens[i] for i in keep]), torch.stack([feats[i] for i in keep]))
+        cos, sin = rope_cos_sin(self.head.inv_freq, torch.tensor([positions[i] for i in keep]))
+        out = self.head.layer(x, cos, sin, self.cache.keys[0], self.cache.values[0], plan.slots, plan.span,
+                              plan.mask)
+        for j, i in enumerate(keep):
+            self._pred[hids[i]] = out[j]
+
+    def _sync(self, view: DraftView) -> None:
+        chain, toks = view.chain_ids, view.chain_tokens
+        tree = view.tree
+        in_chain = set(chain)
+        stale = [h for h in self.cache.parent_of if h % 2 == 1 and ((h // 2) not in tree or (h // 2) in in_chain)]
+        if stale:
+            self.cache.drop(stale)
+            for h in stale:
+                self._pred.pop(h, None)
+        new = []
+        for j in range(self._chain_done + 1, len(chain)):
+            f = view.hidden.get(chain[j - 1])
+            if f is None:
+                break
+            new.append(j)
+        if not new:
+            return
+        ids = [2 * chain[j] for j in new]
+        self._run(ids, [2 * chain[j - 1] if j >= 2 else -1 for j in new], new, [toks[j] for j in new],
+                  [view.hidden[chain[j - 1]] for j in new])
+        self.cache.commit(ids)
+        for j in new[:-1]:
+            self._pred.pop(2 * chain[j], None)
+        if self._chain_done >= 1:
+            self._pred.pop(2 * chain[self._chain_done], None)
+        self._chain_done = new[-1]
+
+    def _entry(self, view: DraftView, n: Node) -> int:
+        return 2 * n.id if n.id == view.tree.root else 2 * n.id + 1
+
+    def _parent_feature(self, view: DraftView, n: Node) -> torch.Tensor:
+        p = view.tree[n.parent]
+        if p.hidden is not None:
+            return p.hidden
+        return self._pred[self._entry(view, p)]
+
+    def propose(self, view: DraftView, frontier: list[Node], k: int) -> list[list[tuple[int, float]]]:
+        self._sync(view)
+        tree = view.tree
+        need: dict[int, Node] = {}
+        for f in frontier:
+            n = f
+            while n.id != tree.root and (2 * n.id + 1) not in self._pred:
+                need[n.id] = n
+                n = tree[n.parent]
+        if need:
+            nodes = sorted(need.values(), key=lambda n: n.position)
+            # parents first: a node's input feature may be its parent's fresh prediction
+            for n in nodes:
+                self._run([2 * n.id + 1], [self._entry(view, tree[n.parent])], [n.position], [n.token],
+                          [self._parent_feature(view, n)])
+        out: list[list[tuple[int, float]]] = []
+        entries = [self._entry(view, f) for f in frontier]
+        have = [e for e in entries if e in self._pred]
+        if not have:
+            return [[] for _ in frontier]
+        logits = self.head.logits(torch.stack([self._pred[e] for e in have]))
+        lp = torch.log_softmax(logits, dim=-1)
+        kk = min(k, lp.shape[-1])
+        vals, idx = torch.topk(lp, kk, dim=-1)
+        if self.head.draft_vocab is not None:
+            idx = self.head.draft_vocab[idx]
+        row = {e: r for r, e in enumerate(have)}
+        for e in entries:
+            r = row.get(e)
+            out.append([] if r is None else [(int(t), float(s)) for t, s in zip(idx[r], vals[r])])
+        return out

@@ -1,0 +1,269 @@
+"""Training, evaluation and export of the EAGLE-style head (driven by train_drafter.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from flowspec.model.config import ModelConfig
+from flowspec.model.loader import EMBED, WeightStore, layer_tensor_names, lm_head_name, resolve_model
+from flowspec.spec.drafters.eagle import LAYER, EagleHead
+
+log = logging.getLogger("train_drafter")
+
+
+def load_shards(data: Path) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(tokens [n], features [n-1, H], prompt length) per recorded sequence."""
+    seqs = []
+    for f in sorted(data.glob("shard-*.safetensors")):
+        d = load_file(str(f))
+        toks, hid = d["tokens"].long(), d["hidden"]
+        off = hoff = 0
+        for n, pl in zip(d["lengths"].tolist(), d["prompt_lengths"].tolist()):
+            seqs.append((toks[off : off + n], hid[hoff : hoff + n - 1], pl))
+            off += n
+            hoff += n - 1
+    return seqs
+
+
+def init_head(folder: Path, draft_vocab: torch.Tensor | None, init_layer: int) -> EagleHead:
+    """A head whose layer starts as a copy of one target layer and whose fc passes the feature through."""
+    cfg = ModelConfig.from_file(str(folder / "config.json"))
+    store = WeightStore.open(folder)
+    names = layer_tensor_names(cfg, init_layer)
+    w = store.load(names + [EMBED, lm_head_name(cfg, store)], torch.float32)
+    p = f"model.layers.{init_layer}."
+    hw = {LAYER + k[len(p):]: v for k, v in w.items() if k.startswith(p)}
+    # the layer starts as the identity (its output projections are zero): pred = fused input
+    hw[LAYER + "self_attn.o_proj.weight"] = torch.zeros_like(hw[LAYER + "self_attn.o_proj.weight"])
+    hw[LAYER + "mlp.down_proj.weight"] = torch.zeros_like(hw[LAYER + "mlp.down_proj.weight"])
+    h = cfg.hidden_size
+    fc = torch.zeros(h, 2 * h)
+    fc[:, h:] = torch.eye(h)
+    fc[:, :h] = torch.randn(h, h) * 0.01
+    hw["fc.weight"] = fc
+    hw["fc.bias"] = torch.zeros(h)
+    head_cfg = ModelConfig(**{**cfg.__dict__, "num_layers": 1})
+    return EagleHead(head_cfg, hw, w[EMBED], w[lm_head_name(cfg, store)], draft_vocab)
+
+
+def draft_vocabulary(seqs: list[tuple[torch.Tensor, torch.Tensor, int]], size: int, vocab: int) -> torch.Tensor:
+    """The `size` most frequent answer tokens of the training set (EOS and specials included if used)."""
+    counts = torch.zeros(vocab, dtype=torch.long)
+    for toks, _, pl in seqs:
+        counts += torch.bincount(toks[pl:], minlength=vocab)
+    return torch.sort(torch.topk(counts, size).indices).values
+
+
+def batches(seqs: list, max_tokens: int, max_len: int, rng: random.Random) -> list[list[int]]:
+    order = sorted(range(len(seqs)), key=lambda i: min(len(seqs[i][0]), max_len))
+    out, cur, longest = [], [], 0
+    for i in order:
+        n = min(len(seqs[i][0]), max_len)
+        if cur and max(longest, n) * (len(cur) + 1) > max_tokens:
+            out.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    if cur:
+        out.append(cur)
+    rng.shuffle(out)
+    return out
+
+
+def make_batch(seqs: list, idx: list[int], max_len: int, vocab_map: torch.Tensor, noise: float,
+               gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Head inputs (token k, feature k-1) and targets (feature k, token k+1) for k = 1 .. n-2."""
+    T = max(min(len(seqs[i][0]), max_len) - 2 for i in idx)
+    B = len(idx)
+    H = seqs[idx[0]][1].shape[1]
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    feats = torch.zeros(B, T, H)
+    target = torch.zeros(B, T, H)
+    nxt = torch.full((B, T), -100, dtype=torch.long)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    weight = torch.zeros(B, T)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    for b, i in enumerate(idx):
+        toks, hid, pl = seqs[i]
+        n = min(len(toks), max_len)
+        t = n - 2
+        tokens[b, :t] = toks[1 : n - 1]
+        feats[b, :t] = hid[: n - 2].float()
+        target[b, :t] = hid[1 : n - 1].float()
+        pos[b, :t] = torch.arange(1, n - 1)
+        valid[b, :t] = True
+        # losses where the next token belongs to the answer (context still includes the prompt)
+        k = torch.arange(1, n - 1)
+        ans = (k + 1) >= pl
+        weight[b, :t] = ans.float()
+        mapped = vocab_map[toks[2:n]]
+        nxt[b, :t] = torch.where(ans, mapped, torch.full_like(mapped, -100))
+    if noise > 0:
+        feats = feats + (torch.rand(feats.shape, generator=gen) - 0.5) * 2 * noise
+    return {"tokens": tokens, "feats": feats, "target": target, "next": nxt, "valid": valid,
+            "weight": weight, "pos": pos}
+
+
+def train(args: argparse.Namespace, extra: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-tokens", type=int, default=8192)
+    p.add_argument("--max-len", type=int, default=640)
+    p.add_argument("--draft-vocab", type=int, default=8192)
+    p.add_argument("--init-layer", type=int, default=-1)
+    p.add_argument("--noise", type=float, default=0.05)
+    p.add_argument("--ce-weight", type=float, default=0.5)
+    p.add_argument("--save-every", type=int, default=200)
+    o, _ = p.parse_known_args(extra)
+    out = Path(args.out)
+    folder = resolve_model(args.model)
+    cfg = ModelConfig.from_file(str(folder / "config.json"))
+    seqs = load_shards(out / "data")
+    if not seqs:
+        raise SystemExit(f"no data in {out / 'data'}; run `train_drafter.py data` first")
+    rng = random.Random(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    dv = draft_vocabulary(seqs, o.draft_vocab, cfg.vocab_size)
+    vocab_map = torch.full((cfg.vocab_size,), -100, dtype=torch.long)
+    vocab_map[dv] = torch.arange(dv.numel())
+    head = init_head(folder, dv, o.init_layer % cfg.num_layers)
+    params = [p_ for p_ in head.parameters() if p_.requires_grad]
+    for p_ in params:
+        p_.data = p_.data.float()
+    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    ans_tokens = sum(max(0, len(t) - pl) for t, _, pl in seqs)
+    plan = batches(seqs, o.batch_tokens, o.max_len, rng)
+    total_steps = int(len(plan) * o.epochs)
+    ckpt = out / "ckpt.pt"
+    step = 0
+    if ckpt.exists():
+        st = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+        head.load_state_dict(st["head"], strict=False)
+        opt.load_state_dict(st["opt"])
+        step = int(st["step"])
+        log.info("resumed from step %d", step)
+    log.info("%d sequences, %d answer tokens, %d batches per epoch, %d steps, draft vocab %d",
+             len(seqs), ans_tokens, len(plan), total_steps, dv.numel())
+    warm = min(200, total_steps // 10 + 1)
+    step0 = step
+    t0 = time.time()
+    seen = 0
+    head.train()
+    ema = None
+    while step < total_steps:
+        epoch, j = divmod(step, len(plan))
+        if j == 0 and step > 0:
+            rng.shuffle(plan)
+        b = make_batch(seqs, plan[j], o.max_len, vocab_map, o.noise, gen)
+        lr = o.lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pred = head.forward_train(b["tokens"], b["feats"], b["pos"], b["valid"])
+            logits = head.logits(pred)
+        w = b["weight"]
+        reg = (F.smooth_l1_loss(pred.float(), b["target"], reduction="none").mean(-1) * w).sum() / w.sum().clamp(min=1)
+        ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), b["next"].view(-1), ignore_index=-100)
+        loss = reg + o.ce_weight * ce
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            m = b["next"] != -100
+            acc = float((logits.argmax(-1)[m] == b["next"][m]).float().mean()) if m.any() else 0.0
+        seen += int(b["valid"].sum())
+        ema = (reg.item(), ce.item(), acc) if ema is None else tuple(0.95 * e + 0.05 * v for e, v in zip(ema, (reg.item(), ce.item(), acc)))
+        step += 1
+        if step % 20 == 0 or step == total_steps:
+            el = time.time() - t0
+            log.info("step %d/%d epoch %d: reg %.4f ce %.3f top1 %.3f lr %.2e (%.0f tokens/s, ~%.0f min left)",
+                     step, total_steps, epoch, ema[0], ema[1], ema[2], lr, seen / el,
+                     (total_steps - step) / max(step - step0, 1) * el / 60)
+        if step % o.save_every == 0 or step == total_steps:
+            torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step}, str(ckpt))
+            export(head, out / "head", args, {"steps": step, "answer_tokens": ans_tokens, "sequences": len(seqs),
+                                               "train_seconds": round(time.time() - t0)})
+
+
+def export(head: EagleHead, folder: Path, args: argparse.Namespace, meta: dict) -> None:
+    bf = EagleHead(head.cfg, {**{k: v.detach().to(torch.bfloat16) for k, v in _flat(head).items()}},
+                   head.embed.weight.detach(), head.lm_head.detach(), head.draft_vocab)
+    bf.save(folder, {"flowspec": {"target": str(args.model), **meta}})
+
+
+def _flat(head: EagleHead) -> dict[str, torch.Tensor]:
+    from flowspec.spec.drafters.eagle import _HF_NAMES
+
+    t = {"fc.weight": head.fc.weight}
+    if head.fc.bias is not None:
+        t["fc.bias"] = head.fc.bias
+    for name, p_ in head.layer.state_dict().items():
+        t[LAYER + _HF_NAMES.get(name, name)] = p_
+    return t
+
+
+def evaluate(args: argparse.Namespace, extra: list[str]) -> dict:
+    """tau on MT-bench first turns: single process, greedy, EAGLE-2 tree (chunked = one tree per round)."""
+    from flowspec.model.pipeline import LocalPipeline
+    from flowspec.model.tokenizer import Tokenizer
+    from flowspec.spec.drafters.eagle import EagleDrafter
+    from flowspec.spec.local_ring import generate_local
+    from flowspec.spec.strategies import TreeParams
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--head", default=None)
+    p.add_argument("--prompts", type=int, default=80)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--total", type=int, default=64)
+    o, _ = p.parse_known_args(extra)
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_drafter import mtbench_first_turns
+
+    folder = resolve_model(args.model)
+    tok = Tokenizer(folder)
+    pipe = LocalPipeline.load(folder, 1, dtype="bfloat16", max_context=2048)
+    emb = pipe.stages[0].embed.weight
+    head = EagleHead.load(o.head or Path(args.out) / "head", emb, pipe.head.weight)
+    drafter = EagleDrafter(head, 2048)
+    tree = TreeParams(depth=o.depth, top_k=o.top_k, total=o.total, segment=o.total, in_flight=1)
+    prompts = mtbench_first_turns()[: o.prompts]
+    tokens = rounds = 0
+    t0 = time.time()
+    draft_s = 0.0
+    for i, q in enumerate(prompts):
+        r = generate_local(pipe, "chunked", tok.encode_prompt(q), o.new_tokens, drafter, tok.eos_ids, tree=tree)
+        s = r["stats"]
+        tokens += s["new_tokens"]
+        rounds += s["rounds"]
+        draft_s += s["draft_s"]
+        log.info("prompt %d: tau %.2f (running %.3f)", i, s["tau"], tokens / max(rounds, 1))
+    res = {"tau": round(tokens / max(rounds, 1), 3), "prompts": len(prompts), "new_tokens": tokens,
+           "rounds": rounds, "draft_ms_per_round": round(1000 * draft_s / max(rounds, 1), 2),
+           "tree": {"depth": o.depth, "top_k": o.top_k, "total": o.total}, "seconds": round(time.time() - t0)}
+    log.info("MT-bench: %s", res)
+    (Path(args.out) / "eval.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+def main(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.cmd in ("train", "all"):
+        train(args, extra)
+    if args.cmd in ("eval", "all"):
+        evaluate(args, extra)
+    return 0
