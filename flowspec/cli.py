@@ -61,11 +61,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     folder = resolve_model(args.model)
     tok = Tokenizer(folder)
     prompt = tok.encode_prompt(args.prompt, raw=args.raw)
-    pipe = LocalPipeline.load(folder, args.stages or 1, dtype=args.dtype or "bfloat16",
-                              max_context=args.max_context or 2048)
-    res = greedy_generate(pipe, prompt, args.max_new_tokens, tok.eos_ids)
-    stats = dict(res.stats, strategy="autoregressive", stages=len(pipe.stages), dtype=args.dtype or "bfloat16")
-    _emit(args, tok.decode(res.token_ids), res.token_ids, stats)
+    dtype = args.dtype or "bfloat16"
+    ctx = args.max_context or 2048
+    pipe = LocalPipeline.load(folder, args.stages or 1, dtype=dtype, max_context=ctx)
+    strategy = args.strategy or "autoregressive"
+    if strategy == "autoregressive" and not args.temperature:
+        res = greedy_generate(pipe, prompt, args.max_new_tokens, tok.eos_ids)
+        ids, stats = res.token_ids, dict(res.stats)
+    else:
+        from .spec.drafters import make_drafter, parse_drafter
+        from .spec.local_ring import generate_local
+        from .spec.sampling import SamplingParams
+        from .spec.strategies import STRATEGIES, TreeParams
+
+        if strategy not in STRATEGIES:
+            raise FlowSpecError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        kind, path = parse_drafter(args.drafter or "eagle")
+        drafter = make_drafter(kind, path, pipe.cfg.vocab_size, dtype, ctx, target_folder=folder)
+        sampling = SamplingParams(args.temperature or 0.0, args.top_p or 1.0, args.top_k or 0, args.seed or 0)
+        tree = TreeParams(in_flight=max(1, len(pipe.stages)))
+        res2 = generate_local(pipe, strategy, prompt, args.max_new_tokens, drafter, tok.eos_ids, sampling, tree)
+        ids, stats = res2["token_ids"], dict(res2["stats"], drafter=args.drafter or "eagle")
+    stats.update(strategy=strategy, stages=len(pipe.stages), dtype=dtype)
+    _emit(args, tok.decode(ids), ids, stats)
     return 0
 
 
@@ -107,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_runtime_commands(sub: Any) -> None:
     """Subcommands that live in the runtime (registered lazily so `generate --model` stays light)."""
+    from .chat import add_chat_command
     from .runtime.commands import add_commands
 
     add_commands(sub)
+    add_chat_command(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

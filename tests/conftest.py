@@ -86,7 +86,7 @@ def tiny_hf_config(kind: str, **overrides: Any) -> Any:
     import transformers
 
     cls_name, fields, _ = TINY_MODEL_SPECS[kind]
-    return getattr(transformers, cls_name)(**dict(_COMMON, **fields, **overrides))
+    return getattr(transformers, cls_name)(**{**_COMMON, **fields, **overrides})
 
 
 def build_tiny_hf_model(config: Any, seed: int = TINY_SEED) -> torch.nn.Module:

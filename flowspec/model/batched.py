@@ -32,10 +32,11 @@ def _attend(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.
     span = mask.shape[-1]
     keys, vals = kc[:, :, :span], vc[:, :, :span]
     g = cfg.num_heads // cfg.num_kv_heads
-    if g > 1:
-        keys, vals = keys.repeat_interleave(g, dim=1), vals.repeat_interleave(g, dim=1)
-    att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask[:, None])
-    att = att.transpose(1, 2).reshape(B, n, cfg.num_heads * cfg.head_dim).to(x.dtype)
+    qg = q.reshape(B, cfg.num_kv_heads, g * n, cfg.head_dim)  # query heads sharing a kv head, stacked
+    m = mask.repeat(1, g, 1) if g > 1 else mask
+    att = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=m[:, None])
+    att = att.view(B, cfg.num_heads, n, cfg.head_dim).transpose(1, 2).reshape(B, n, cfg.num_heads * cfg.head_dim)
+    att = att.to(x.dtype)
     x = x + layer.o_proj(att)
     h = layer.post_norm(x)
     return x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))

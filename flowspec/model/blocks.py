@@ -122,12 +122,14 @@ class DecoderLayer(nn.Module):
         v_cache[:, slots] = v
         keys = k_cache[:, :span]
         vals = v_cache[:, :span]
-        groups = cfg.num_heads // cfg.num_kv_heads
-        if groups > 1:
-            keys = keys.repeat_interleave(groups, dim=0)
-            vals = vals.repeat_interleave(groups, dim=0)
-        att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask[None])
-        att = att.transpose(0, 1).reshape(n, cfg.num_heads * cfg.head_dim).to(x.dtype)
+        g = cfg.num_heads // cfg.num_kv_heads
+        # grouped-query attention without copying keys: the g query heads that share a kv
+        # head are stacked as extra query rows of that head
+        qg = q.reshape(cfg.num_kv_heads, g * n, cfg.head_dim)
+        m = mask.repeat(g, 1) if g > 1 else mask
+        att = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=m[None])
+        att = att.view(cfg.num_heads, n, cfg.head_dim).transpose(0, 1).reshape(n, cfg.num_heads * cfg.head_dim)
+        att = att.to(x.dtype)
         x = x + self.o_proj(att)
         h = self.post_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))

@@ -59,7 +59,7 @@ def build_node(topo: Topology, name: str) -> Any:
         from .source_node import SourceNode
 
         drafter = make_drafter(topo.model.drafter.kind, topo.model.drafter.path, cfg.vocab_size, dtype,
-                               topo.model.max_context)
+                               topo.model.max_context, target_folder=folder)
         head = LMHead.load(folder, dtype=dtype, cfg=cfg)
         return SourceNode(topo, name, key, Tokenizer(folder), head, drafter, cfg.fingerprint(),
                           cfg.num_layers, str(topo.model.target))
@@ -121,6 +121,10 @@ def _summary_table(status: dict[str, Any], topo: Topology) -> Any:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from rich.console import Console
+
+    args.topology = args.topology_opt or args.topology_file
+    if not args.topology:
+        raise FlowSpecError("flowspec up needs a topology file: flowspec up topologies/local.yaml")
 
     from .client import wait_formed
     from .launcher import LocalRing
@@ -210,7 +214,8 @@ def add_commands(sub: Any) -> None:
     n.set_defaults(func=cmd_node)
 
     u = sub.add_parser("up", help="start every node of a topology that lives on this machine")
-    u.add_argument("topology")
+    u.add_argument("topology_file", nargs="?", metavar="TOPOLOGY", help="the YAML topology")
+    u.add_argument("--topology", dest="topology_opt", default=None, help="the same, as an option")
     u.add_argument("--threads", type=int, default=0, help="torch threads per node (default: cores / nodes)")
     u.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     u.add_argument("--drafter", default=None)

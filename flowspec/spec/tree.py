@@ -71,8 +71,11 @@ class DraftTree:
         p = self.nodes[parent]
         if token in p.children:
             return None
+        lp = float(logp)
+        if not lp <= 0.0:  # a child never scores above its parent (keeps unsent() topological)
+            lp = 0.0 if lp > 0.0 else float("-inf")  # NaN: last
         nid = self.take_ids(1)[0]
-        node = Node(nid, token, parent, p.position + 1, p.score + float(logp))
+        node = Node(nid, token, parent, p.position + 1, p.score + lp)
         p.children[token] = nid
         self.nodes[nid] = node
         return node

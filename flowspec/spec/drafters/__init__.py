@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 from ...errors import ModelError
 from .base import Drafter, DraftView, NoDrafter
@@ -19,9 +21,13 @@ def parse_drafter(text: str) -> tuple[str, str | None]:
     return kind, path or None
 
 
+BUNDLED_EAGLE = Path(__file__).resolve().parents[2] / "assets" / "eagle-smollm2-135m-instruct"
+
+
 def make_drafter(kind: str, path: str | None, target_vocab: int, dtype: str = "bfloat16",
-                 max_context: int = 2048) -> Drafter:
-    """Build the drafter a topology or a command line names."""
+                 max_context: int = 2048, target_folder: str | Path | None = None) -> Drafter:
+    """Build the drafter a topology or a command line names. `eagle` without a path is the
+    head trained for the default model (it shares that model's embedding and lm_head)."""
     if kind == "none":
         return NoDrafter()
     if kind == "lookup":
@@ -34,7 +40,25 @@ def make_drafter(kind: str, path: str | None, target_vocab: int, dtype: str = "b
         return DraftModelDrafter.load(resolve_model(path), dtype=dtype, max_context=max_context,
                                       target_vocab=target_vocab)
     if kind == "eagle":
-        raise ModelError("the EAGLE-style head is not available yet; use drafter lookup or model:PATH")
+        from ...model.config import ModelConfig
+        from ...model.loader import EMBED, WeightStore, lm_head_name
+        from ...model.stage import parse_dtype
+        from .eagle import EagleDrafter, EagleHead
+
+        if target_folder is None:
+            raise ModelError("the eagle drafter needs the target model's folder")
+        folder = Path(path) if path else BUNDLED_EAGLE
+        if not folder.is_dir():
+            raise ModelError(f"EAGLE head folder {folder} not found")
+        tf = Path(target_folder)
+        cfg = ModelConfig.from_file(str(tf / "config.json"))
+        store = WeightStore.open(tf)
+        names = sorted({EMBED, lm_head_name(cfg, store)})
+        w = store.load(names, parse_dtype(dtype))
+        head = EagleHead.load(folder, w[EMBED], w[lm_head_name(cfg, store)], dtype=parse_dtype(dtype))
+        if head.cfg.hidden_size != cfg.hidden_size:
+            raise ModelError(f"EAGLE head {folder} has width {head.cfg.hidden_size}, the target {cfg.hidden_size}")
+        return EagleDrafter(head, max_context)
     raise ModelError(f"unknown drafter {kind!r}; use {DRAFTER_HELP}")
 
 

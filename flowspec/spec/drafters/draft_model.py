@@ -87,6 +87,6 @@ class DraftModelDrafter(Drafter):
         out = []
         for f in frontier:
             lp = torch.log_softmax(self._logits[f.id].float(), dim=-1)
-            v, i = torch.topk(lp, k)
+            v, i = torch.topk(lp, min(k, lp.numel()))
             out.append([(int(t), float(s)) for t, s in zip(i, v)])
         return out
