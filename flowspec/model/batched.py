@@ -1,8 +1,9 @@
 """Batched greedy decoding of many independent prompts through one full-model stage.
 
-Used offline (drafter training data, evaluation), never by the ring. Weights stay in their
-dtype; keys, values and attention run in float32 like the stage engine. Prompts are
-left-padded into one block; finished sequences keep their slot until the batch ends.
+Used offline (drafter training data), never by the ring. Keys and values are kept in the
+weights' dtype (with batches, attention is bound by reading the cache, and bfloat16 halves
+that); scores and softmax are float32. Prompts are left-padded into one block; finished
+sequences keep their slot until the batch ends.
 """
 
 from __future__ import annotations
@@ -24,17 +25,19 @@ def _attend(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.
     h = layer.input_norm(x)
     q = layer.q_proj(h).float().view(B, n, cfg.num_heads, cfg.head_dim).transpose(1, 2)
     k = layer.k_proj(h).float().view(B, n, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-    v = layer.v_proj(h).float().view(B, n, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-    q = apply_rope(q, cos[:, None], sin[:, None])
+    v = layer.v_proj(h).view(B, n, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+    q = apply_rope(q, cos[:, None], sin[:, None]).to(kc.dtype)
     k = apply_rope(k, cos[:, None], sin[:, None])
-    kc[:, :, start : start + n] = k
-    vc[:, :, start : start + n] = v
+    kc[:, :, start : start + n] = k.to(kc.dtype)
+    vc[:, :, start : start + n] = v.to(vc.dtype)
     span = mask.shape[-1]
     keys, vals = kc[:, :, :span], vc[:, :, :span]
     g = cfg.num_heads // cfg.num_kv_heads
     qg = q.reshape(B, cfg.num_kv_heads, g * n, cfg.head_dim)  # query heads sharing a kv head, stacked
     m = mask.repeat(1, g, 1) if g > 1 else mask
-    att = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=m[:, None])
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * cfg.head_dim ** -0.5
+    scores = scores.masked_fill(~m[:, None], float("-inf"))
+    att = torch.matmul(torch.softmax(scores, dim=-1).to(vals.dtype), vals)
     att = att.view(B, cfg.num_heads, n, cfg.head_dim).transpose(1, 2).reshape(B, n, cfg.num_heads * cfg.head_dim)
     att = att.to(x.dtype)
     x = x + layer.o_proj(att)
@@ -55,8 +58,9 @@ def batched_greedy(stage: Stage, head: LMHead, prompts: Sequence[Sequence[int]],
     ids = torch.zeros((B, L), dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, L - len(p):] = torch.tensor(list(p))
-    caches = [(torch.zeros(B, cfg.num_kv_heads, cap, cfg.head_dim), torch.zeros(B, cfg.num_kv_heads, cap, cfg.head_dim))
-              for _ in stage.layers]
+    kv_dtype = stage.dtype
+    caches = [(torch.zeros(B, cfg.num_kv_heads, cap, cfg.head_dim, dtype=kv_dtype),
+               torch.zeros(B, cfg.num_kv_heads, cap, cfg.head_dim, dtype=kv_dtype)) for _ in stage.layers]
     col = torch.arange(cap)
     valid = col[None, :] >= pad[:, None]  # [B, cap]: slot holds a real token of that sequence
 
