@@ -81,7 +81,7 @@ def batches(seqs: list, max_tokens: int, max_len: int, rng: random.Random) -> li
 
 
 def make_batch(seqs: list, idx: list[int], max_len: int, vocab_map: torch.Tensor, noise: float,
-               gen: torch.Generator) -> dict[str, torch.Tensor]:
+               gen: torch.Generator, prompt_weight: float = 0.5) -> dict[str, torch.Tensor]:
     """Head inputs (token k, feature k-1) and targets (feature k, token k+1) for k = 1 .. n-2."""
     T = max(min(len(seqs[i][0]), max_len) - 2 for i in idx)
     B = len(idx)
@@ -102,12 +102,12 @@ def make_batch(seqs: list, idx: list[int], max_len: int, vocab_map: torch.Tensor
         target[b, :t] = hid[1 : n - 1].float()
         pos[b, :t] = torch.arange(1, n - 1)
         valid[b, :t] = True
-        # losses where the next token belongs to the answer (context still includes the prompt)
+        # every position teaches the head (EAGLE trains on teacher-forced text too); positions
+        # whose next token is the target's own answer count fully, prompt positions half
         k = torch.arange(1, n - 1)
         ans = (k + 1) >= pl
-        weight[b, :t] = ans.float()
-        mapped = vocab_map[toks[2:n]]
-        nxt[b, :t] = torch.where(ans, mapped, torch.full_like(mapped, -100))
+        weight[b, :t] = torch.where(ans, 1.0, prompt_weight)
+        nxt[b, :t] = vocab_map[toks[2:n]]
     if noise > 0:
         feats = feats + (torch.rand(feats.shape, generator=gen) - 0.5) * 2 * noise
     return {"tokens": tokens, "feats": feats, "target": target, "next": nxt, "valid": valid,
@@ -174,7 +174,10 @@ def train(args: argparse.Namespace, extra: list[str]) -> None:
             logits = head.logits(pred)
         w = b["weight"]
         reg = (F.smooth_l1_loss(pred.float(), b["target"], reduction="none").mean(-1) * w).sum() / w.sum().clamp(min=1)
-        ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), b["next"].view(-1), ignore_index=-100)
+        ce_all = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), b["next"].view(-1),
+                                 ignore_index=-100, reduction="none").view_as(w)
+        cw = w * (b["next"] != -100)
+        ce = (ce_all * cw).sum() / cw.sum().clamp(min=1)
         loss = reg + o.ce_weight * ce
         opt.zero_grad(set_to_none=True)
         loss.backward()
