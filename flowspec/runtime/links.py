@@ -100,7 +100,8 @@ class RingLinks:
             await s.send(Frame(FrameType.HELLO, meta=self.hello))
         except (AuthError, HandshakeError, ProtocolError, PeerGone) as e:
             log.warning("%s: refused a connection from %s: %s", self.name, s.peer, e)
-            if isinstance(e, HandshakeError):
+            # tell the peer why: a client with the wrong key gets AuthError, not a bare close
+            if isinstance(e, (HandshakeError, AuthError)):
                 try:
                     await s.send(Frame(FrameType.REJECT, meta={"reason": str(e)}))
                 except Exception:  # the peer may be gone already

@@ -16,6 +16,7 @@ connection is closed.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -108,8 +109,8 @@ def parse_meta(data: bytes) -> dict[str, Any]:
         return {}
     try:
         meta = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"metadata is not JSON: {e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, huge integers
+        raise ProtocolError(f"metadata is not JSON: {str(e)[:200]}") from None
     if not isinstance(meta, dict):
         raise ProtocolError("metadata must be a JSON object")
     return meta
@@ -134,12 +135,13 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 def tensor_from(buf: bytes | memoryview, dtype: str, shape: list[int]) -> torch.Tensor:
-    if dtype not in _DTYPES:
-        raise ProtocolError(f"unknown tensor dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise ProtocolError(f"bad tensor shape {shape!r}")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise ProtocolError(f"unknown tensor dtype {str(dtype)[:50]!r}")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= 1 << 31 for s in shape):
+        raise ProtocolError(f"bad tensor shape {str(shape)[:100]}")
     tdt = _DTYPES[dtype]
-    n = int(np.prod(shape)) if shape else 1
+    n = math.prod(shape)  # exact (numpy's product would wrap around)
     need = n * torch.empty((), dtype=tdt).element_size()
     if len(buf) != need:
         raise ProtocolError(f"tensor of shape {shape} and dtype {dtype} needs {need} bytes, got {len(buf)}")
@@ -201,10 +203,13 @@ class SegmentMsg:
         hops = m.get("hops") or []
         if not isinstance(hops, list):
             raise ProtocolError("segment: bad hops")
-        msg = cls(ids, parents, positions, hops=hops, t_sent=float(m.get("t0") or 0.0))
+        t0 = m.get("t0") or 0.0
+        if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not -1e18 < t0 < 1e18:
+            raise ProtocolError("segment: bad send time")
+        msg = cls(ids, parents, positions, hops=hops, t_sent=float(t0))
         if "dtype" in m:
             t = tensor_from(rest, m["dtype"], m.get("shape"))
-            if t.shape[0] != n:
+            if t.dim() == 0 or t.shape[0] != n:
                 raise ProtocolError("segment: tensor rows differ from the node count")
             if kind == "tokens":
                 if t.dtype != torch.int64 or t.dim() != 1:
