@@ -19,6 +19,7 @@ from ..spec.sampling import SamplingParams
 from ..spec.strategies import STRATEGIES, Send, Speculator, TreeParams
 from ..telemetry import HopStats
 from .links import RingLinks
+from .probes import ProbeDesk
 from .protocol import Frame, FrameType, ProtocolError, SegmentMsg, UpdateMsg
 from .transport import FrameStream, PeerGone, hello_meta
 
@@ -43,6 +44,7 @@ class GenRequest:
     sampling: SamplingParams  # temperature, top-p, top-k, seed
     tree: TreeParams  # draft tree shape
     stop: list[str] = field(default_factory=list)  # strings that end the answer (not included)
+    trace: bool = False  # record every segment's timings into stats["trace"] (the profiler)
 
 
 class SourceNode:
@@ -65,6 +67,7 @@ class SourceNode:
         self.metrics: dict[str, float] = {"requests": 0, "tokens": 0, "errors": 0, "decode_s": 0.0,
                                           "verifications": 0}
         self.last_stats: dict[str, Any] = {}
+        self.probes = ProbeDesk(name, topo.security.read_timeout_s)  # profiler probes (see probes.py)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
@@ -142,6 +145,8 @@ class SourceNode:
         self._results.put_nowait((-1, message))
 
     async def _from_downstream(self, f: Frame) -> None:
+        if self.probes.on_reply(f):
+            return
         if f.type == FrameType.ERROR:
             self._on_error(f)
 
@@ -167,7 +172,7 @@ class SourceNode:
                 elif f.type == FrameType.ERROR:
                     self._on_error(f)
                 elif f.type == FrameType.PROBE:
-                    self._results.put_nowait((f.request_id, f))
+                    await self.probes.on_upstream(s, f)
                 else:
                     raise ProtocolError(f"unexpected {f.type.name} frame from the last stage")
         except (ProtocolError, PeerGone) as e:
@@ -232,7 +237,7 @@ class SourceNode:
             stop = [stop]
         if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop) or len(stop) > 4:
             raise RequestError("stop must be a string or a list of up to 4 non-empty strings")
-        return GenRequest(ids, max_new, strategy, sampling, tree, stop)
+        return GenRequest(ids, max_new, strategy, sampling, tree, stop, trace=meta.get("trace") is True)
 
     async def generate(self, req: GenRequest) -> AsyncIterator[dict[str, Any]]:
         """Run one request on the ring; yields {"type": "tokens"} events, then {"type": "done"}."""
@@ -267,6 +272,7 @@ class SourceNode:
         wall0 = time.time()
         t_first: float | None = None
         wait_s = 0.0
+        trace: dict[str, Any] | None = {"t0": wall0, "segments": [], "source": []} if req.trace else None
         await down.send(Frame(FrameType.RESET, rid))
         await self._send_all(down, rid, spec.start())
         emitted = 0
@@ -287,7 +293,12 @@ class SourceNode:
             msg, t_back = item
             hops.add(msg.hops, msg.t_sent, t_back)
             hidden = msg.hidden if msg.hidden is not None else torch.empty(0)
+            t_work = time.time()
             sends = spec.on_result(msg.node_ids, hidden)
+            if trace is not None and len(trace["segments"]) < TRACE_MAX_SEGMENTS:
+                trace["segments"].append({"t_sent": msg.t_sent, "t_back": t_back, "rows": len(msg.node_ids),
+                                          "hops": msg.hops})
+                trace["source"].append([t_work, time.time(), len(sends)])
             if self.links.downstream is not down:
                 raise RingError(self.error or "the link to the first stage was lost")
             await self._send_all(down, rid, sends)
@@ -302,7 +313,8 @@ class SourceNode:
                     text, finish = text[:cut], "stop"
                 delta = text[len(text_so_far):] if text.startswith(text_so_far) else text
                 text_so_far = text
-                yield {"type": "tokens", "ids": new, "text": delta}
+                yield {"type": "tokens", "ids": new, "text": delta,
+                       "live": _live_stats(spec, hops, time.perf_counter() - t_first, time.time() - wall0)}
                 if finish == "stop":
                     break
         t_end = time.perf_counter()
@@ -321,6 +333,8 @@ class SourceNode:
             "source": {"draft_s": st["draft_s"], "verify_s": st["verify_s"], "wait_s": round(wait_s, 4)},
             "hops": hops.summary(wall),
         })
+        if trace is not None:
+            stats["trace"] = trace
         self.metrics["requests"] += 1
         self.metrics["tokens"] += len(spec.output)
         self.metrics["decode_s"] += decode_s
@@ -353,26 +367,54 @@ class SourceNode:
 
     async def _serve_client(self, s: FrameStream, hello: dict[str, Any]) -> None:
         """Binary-protocol clients (`flowspec generate --topology`, `flowspec up`)."""
+        pending: asyncio.Task[Frame] | None = None  # a read a request left running: the next frame
         try:
             while True:
-                f = await s.recv(timeout=3600)
+                if pending is not None:
+                    f, pending = await pending, None
+                else:
+                    f = await s.recv(timeout=3600)
                 if f.type == FrameType.STATUS:
                     await s.send(Frame(FrameType.STATUS, f.request_id, meta=self.status()))
                 elif f.type == FrameType.REQUEST:
-                    await self._client_request(s, f)
+                    pending = await self._client_request(s, f)
+                elif f.type == FrameType.PROBE:
+                    await self._client_probe(s, f)
                 elif f.type == FrameType.HEARTBEAT:
                     continue
                 else:
                     raise ProtocolError(f"unexpected {f.type.name} frame from a client")
         except (ProtocolError, PeerGone) as e:
             log.info("%s: client %s left: %s", self.name, s.peer, e)
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
 
-    async def _client_request(self, s: FrameStream, f: Frame) -> None:
+    async def _client_probe(self, s: FrameStream, f: Frame) -> None:
+        """A profiler probe from a client (see probes.py): runs with the ring to itself."""
+        try:
+            if not self.ready.is_set():
+                raise RingError(self.error or "the ring is not formed yet; start every node of the topology")
+            async with self._lock:
+                res = await self.probes.run(f.meta, self.links.downstream, self.links.succ.name)
+            answer = Frame(FrameType.PROBE, f.request_id, meta=res)
+        except FlowSpecError as e:
+            answer = Frame(FrameType.ERROR, f.request_id, meta={"message": str(e)})
+        try:
+            await s.send(answer)
+        except (ConnectionError, OSError) as e:
+            log.info("%s: profiling client %s left: %s", self.name, s.peer, e)
+
+    async def _client_request(self, s: FrameStream, f: Frame) -> "asyncio.Task[Frame] | None":
+        """Serve one request; return the read of the client's next frame when one is running.
+
+        That read is never cancelled: a frame the client sent right after DONE (its next
+        request) may already be in it, and cancelling a read can lose a frame or half of one."""
         try:
             req = self.make_request(f.meta)
         except FlowSpecError as e:
             await s.send(Frame(FrameType.ERROR, f.request_id, meta={"message": f"bad request: {e}"}))
-            return
+            return None
 
         async def produce() -> None:
             async for ev in self.generate(req):
@@ -382,9 +424,10 @@ class SourceNode:
                     await s.send(Frame(FrameType.DONE, f.request_id, meta=ev))
 
         task = asyncio.create_task(produce())
-        reader = asyncio.create_task(s.recv(timeout=3600))
+        reader: asyncio.Task[Frame] | None = asyncio.create_task(s.recv(timeout=3600))
         try:
             while True:
+                assert reader is not None
                 done, _ = await asyncio.wait({task, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if task in done:
                     exc = task.exception()
@@ -393,19 +436,36 @@ class SourceNode:
                         if not isinstance(exc, FlowSpecError):
                             log.exception("%s: request failed", self.name, exc_info=exc)
                         await s.send(Frame(FrameType.ERROR, f.request_id, meta={"message": msg}))
-                    return
+                    pending, reader = reader, None
+                    return pending  # the caller goes on with this read
                 g = reader.result()  # raises PeerGone when the client left: the request is cancelled
+                reader = None
                 if g.type == FrameType.CANCEL:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
                     await s.send(Frame(FrameType.ERROR, f.request_id, meta={"message": "cancelled"}))
-                    return
+                    return None
+                if g.type == FrameType.STATUS:  # answered during a request too
+                    await s.send(Frame(FrameType.STATUS, g.request_id, meta=self.status()))
                 reader = asyncio.create_task(s.recv(timeout=3600))
         finally:
             for t in (task, reader):
-                if not t.done():
+                if t is not None and not t.done():
                     t.cancel()
-            await asyncio.gather(task, reader, return_exceptions=True)
+            await asyncio.gather(task, *([reader] if reader is not None else []), return_exceptions=True)
+
+
+TRACE_MAX_SEGMENTS = 800  # segments a traced request records at most (DONE metadata stays < 1 MiB)
+
+
+def _live_stats(spec: Speculator, hops: HopStats, decode_s: float, wall_s: float) -> dict[str, Any]:
+    """Running statistics of a request, sent along with each tokens event."""
+    st = spec.result_stats()
+    n = len(spec.output)
+    return {"new_tokens": n, "tokens_per_s": round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else 0.0,
+            "mean_accepted": st["mean_accepted"], "verifications": st["verifications"],
+            "drafted": st["drafted"], "verified": st["verified"], "pruned": st["pruned"],
+            "hops": hops.summary(wall_s)}
 
 
 def _stop_at(text: str, stops: list[str]) -> int | None:

@@ -13,6 +13,7 @@ from ..errors import FlowSpecError
 from ..model.stage import Segment, Stage
 from .protocol import Frame, FrameType, ProtocolError, SegmentMsg, UpdateMsg
 from .links import RingLinks
+from .probes import ECHO, ProbeDesk, bench_stage
 from .transport import FrameStream, PeerGone, hello_meta
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class StageNode:
         # one worker thread: segments are computed in order, off the event loop
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-compute")
         self._request = 0
+        self.probes = ProbeDesk(name, topo.security.read_timeout_s)  # profiler probes (see probes.py)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.links.start()
@@ -60,6 +62,8 @@ class StageNode:
         await self._report(msg, "back" if who == self.links.succ.name else "fwd")
 
     async def _from_downstream(self, f: Frame) -> None:
+        if self.probes.on_reply(f):
+            return
         if f.type == FrameType.ERROR and self.links.upstream is not None:
             f.meta["dir"] = "back"
             try:
@@ -76,6 +80,9 @@ class StageNode:
         try:
             while not worker.done():
                 f = await s.recv(timeout=self.links.read_timeout)
+                if f.type == FrameType.PROBE and f.meta.get("kind") == ECHO:  # answered at once
+                    await self.probes.answer_echo(s, f)
+                    continue
                 if f.type != FrameType.HEARTBEAT:
                     work.put_nowait((f, time.time()))
         except ProtocolError as e:
@@ -118,6 +125,9 @@ class StageNode:
                              "layers": list(self.layers), "weight_bytes": self.stage.weight_bytes(),
                              "params": self.stage.num_params(), "threads": _threads()})
                 await self._forward(Frame(FrameType.FORM, f.request_id, f.seq, dict(f.meta, ring=ring)))
+            elif f.type == FrameType.PROBE:
+                await self._forward(await self.probes.on_ring_probe(
+                    f, self.links.downstream, self.links.succ.name, self.layers, self._bench))
             elif f.type in (FrameType.PROBE, FrameType.ERROR):
                 await self._forward(f)
             else:
@@ -142,6 +152,11 @@ class StageNode:
         res = SegmentMsg(out.node_ids, out.parent_ids, out.positions, hidden=h, hops=hops, t_sent=msg.t_sent)
         frame = res.to_frame(f.request_id, f.seq)
         await self._forward(frame)
+
+    async def _bench(self, sizes: list[int], reps: int, context: int) -> list[list[float]]:
+        """Profiler: time segments of each size in the compute thread (the KV cache is reset)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, bench_stage, self.stage, sizes, reps, context)
 
     async def _forward(self, f: Frame) -> None:
         s = self.links.downstream

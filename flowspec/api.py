@@ -1,0 +1,557 @@
+"""The source node's HTTP API: OpenAI-compatible chat completions, health and metrics.
+
+Endpoints (``api`` section of the topology: host, port, optional Bearer key, queue size):
+
+* ``POST /v1/chat/completions``: the OpenAI schema (``messages``, ``max_tokens`` or
+  ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``stream``
+  with server-sent events ending in ``data: [DONE]``, ``stream_options.include_usage``),
+  plus the non-standard ``top_k`` and ``strategy``. Responses and stream chunks carry an
+  extra ``flowspec`` object with the decoding statistics; standard clients ignore it.
+* ``GET /v1/models``: the one model served (the topology's ``model.target``).
+* ``GET /health``: the ring's status per node; 200 when the ring is formed, else 503.
+* ``GET /metrics``: Prometheus text format.
+
+The ring decodes one request at a time; requests wait in the source's queue, and one
+that finds ``api.queue_size`` requests waiting is answered 429. Every failure is a JSON
+``{"error": {"message", "type", "code"}}`` with a 4xx/5xx status; nothing a client sends
+stops the server. With a key configured, every endpoint but ``/health`` needs
+``Authorization: Bearer KEY``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from aiohttp import web
+
+from .config import STRATEGIES
+from .errors import FlowSpecError
+
+if TYPE_CHECKING:
+    from .config import Topology
+    from .runtime.source_node import SourceNode
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 1 << 20  # bytes a request body may have
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "audio", "prediction")
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+               500: "server_error", 503: "service_unavailable"}
+
+
+class ApiError(Exception):
+    """An HTTP error answered as OpenAI-style JSON."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+@dataclass
+class ApiCounters:
+    """What the API has served since it started (for /metrics)."""
+
+    started: float = field(default_factory=time.time)  # unix time the API started
+    responses: dict[tuple[str, int], int] = field(default_factory=dict)  # (endpoint, status) -> count
+    completion_tokens: int = 0  # tokens sent to clients
+    prompt_tokens: int = 0  # prompt tokens of served requests
+    cancelled: int = 0  # requests whose client left before the end
+
+    def count(self, endpoint: str, status: int) -> None:
+        key = (endpoint, status)
+        self.responses[key] = self.responses.get(key, 0) + 1
+
+
+@dataclass
+class ApiContext:
+    """Everything a handler needs."""
+
+    node: "SourceNode"  # the source node that serves the requests
+    topo: "Topology"  # its topology (api section, model name)
+    key: str | None  # the Bearer key, or None when the API is open
+    counters: ApiCounters = field(default_factory=ApiCounters)  # for /metrics
+
+    @property
+    def model_id(self) -> str:
+        return str(self.topo.model.target)
+
+    def knows_model(self, name: str) -> bool:
+        return name in (self.model_id, os.path.basename(self.model_id.rstrip("/")))
+
+
+CTX = web.AppKey("flowspec", ApiContext)
+
+
+# ----------------------------------------------------------------------------- serving
+async def serve_api(node: "SourceNode", topo: "Topology", stop: asyncio.Event) -> None:
+    """Serve the API on the topology's api address until stop is set (errors are logged)."""
+    try:
+        key = topo.api_key()
+    except FlowSpecError as e:
+        log.error("%s: the HTTP API is not started: %s", node.name, e)
+        return
+    app = make_app(node, topo, key)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=2.0)
+    await runner.setup()
+    host, port = topo.api.host, topo.api.port
+    try:
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+    except OSError as e:
+        log.error("%s: the HTTP API cannot listen on %s:%d: %s (is another program using that port?)",
+                  node.name, host, port, e.strerror or e)
+        await runner.cleanup()
+        return
+    log.info("%s: HTTP API on http://%s:%d/v1 (%s)", node.name, host, port,
+             "Bearer key required" if key else "no key")
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def make_app(node: "SourceNode", topo: "Topology", key: str | None) -> web.Application:
+    """The aiohttp application of the API (used by serve_api and by tests)."""
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    app[CTX] = ApiContext(node, topo, key)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authentication, and every failure as a JSON error; counts the responses."""
+    ctx = request.app[CTX]
+    endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
+    try:
+        if ctx.key is not None and request.path != "/health":
+            _check_key(request, ctx.key)
+        resp = await handler(request)
+    except ApiError as e:
+        resp = error_response(e.status, e.message, e.code, e.param)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        resp = error_response(e.status, _http_message(request, e))
+    except asyncio.CancelledError:
+        ctx.counters.cancelled += 1
+        raise
+    except Exception as e:  # a bug: answered, logged, never fatal to the server
+        log.exception("%s %s failed", request.method, request.path)
+        resp = error_response(500, f"internal error: {type(e).__name__}: {e}")
+    ctx.counters.count(endpoint, resp.status)
+    return resp
+
+
+def _check_key(request: web.Request, key: str) -> None:
+    auth = request.headers.get("Authorization", "")
+    scheme, _, given = auth.partition(" ")
+    if not auth:
+        raise ApiError(401, "missing API key: send the header 'Authorization: Bearer KEY'", "invalid_api_key")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        raise ApiError(401, "invalid API key", "invalid_api_key")
+
+
+def _http_message(request: web.Request, e: web.HTTPException) -> str:
+    if e.status == 404:
+        return (f"no endpoint {request.method} {request.path}; this server has POST /v1/chat/completions, "
+                "GET /v1/models, GET /health and GET /metrics")
+    if e.status == 405:
+        return f"{request.method} is not allowed on {request.path}"
+    if e.status == 413:
+        return f"the request body is larger than {MAX_BODY} bytes"
+    return e.text or e.reason
+
+
+def error_response(status: int, message: str, code: str | None = None, param: str | None = None
+                   ) -> web.Response:
+    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+    return web.json_response(body, status=status)
+
+
+# ----------------------------------------------------------------------------- endpoints
+async def models(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    return web.json_response({"object": "list", "data": [
+        {"id": ctx.model_id, "object": "model", "created": int(ctx.counters.started), "owned_by": "flowspec"}]})
+
+
+async def health(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    h = ring_health(ctx.node, ctx.topo)
+    return web.json_response(h, status=200 if h["formed"] else 503)
+
+
+def ring_health(node: "SourceNode", topo: "Topology") -> dict[str, Any]:
+    """The ring's status: formed or not, and one entry per node in ring order."""
+    st = node.status()
+    formed = bool(st.get("formed"))
+    reported = {r.get("name"): r for r in st.get("ring") or []}
+    down_ok = node.links.downstream is not None
+    up_ok = node.links.upstream is not None
+    nodes: list[dict[str, Any]] = []
+    for i, n in enumerate(topo.nodes):
+        entry: dict[str, Any] = {"name": n.name, "role": n.role, "address": f"{n.host}:{n.port}"}
+        if n.is_source:
+            entry["status"] = "up"
+        elif formed:
+            entry["status"] = "up"
+        elif i == 1 and not down_ok:
+            entry["status"] = "unreachable"
+        elif i == len(topo.nodes) - 1 and not up_ok:
+            entry["status"] = "not connected"
+        else:
+            entry["status"] = "unknown"
+        r = reported.get(n.name)
+        if r is not None:
+            entry["layers"] = r.get("layers")
+        nodes.append(entry)
+    return {"status": "ok" if formed else "unavailable", "formed": formed, "error": st.get("error"),
+            "cluster": st.get("cluster"), "model": str(topo.model.target), "busy": st.get("busy"),
+            "waiting": st.get("waiting"), "nodes": nodes}
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    return web.Response(text=prometheus_text(ctx), content_type="text/plain",
+                        headers={"X-Content-Format": "prometheus 0.0.4"})
+
+
+def prometheus_text(ctx: ApiContext) -> str:
+    """The Prometheus exposition (text format 0.0.4) of the node's and the API's counters."""
+    node, c = ctx.node, ctx.counters
+    m, last = node.metrics, node.last_stats or {}
+    out: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[dict[str, str], float]]) -> None:
+        out.append(f"# HELP flowspec_{name} {help_}")
+        out.append(f"# TYPE flowspec_{name} {kind}")
+        for labels, v in samples:
+            lab = ",".join(f'{k}="{_label(x)}"' for k, x in labels.items())
+            out.append(f"flowspec_{name}{{{lab}}} {_num(v)}" if lab else f"flowspec_{name} {_num(v)}")
+
+    metric("ring_formed", "gauge", "1 when the ring is formed and verified", [({}, float(node.ready.is_set()))])
+    metric("requests_total", "counter", "generation requests completed on the ring", [({}, m["requests"])])
+    metric("request_errors_total", "counter", "generation requests that failed on the ring", [({}, m["errors"])])
+    metric("requests_waiting", "gauge", "requests queued behind the current one", [({}, node.waiting)])
+    metric("http_responses_total", "counter", "HTTP responses by endpoint and status",
+           [({"endpoint": e, "code": str(s)}, n) for (e, s), n in sorted(c.responses.items())])
+    metric("requests_cancelled_total", "counter", "HTTP requests whose client left early", [({}, c.cancelled)])
+    metric("generated_tokens_total", "counter", "tokens generated on the ring", [({}, m["tokens"])])
+    metric("prompt_tokens_total", "counter", "prompt tokens of requests served by the API", [({}, c.prompt_tokens)])
+    metric("decode_seconds_total", "counter", "seconds spent decoding (first token to last)", [({}, m["decode_s"])])
+    metric("verifications_total", "counter", "returned segments that advanced the accepted path",
+           [({}, m["verifications"])])
+    metric("tokens_per_second", "gauge", "decode speed of the last request", [({}, last.get("tokens_per_s", 0.0))])
+    avg = m["tokens"] / m["decode_s"] if m["decode_s"] > 0 else 0.0
+    metric("tokens_per_second_average", "gauge", "generated tokens over decode seconds, all requests",
+           [({}, avg)])
+    metric("mean_accepted_tokens", "gauge", "tokens accepted per verification, last request",
+           [({}, last.get("mean_accepted", 0.0))])
+    hops = last.get("hops") or {}
+    metric("stage_busy_ratio", "gauge", "fraction of the last request's time each stage computed",
+           [({"stage": n}, s.get("busy", 0.0)) for n, s in (hops.get("stages") or {}).items()])
+    metric("link_latency_seconds", "gauge", "mean wire time per segment on each link, last request",
+           [({"link": k}, v.get("mean_ms", 0.0) / 1000) for k, v in (hops.get("links") or {}).items()])
+    return "\n".join(out) + "\n"
+
+
+def _label(v: str) -> str:
+    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _num(v: float) -> str:
+    v = float(v)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(int(v)) if v.is_integer() and abs(v) < 1 << 53 else repr(v)
+
+
+# ------------------------------------------------------------------------ completions
+@dataclass
+class ChatCall:
+    """A validated chat completion request."""
+
+    meta: dict[str, Any]  # the request for SourceNode.make_request
+    stream: bool  # answer with server-sent events
+    include_usage: bool  # stream: send a last chunk with the usage
+    stop: list[str]  # stop strings (the streamed text never shows one)
+
+
+def parse_chat(body: Any, ctx: ApiContext) -> ChatCall:
+    """Check an OpenAI chat completion body; ApiError(400/404) names the bad field."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None:
+        if not isinstance(model, str):
+            raise ApiError(400, f"model must be a string, not {_short(model)}", param="model")
+        if not ctx.knows_model(model):
+            raise ApiError(404, f"the model {model!r} is not served here; this server serves "
+                           f"{ctx.model_id!r} (see GET /v1/models)", "model_not_found", "model")
+    for k in UNSUPPORTED:
+        if body.get(k) not in (None, [], {}):
+            raise ApiError(400, f"{k} is not supported by FlowSpec", param=k)
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise ApiError(400, f"n must be 1 (one answer per request), not {_short(n)}", param="n")
+    meta: dict[str, Any] = {"messages": _messages(body.get("messages"))}
+    mt = body.get("max_completion_tokens", body.get("max_tokens"))
+    if mt is not None:
+        name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
+            raise ApiError(400, f"{name} must be an integer >= 1, not {_short(mt)}", param=name)
+        meta["max_new_tokens"] = mt
+    for k, lo, hi in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
+        v = body.get(k)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi \
+                or (k == "top_p" and v == 0):
+            raise ApiError(400, f"{k} must be a number in {'(' if k == 'top_p' else '['}{lo:g}, {hi:g}], "
+                           f"not {_short(v)}", param=k)
+        meta[k] = float(v)
+    for k, lo in (("seed", None), ("top_k", 0)):
+        v = body.get(k)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
+            raise ApiError(400, f"{k} must be an integer{f' >= {lo}' if lo is not None else ''}, not {_short(v)}",
+                           param=k)
+        meta[k] = v
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 4
+                             or not all(isinstance(s, str) and s for s in stop)):
+        raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", param="stop")
+    if stop:
+        meta["stop"] = stop
+    strategy = body.get("strategy")
+    if strategy is not None:
+        if strategy not in STRATEGIES:
+            raise ApiError(400, f"unknown strategy {_short(strategy)}; choose one of {', '.join(STRATEGIES)}",
+                           param="strategy")
+        meta["strategy"] = strategy
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise ApiError(400, f"stream must be true or false, not {_short(stream)}", param="stream")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise ApiError(400, "stream_options must be an object", param="stream_options")
+    return ChatCall(meta, stream, bool(opts.get("include_usage")) and stream, list(stop or []))
+
+
+def _messages(msgs: Any) -> list[dict[str, str]]:
+    if msgs is None:
+        raise ApiError(400, "messages is required: a non-empty list of {role, content}", param="messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError(400, "messages must be a non-empty list of {role, content}", param="messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] must be an object with role and content", param="messages")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, not {_short(role)}",
+                           param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text is understood
+            texts = []
+            for p in content:
+                if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+                    raise ApiError(400, f"messages[{i}].content: only text parts are supported",
+                                   param="messages")
+                texts.append(p["text"])
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string, not {_short(content)}",
+                           param="messages")
+        out.append({"role": ROLES[role], "content": content})
+    return out
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v) if not isinstance(v, str) else repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes") from None
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
+    call = parse_chat(body, ctx)
+    node = ctx.node
+    from .runtime.source_node import RingError  # the runtime imports torch: only when serving
+
+    try:
+        req = node.make_request(call.meta)
+    except FlowSpecError as e:
+        raise ApiError(400, str(e)) from None
+    if not node.ready.is_set():
+        raise ApiError(503, f"the ring is not available: {node.error or 'it is not formed yet'}", "ring_down")
+    if node.waiting >= ctx.topo.api.queue_size:
+        raise ApiError(429, f"the queue is full ({node.waiting} requests waiting); retry later", "queue_full")
+    meta = _Reply(ctx.model_id, len(req.prompt_ids))
+    ctx.counters.prompt_tokens += len(req.prompt_ids)
+    gen = node.generate(req)
+    async with contextlib.aclosing(gen):
+        try:
+            first = await gen.__anext__()
+        except RingError as e:
+            raise ApiError(503, f"the ring failed: {e}", "ring_down") from None
+        except StopAsyncIteration:
+            raise ApiError(500, "the ring ended the request without an answer") from None
+        if call.stream:
+            return await _stream(request, ctx, call, meta, gen, first, RingError)
+        done = first
+        try:
+            while done.get("type") != "done":
+                done = await gen.__anext__()
+        except RingError as e:
+            raise ApiError(503, f"the ring failed: {e}", "ring_down") from None
+    ctx.counters.completion_tokens += len(done["token_ids"])
+    return web.json_response({
+        "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": done["text"]},
+                     "logprobs": None, "finish_reason": done["finish_reason"]}],
+        "usage": meta.usage(len(done["token_ids"])),
+        "system_fingerprint": None,
+        "flowspec": _public_stats(done["stats"]),
+    })
+
+
+@dataclass
+class _Reply:
+    """Fields shared by every chunk of one answer."""
+
+    model: str  # model id
+    prompt_tokens: int  # tokens of the templated prompt
+    id: str = field(default_factory=lambda: "chatcmpl-" + os.urandom(12).hex())  # answer id
+    created: int = field(default_factory=lambda: int(time.time()))  # unix time
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+
+    def usage(self, completion: int) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+
+async def _stream(request: web.Request, ctx: ApiContext, call: ChatCall, meta: _Reply, gen: Any,
+                  first: dict[str, Any], ring_error: type[Exception]) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    text = TextStream(ctx.node.tok.decode, call.stop)
+
+    async def send(obj: Any) -> None:
+        data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+        await resp.write(f"data: {data}\n\n".encode())
+
+    ev = first
+    try:
+        await send(meta.chunk({"role": "assistant", "content": ""}))
+        while True:
+            if ev.get("type") == "done":
+                rest = text.finish(ev["text"])
+                if rest:
+                    await send(meta.chunk({"content": rest}))
+                n = len(ev["token_ids"])
+                ctx.counters.completion_tokens += n
+                await send(meta.chunk({}, ev["finish_reason"], flowspec=_public_stats(ev["stats"])))
+                if call.include_usage:
+                    await send({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
+                                "model": meta.model, "choices": [], "usage": meta.usage(n)})
+                break
+            delta = text.push(ev.get("ids") or [])
+            if delta:
+                await send(meta.chunk({"content": delta}, flowspec=ev.get("live")))
+            try:
+                ev = await gen.__anext__()
+            except ring_error as e:
+                await send({"error": {"message": f"the ring failed: {e}", "type": "service_unavailable",
+                                      "param": None, "code": "ring_down"}})
+                break
+        await send("[DONE]")
+        await resp.write_eof()
+    except (ConnectionError, OSError):  # the client left: closing the generator frees the ring
+        ctx.counters.cancelled += 1
+        log.info("a streaming client left before the end of its answer")
+    except Exception as e:  # a bug: the headers are sent, so it is reported in the stream
+        log.exception("a streamed answer failed")
+        with contextlib.suppress(ConnectionError, OSError):
+            await send({"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error",
+                                  "param": None, "code": None}})
+            await send("[DONE]")
+    return resp
+
+
+@dataclass
+class TextStream:
+    """Turns the growing token list into text deltas that never need taking back.
+
+    The text is decoded from all tokens so far; what could still change (an incomplete
+    UTF-8 character, the start of a stop string) is held back until it is settled.
+    """
+
+    decode: Callable[[list[int]], str]  # token ids -> text
+    stops: list[str]  # stop strings; the text ends before the first one
+    ids: list[int] = field(default_factory=list)  # tokens so far
+    sent: str = ""  # text already streamed
+
+    def push(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        text = self.decode(self.ids)
+        cuts = [text.find(s) for s in self.stops if s in text]
+        if cuts:
+            text = text[:min(cuts)]
+        else:
+            hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[:len(text) - hold]
+        text = text.rstrip("\ufffd")
+        if not text.startswith(self.sent) or len(text) <= len(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def finish(self, final: str) -> str:
+        """The rest of the answer once the final text is known."""
+        if final.startswith(self.sent):
+            rest, self.sent = final[len(self.sent):], final
+            return rest
+        log.debug("streamed text is not a prefix of the final answer")
+        return ""
+
+
+def _public_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in stats.items() if k != "trace"}

@@ -1,0 +1,314 @@
+"""The source's HTTP API on a real ring (source + 2 stages, a tiny model with SmolLM2's tokenizer).
+
+The official ``openai`` client (the pinned version) must get exactly the text of
+single-process greedy decoding at temperature 0, streaming or not, with the right usage
+counts; bad requests get a 4xx with a message and never take the server down; /health,
+/v1/models and /metrics have their formats; a full queue answers 429 and a dead ring 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from flowspec.api import TextStream, parse_chat, ApiError
+from ring_helpers import running_ring, tiny_tok_model, write_topology  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "test-api-key-0123456789"
+QUESTION = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Name three colours."}]
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def api_ring(tiny_tok_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    folder = tmp_path_factory.mktemp("api_ring")
+    path = write_topology(folder, 3, tiny_tok_model, strategy="flowspec", max_context=1024)
+    key_file = folder / "api.key"
+    key_file.write_text(API_KEY + "\n")
+    data = yaml.safe_load(path.read_text())
+    data["api"].update({"api_key_file": str(key_file), "queue_size": 1})
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    url = f"http://127.0.0.1:{data['api']['port']}"
+    with running_ring(path, node_args=("--dtype", "float32")) as ring:
+        deadline = time.monotonic() + 30
+        while call("GET", url + "/health")[0] != 200:
+            assert time.monotonic() < deadline, "the API did not come up"
+            time.sleep(0.2)
+        yield {"url": url, "model": str(tiny_tok_model), "ring": ring, "path": path}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_tok_model: Path) -> dict[str, Any]:
+    """Single-process greedy decoding of QUESTION: the text every API answer must match."""
+    from flowspec.model.pipeline import LocalPipeline, greedy_generate
+    from flowspec.model.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_tok_model)
+    prompt = tok.encode_chat(QUESTION)
+    pipe = LocalPipeline.load(tiny_tok_model, 1, dtype="float32", max_context=1024)
+    res = greedy_generate(pipe, prompt, MAX_TOKENS, tok.eos_ids)
+    return {"prompt_tokens": len(prompt), "ids": res.token_ids, "text": tok.decode(res.token_ids),
+            "finish": "stop" if res.token_ids[-1] in tok.eos_ids else "length"}
+
+
+def call(method: str, url: str, body: bytes | dict[str, Any] | None = None, key: str | None = API_KEY,
+         timeout: float = 60.0) -> tuple[int, dict[str, Any] | str]:
+    """(status, JSON body or text) of one HTTP request."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if key is not None:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    except (urllib.error.URLError, ConnectionError):
+        return 0, ""
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode()
+
+
+def openai_client(url: str, key: str = API_KEY) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60.0)
+
+
+# ------------------------------------------------------------------------ pure functions
+def test_text_stream_holds_back_what_may_change() -> None:
+    words = {1: "Hello", 2: " wor", 3: "ld", 4: "\ufffd", 5: "!", 6: " END", 7: " more"}
+
+    def decode(ids: list[int]) -> str:
+        text = "".join(words[i] for i in ids)
+        return text.replace("\ufffd!", "é!")  # a character completed by the next token
+
+    ts = TextStream(decode, [" END"])
+    out = [ts.push([1]), ts.push([2]), ts.push([3]), ts.push([4]), ts.push([5])]
+    assert out == ["Hello", " wor", "ld", "", "é!"]
+    assert ts.push([6]) == "" and ts.push([7]) == ""  # the stop string and what follows never show
+    assert ts.finish("Hello world\u00e9!") == ""
+    ts2 = TextStream(lambda ids: "ab" * len(ids), ["b!"])
+    assert ts2.push([1]) == "a"  # "b" may start the stop string "b!"
+    assert ts2.finish("abab") == "bab"
+
+
+class _Ctx:
+    model_id = "default"
+
+    @staticmethod
+    def knows_model(m: str) -> bool:
+        return m == "default"
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ([], 400, "JSON object"),
+    ({}, 400, "messages is required"),
+    ({"messages": []}, 400, "non-empty"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+    ({"messages": [{"role": "user", "content": 3}]}, 400, "content"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": [""]}, 400, "stop"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n must be 1"),
+    ({"messages": [{"role": "user", "content": "x"}], "strategy": "magic"}, 400, "strategy"),
+    ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}, 404, "not served"),
+])
+def test_parse_chat_rejects(body: Any, status: int, needle: str) -> None:
+    with pytest.raises(ApiError) as e:
+        parse_chat(body, _Ctx())  # type: ignore[arg-type]
+    assert e.value.status == status and needle in e.value.message
+
+
+def test_parse_chat_maps_openai_fields() -> None:
+    call_ = parse_chat({"model": "default", "messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
+        {"role": "user", "content": "hi"}], "max_completion_tokens": 7, "temperature": 0.5, "top_p": 0.9,
+        "seed": 3, "stop": "\n", "stream": True, "stream_options": {"include_usage": True},
+        "strategy": "chunked", "top_k": 5, "frequency_penalty": 0}, _Ctx())  # type: ignore[arg-type]
+    assert call_.meta == {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                          "max_new_tokens": 7, "temperature": 0.5, "top_p": 0.9, "seed": 3, "top_k": 5,
+                          "stop": ["\n"], "strategy": "chunked"}
+    assert call_.stream and call_.include_usage and call_.stop == ["\n"]
+
+
+# ----------------------------------------------------------------------------- the ring
+def test_openai_client_matches_greedy(api_ring: dict[str, Any], reference: dict[str, Any]) -> None:
+    client = openai_client(api_ring["url"])
+    r = client.chat.completions.create(model=api_ring["model"], messages=QUESTION, max_tokens=MAX_TOKENS,
+                                       temperature=0)
+    assert r.choices[0].message.content == reference["text"]
+    assert r.choices[0].finish_reason == reference["finish"]
+    assert r.usage.prompt_tokens == reference["prompt_tokens"]
+    assert r.usage.completion_tokens == len(reference["ids"])
+    assert r.usage.total_tokens == reference["prompt_tokens"] + len(reference["ids"])
+    fs = r.model_extra["flowspec"]
+    assert fs["strategy"] == "flowspec" and fs["new_tokens"] == len(reference["ids"])
+    assert set(fs["hops"]["stages"]) == {"stage1", "stage2"}
+    # the other strategies answer the same
+    for strategy in ("autoregressive", "pipedec"):
+        r2 = client.chat.completions.create(model=api_ring["model"], messages=QUESTION, max_tokens=MAX_TOKENS,
+                                            temperature=0, extra_body={"strategy": strategy})
+        assert r2.choices[0].message.content == reference["text"], strategy
+        assert r2.model_extra["flowspec"]["strategy"] == strategy
+
+
+def test_openai_client_streams_the_same_text(api_ring: dict[str, Any], reference: dict[str, Any]) -> None:
+    client = openai_client(api_ring["url"])
+    chunks = list(client.chat.completions.create(
+        model=api_ring["model"], messages=QUESTION, max_tokens=MAX_TOKENS, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == reference["text"]
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == reference["finish"]
+    assert finals[0].model_extra["flowspec"]["new_tokens"] == len(reference["ids"])
+    live = [c.model_extra.get("flowspec") for c in chunks if c.choices and c.choices[0].delta.content]
+    assert live and all("tokens_per_s" in x and "hops" in x for x in live)
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (reference["prompt_tokens"], len(reference["ids"]))
+
+
+def test_raw_stream_ends_with_done(api_ring: dict[str, Any]) -> None:
+    status, text = call("POST", api_ring["url"] + "/v1/chat/completions",
+                        {"messages": QUESTION, "max_tokens": 4, "stream": True})
+    assert status == 200 and isinstance(text, str)
+    events = [e for e in text.split("\n\n") if e.strip()]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_bad_requests_get_4xx_and_the_server_stays_up(api_ring: dict[str, Any]) -> None:
+    url = api_ring["url"]
+    ep = url + "/v1/chat/completions"
+    cases = [
+        (call("POST", ep, b"{not json"), 400, "not valid JSON"),
+        (call("POST", ep, {"model": api_ring["model"]}), 400, "messages is required"),
+        (call("POST", ep, {"messages": QUESTION, "max_tokens": -5}), 400, "max_tokens"),
+        (call("POST", ep, {"messages": QUESTION, "max_tokens": 100000}), 400, "max_new_tokens"),
+        (call("POST", ep, {"messages": QUESTION, "model": "gpt-4o"}), 404, "not served"),
+        (call("POST", ep, b"{" + b" " * (2 << 20) + b"}"), 413, "larger than"),
+        (call("POST", ep, {"messages": QUESTION}, key="wrong-key"), 401, "invalid API key"),
+        (call("POST", ep, {"messages": QUESTION}, key=None), 401, "missing API key"),
+        (call("GET", url + "/v1/nothing"), 404, "no endpoint"),
+        (call("GET", ep), 405, "not allowed"),
+    ]
+    for (status, body), want, needle in cases:
+        assert status == want, (want, needle, status, body)
+        assert isinstance(body, dict) and needle in body["error"]["message"], (needle, body)
+    import openai
+
+    with pytest.raises(openai.AuthenticationError):
+        openai_client(url, key="nope").chat.completions.create(model=api_ring["model"], messages=QUESTION)
+    with pytest.raises(openai.NotFoundError):
+        openai_client(url).chat.completions.create(model="gpt-4o", messages=QUESTION)
+    assert call("GET", url + "/health", key=None)[0] == 200
+    status, body = call("POST", ep, {"messages": QUESTION, "max_tokens": 3})
+    assert status == 200 and body["usage"]["completion_tokens"] == 3  # type: ignore[index]
+
+
+def test_health_models_metrics(api_ring: dict[str, Any]) -> None:
+    url = api_ring["url"]
+    status, h = call("GET", url + "/health", key=None)
+    assert status == 200 and isinstance(h, dict)
+    assert h["formed"] is True and h["status"] == "ok"
+    assert [(n["name"], n["role"], n["status"]) for n in h["nodes"]] == [
+        ("source", "source", "up"), ("stage1", "stage", "up"), ("stage2", "stage", "up")]
+    status, m = call("GET", url + "/v1/models")
+    assert status == 200 and m == {"object": "list", "data": [  # type: ignore[comparison-overlap]
+        {"id": api_ring["model"], "object": "model", "created": m["data"][0]["created"],  # type: ignore[index]
+         "owned_by": "flowspec"}]}
+    assert call("GET", url + "/metrics", key=None)[0] == 401
+    status, text = call("GET", url + "/metrics")
+    assert status == 200 and isinstance(text, str)
+    sample = re.compile(r'^flowspec_[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? -?[0-9.e+-]+$')
+    names = set()
+    for line in text.strip().splitlines():
+        if line.startswith("# "):
+            assert re.match(r"^# (HELP|TYPE) flowspec_[a-z_]+ .+$", line), line
+            continue
+        assert sample.match(line), line
+        names.add(line.split("{")[0].split(" ")[0])
+    for want in ("flowspec_requests_total", "flowspec_generated_tokens_total", "flowspec_tokens_per_second",
+                 "flowspec_mean_accepted_tokens", "flowspec_stage_busy_ratio", "flowspec_link_latency_seconds",
+                 "flowspec_http_responses_total", "flowspec_ring_formed"):
+        assert want in names, want
+    assert 'flowspec_stage_busy_ratio{stage="stage2"}' in text
+    assert 'flowspec_link_latency_seconds{link="stage2->source"}' in text
+
+
+def test_full_queue_answers_429_and_a_closed_stream_frees_the_ring(api_ring: dict[str, Any]) -> None:
+    """queue_size is 1: with one request decoding and one waiting, the next gets 429."""
+    import aiohttp
+
+    url = api_ring["url"]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    long_req = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 700,
+                "strategy": "autoregressive"}
+
+    async def go() -> tuple[int, dict[str, Any], int]:
+        async with aiohttp.ClientSession(headers=headers) as s:
+            first = await s.post(url + "/v1/chat/completions", json=dict(long_req, stream=True))
+            assert first.status == 200
+            await first.content.readline()  # the answer is streaming: the ring is busy
+            waiting = asyncio.create_task(s.post(url + "/v1/chat/completions",
+                                                 json=dict(long_req, max_tokens=5)))
+            for _ in range(500):
+                async with s.get(url + "/health") as h:
+                    if (await h.json())["waiting"] == 1:
+                        break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("the second request never queued")
+            async with s.post(url + "/v1/chat/completions", json=long_req) as third:
+                status3, body3 = third.status, await third.json()
+            first.close()  # the client leaves: its request is cancelled on the ring
+            second = await asyncio.wait_for(waiting, 30)
+            status2 = second.status
+            second.release()
+            return status3, body3, status2
+
+    t0 = time.monotonic()
+    status3, body3, status2 = asyncio.run(go())
+    assert status3 == 429 and "queue is full" in body3["error"]["message"]
+    assert status2 == 200
+    assert time.monotonic() - t0 < 30
+
+
+def test_dead_ring_answers_503(api_ring: dict[str, Any]) -> None:
+    """Runs last: stops a stage; the API stays up and answers 503 with the reason."""
+    url = api_ring["url"]
+    stage2 = next(p for p in api_ring["ring"].procs if p.name == "stage2")
+    os.kill(stage2.proc.pid, signal.SIGTERM)
+    stage2.proc.wait(10)
+    deadline = time.monotonic() + 15
+    while True:
+        status, h = call("GET", url + "/health", key=None)
+        if status == 503 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert status == 503 and isinstance(h, dict) and h["formed"] is False and h["error"]
+    status, body = call("POST", url + "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 3})
+    assert status == 503 and "ring" in body["error"]["message"]  # type: ignore[index]
+    status, body = call("POST", url + "/v1/chat/completions", {"messages": "oops"})
+    assert status == 400  # validation still answers
+    assert call("GET", url + "/v1/models")[0] == 200
