@@ -125,11 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_runtime_commands(sub: Any) -> None:
     """Subcommands that live in the runtime (registered lazily so `generate --model` stays light)."""
+    from .bench import add_bench_command
     from .chat import add_chat_command
     from .runtime.commands import add_commands
 
     add_commands(sub)
     add_chat_command(sub)
+    add_bench_command(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

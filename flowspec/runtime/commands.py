@@ -126,20 +126,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not args.topology:
         raise FlowSpecError("flowspec up needs a topology file: flowspec up topologies/local.yaml")
 
+    from ..testbed import Testbed, client_topology, local_ring_for
     from .client import wait_formed
-    from .launcher import LocalRing
 
     topo = load_topology(args)
     console = Console(stderr=False)
-    ring = LocalRing(args.topology, topo, _node_flags(args), threads=args.threads or None)
+    ring = local_ring_for(args, topo, _node_flags(args))  # a Testbed with --emulate / a testbed section
     def on_signal(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, on_signal)
     try:
         ring.start()
-        st = run_async(lambda: wait_formed(topo, ring.key, args.timeout, ring.check_alive))
+        st = run_async(lambda: wait_formed(client_topology(ring, topo), ring.key, args.timeout,
+                                           ring.check_alive))
         console.print(_summary_table(st, topo))
+        if isinstance(ring, Testbed):
+            console.print("emulated: " + "; ".join(ring.describe()))
         console.print(f"ring formed; API at http://{topo.api.host}:{topo.api.port} ; Ctrl-C stops every node")
         while True:
             ring.check_alive()
@@ -221,4 +224,7 @@ def add_commands(sub: Any) -> None:
     u.add_argument("--drafter", default=None)
     u.add_argument("--max-context", type=int, default=0)
     u.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the ring to form")
+    from ..testbed import add_testbed_args
+
+    add_testbed_args(u)
     u.set_defaults(func=cmd_up)

