@@ -27,5 +27,10 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# The reference benchmark: edge-5 (source + 4 emulated edge devices), MT-bench first turns.
+bench: setup
+	$(BIN)/flowspec bench --topology topologies/edge-5.yaml --prompts mt-bench --limit 20 \
+		--max-new-tokens 128 --json bench-edge5.json
+
 clean:
 	rm -rf $(VENV) .pytest_cache
