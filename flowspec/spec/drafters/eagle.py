@@ -273,12 +273,14 @@ class EagleDrafter(Drafter):
             while n.id != tree.root and (2 * n.id + 1) not in self._pred:
                 need[n.id] = n
                 n = tree[n.parent]
-        if need:
-            nodes = sorted(need.values(), key=lambda n: n.position)
-            # parents first: a node's input feature may be its parent's fresh prediction
-            for n in nodes:
-                self._run([2 * n.id + 1], [self._entry(view, tree[n.parent])], [n.position], [n.token],
-                          [self._parent_feature(view, n)])
+        by_depth: dict[int, list[Node]] = {}
+        for n in need.values():
+            by_depth.setdefault(n.position, []).append(n)
+        for pos in sorted(by_depth):  # one head pass per level: a level only needs its parents'
+            nodes = by_depth[pos]
+            self._run([2 * n.id + 1 for n in nodes], [self._entry(view, tree[n.parent]) for n in nodes],
+                      [n.position for n in nodes], [n.token for n in nodes],
+                      [self._parent_feature(view, n) for n in nodes])
         out: list[list[tuple[int, float]]] = []
         entries = [self._entry(view, f) for f in frontier]
         have = [e for e in entries if e in self._pred]
