@@ -25,7 +25,7 @@ run: setup
 	$(BIN)/flowspec chat --topology topologies/local.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=10 tests
 
 # The reference benchmark: edge-5 (source + 4 emulated edge devices), MT-bench first turns.
 bench: setup
