@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from flowspec.model.config import ModelConfig
 from flowspec.model.loader import EMBED, WeightStore, layer_tensor_names, lm_head_name, resolve_model

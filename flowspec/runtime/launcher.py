@@ -75,14 +75,20 @@ class LocalRing:
 
     def start(self) -> None:
         for n in self.local:
-            cmd = [sys.executable, "-m", "flowspec.cli", "node", "--topology", self.topo_path,
-                   "--name", n.name, "--threads", str(self.threads), *self.node_args]
-            path = self.log_dir / f"{n.name}.log"
-            with open(path, "wb") as err:
-                p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT,
-                                     env=self.env, preexec_fn=_die_with_parent)
-            self.procs.append(NodeProcess(n.name, p, path))
+            self.spawn(n.name, self.topo_path)
         log.info("started %d nodes; logs in %s", len(self.procs), self.log_dir)
+
+    def spawn(self, name: str, topo_path: str) -> NodeProcess:
+        """Start `flowspec node` for one node, its output in the log folder."""
+        cmd = [sys.executable, "-m", "flowspec.cli", "node", "--topology", topo_path,
+               "--name", name, "--threads", str(self.threads), *self.node_args]
+        path = self.log_dir / f"{name}.log"
+        with open(path, "wb") as err:
+            p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT,
+                                 env=self.env, preexec_fn=_die_with_parent)
+        proc = NodeProcess(name, p, path)
+        self.procs.append(proc)
+        return proc
 
     def check_alive(self) -> None:
         for np_ in self.procs:

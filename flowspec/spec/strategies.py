@@ -19,7 +19,7 @@ reacts only to results, in order, a run is deterministic whatever the timing.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch

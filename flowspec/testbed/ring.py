@@ -7,8 +7,6 @@ import logging
 import os
 import random
 import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import yaml
 
 from ..config import LinkSpec, NodeSpec, TestbedSpec, Topology
 from ..errors import FlowSpecError
-from ..runtime.launcher import LocalRing, NodeProcess, _die_with_parent
+from ..runtime.launcher import LocalRing
 from .cgroups import CpuGroup, cpu_cgroup_root, reclaim_stale
 from .links import LinkProxy, ProxyHub
 
@@ -192,13 +190,7 @@ class Testbed(LocalRing):
         return path
 
     def _spawn(self, n: NodeSpec) -> None:
-        cmd = [sys.executable, "-m", "flowspec.cli", "node", "--topology", str(self.paths[n.name]),
-               "--name", n.name, "--threads", str(self.threads), *self.node_args]
-        path = self.log_dir / f"{n.name}.log"
-        with open(path, "wb") as err:
-            p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT,
-                                 env=self.env, preexec_fn=_die_with_parent)
-        self.procs.append(NodeProcess(n.name, p, path))
+        p = self.spawn(n.name, str(self.paths[n.name])).proc
         group = self.groups.get(n.name)
         if group is not None:
             try:
