@@ -488,6 +488,21 @@ class _Runner:
             raise
 
 
+def _block_sigint() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def _keep_sigint_on_main_thread(runner: Any) -> None:
+    """Worker threads (aiohttp's name lookups) block SIGINT, so a Ctrl-C at the prompt is
+    delivered to the main thread, whose readline then raises KeyboardInterrupt at once."""
+    import concurrent.futures
+
+    get_loop = getattr(runner, "get_loop", None)
+    if get_loop is not None:
+        get_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="chat-io", initializer=_block_sigint))
+
+
 def _runner() -> Any:
     return asyncio.Runner() if hasattr(asyncio, "Runner") else _Runner()
 
@@ -553,6 +568,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             url, key = api_url(topo), args.api_key or topo.api_key()
             banner = f"ring {topo.cluster!r} ({len(topo.stages)} stages)"
         with _runner() as runner:
+            _keep_sigint_on_main_thread(runner)
             client = ApiClient(url, key)
             runner.run(client.__aenter__())
             try:
@@ -598,14 +614,7 @@ def _start_or_join(runner: Any, client: ApiClient, topo: Topology, args: argpars
                             f"{client.base} does not; start it without --no-api, or use --url")
     ring = local_ring_for(args, topo, [])  # emulated links and CPU caps when the topology has a testbed
     try:
-        # The terminal sends Ctrl-C to its whole foreground process group, nodes included;
-        # they start with SIGINT blocked (inherited across exec): Ctrl-C stops an answer,
-        # not the ring. They still stop on SIGTERM (ring.stop) and when the chat dies.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            ring.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        ring.start()  # nodes run in their own session: Ctrl-C stops an answer, not the ring
         with err.status(escape(f"starting {len(ring.procs)} nodes of {topo.origin} (logs in {ring.log_dir}) ...")):
             h = runner.run(wait_ready(client, args.timeout, ring.check_alive))
     except BaseException:

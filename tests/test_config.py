@@ -83,7 +83,7 @@ def test_bundled_topologies_load_and_cover_30_layers(name: str) -> None:
 def test_bundled_topology_contents() -> None:
     local = Topology.load(TOPOLOGIES / "local.yaml")
     assert local.source.port == 7700 and [n.port for n in local.stages] == [7701, 7702, 7703]
-    assert local.model.drafter == DrafterSpec("lookup") and local.model.target == "default"
+    assert local.model.drafter == DrafterSpec("eagle") and local.model.target == "default"
     assert (local.api.host, local.api.port) == ("127.0.0.1", 8000) and local.testbed is None
 
     edge = Topology.load(TOPOLOGIES / "edge-5.yaml")

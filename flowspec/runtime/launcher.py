@@ -84,8 +84,10 @@ class LocalRing:
                "--name", name, "--threads", str(self.threads), *self.node_args]
         path = self.log_dir / f"{name}.log"
         with open(path, "wb") as err:
+            # own session: a Ctrl-C in the terminal reaches the launcher (up, chat, bench),
+            # which stops the nodes with SIGTERM, never the nodes directly
             p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT,
-                                 env=self.env, preexec_fn=_die_with_parent)
+                                 env=self.env, preexec_fn=_die_with_parent, start_new_session=True)
         proc = NodeProcess(name, p, path)
         self.procs.append(proc)
         return proc
