@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -71,7 +72,7 @@ def tty_chat(tiny_tok_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     child = pexpect.spawn(FLOWSPEC[0], FLOWSPEC[1:] + ["chat", "--topology", str(path), "--max-tokens",
                                                        str(MAX_TOKENS)],
                           env=chat_env(), dimensions=(40, 80), encoding="utf-8", timeout=120,
-                          cwd=str(folder))
+                          cwd=str(folder), preexec_fn=_default_sigint)
     log: list[str] = []
     child.logfile_read = _Sink(log)
     try:
@@ -99,6 +100,12 @@ class _Sink:
 
     def flush(self) -> None:
         pass
+
+
+def _default_sigint() -> None:
+    """Run from a background job, the test runner may ignore SIGINT, and children inherit
+    that; a terminal program under test must get Ctrl-C as a user's terminal gives it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_tty_chat_answers_with_stats(tty_chat: dict[str, Any]) -> None:

@@ -510,7 +510,9 @@ def test_up_prints_ring_and_stops_every_node(how: str, tiny_tok_model: Path, tmp
     err = open(tmp_path / "up.err", "w")
     up = subprocess.Popen([*CLI, "up", str(path), "--threads", "1", "--dtype", "float32", "--timeout", "90"],
                           stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=tmp_path,
-                          start_new_session=True)
+                          start_new_session=True,
+                          # a runner started from a background job ignores SIGINT; `up` must not
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     children: list[int] = []
     try:
         out, formed = _read_until(up.stdout, "ring formed", 120)

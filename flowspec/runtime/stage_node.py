@@ -146,6 +146,10 @@ class StageNode:
         except FlowSpecError as e:
             await self._report(f"segment failed on {self.name!r}: {e}")
             return
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:  # well-formed frame, unusable data
+            log.warning("%s: segment %d could not be computed: %s", self.name, f.seq, e)
+            await self._report(f"segment failed on {self.name!r}: its data does not fit this stage ({e})")
+            return
         h = out.hidden
         out_bytes = 24 * len(out.node_ids) + h.numel() * h.element_size()
         hops = msg.hops + [[self.name, t_recv, t_start, t_end, time.time(), len(f.payload), out_bytes]]
