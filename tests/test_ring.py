@@ -120,7 +120,7 @@ def _ports_free(ports: list[int]) -> bool:
     return True
 
 
-@pytest.mark.parametrize("strategy", ["autoregressive", "flowspec"])
+@pytest.mark.parametrize("strategy", ["autoregressive", "chunked", "pipedec", "flowspec"])
 def test_generate_local_yaml_matches_greedy(strategy: str, local_yaml_reference: tuple[str, list[int]],
                                             tmp_path: Path) -> None:
     prompt, expected = local_yaml_reference
