@@ -138,6 +138,42 @@ def test_drafter_cache_path_equals_full_sequence(tiny_llama: Path, tiny_head: Ea
     assert torch.allclose(torch.tensor([s for _, s in props]), v, atol=1e-4)
 
 
+def test_unrolled_passes_equal_drafting_deeper_levels(tiny_head: EagleHead) -> None:
+    """Training-time test: pass s of forward_unrolled at position t is what the drafter
+    computes for the depth-(s+1) node of a chain drafted from a root at t-s (its own features,
+    its own head cache), for every depth of a 4-level chain."""
+    g = torch.Generator().manual_seed(4)
+    n, depth = 8, 4
+    toks = torch.randint(0, 256, (n + depth - 1,), generator=g).tolist()
+    hidden = {i: torch.randn(64, generator=g) for i in range(n)}
+    tree = DraftTree()
+    ids = tree.take_ids(n - 1)
+    root = tree.set_root(toks[n - 1], ids[-1], n - 1)
+    view = DraftView(ids + [root.id], toks[:n], tree, hidden)
+    d = EagleDrafter(tiny_head, 256)
+    drafted = []
+    node = root
+    for s in range(depth):
+        props = dict(d.propose(view, [node], 256)[0])
+        drafted.append(props)
+        if s + 1 < depth:
+            node = tree.add_child(node.id, toks[n + s], props.get(toks[n + s], -1.0))
+    # full-sequence passes: inputs (token j, feature j-1); features past the root are never read
+    T = len(toks) - 1
+    tt = torch.tensor(toks[1:])
+    ff = torch.stack([hidden[j - 1] if j - 1 in hidden else torch.zeros(64) for j in range(1, T + 1)])
+    outs = tiny_head.forward_unrolled(tt[None], ff[None], torch.arange(1, T + 1)[None],
+                                      torch.ones(1, T, dtype=torch.bool), depth)
+    for s in range(depth):
+        t = n - 2 + s  # row of position n-1+s
+        lp = torch.log_softmax(tiny_head.logits(outs[s][0, t : t + 1]), -1)[0]
+        got = torch.tensor([drafted[s][i] for i in range(256)])
+        assert torch.allclose(got, lp, atol=1e-4), (s, (got - lp).abs().max())
+    # and pass 0 is the plain causal pass
+    assert torch.equal(outs[0], tiny_head.forward_train(tt[None], ff[None], torch.arange(1, T + 1)[None],
+                                                        torch.ones(1, T, dtype=torch.bool)))
+
+
 def test_eagle_layout_loads_like_project_format(tmp_path: Path, tiny_llama: Path) -> None:
     """A head written in the published EAGLE layout (pytorch_model.bin, no input norm) and the
     same weights in the project's format give the same outputs."""

