@@ -959,3 +959,67 @@ def test_reference_model_matches_greedy(env) -> None:
     for _ in range(12):
         ctx.append(ref.choice(ctx))
     assert ctx[len(PROMPT):] == env.greedy("mistral", PROMPT, 12)
+
+
+class _Recording(Drafter):
+    """Wraps a drafter and records every proposal: (parent context, frontier rank, token, logp)."""
+
+    name = "recording"
+
+    def __init__(self, inner: Drafter) -> None:
+        self.inner = inner
+        self.calls: list[list[tuple[int, ...]]] = []  # per propose(): the frontier's paths, in order
+        self.props: list[tuple[tuple[int, ...], int, float]] = []  # (parent path, token, logp) in order
+
+    def propose(self, view: DraftView, frontier: list[Node], k: int) -> list:
+        out = self.inner.propose(view, frontier, k)
+        self.calls.append([tuple(view.tree.path(n.id)) for n in frontier])
+        for n, plist in zip(frontier, out):
+            for tok, lp in plist:
+                self.props.append((tuple(view.tree.path(n.id)), tok, lp))
+        return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("top_k,depth,total", [(8, 6, 64), (4, 6, 20), (3, 2, 50)])
+def test_grow_builds_eagle2_trees(seed: int, top_k: int, depth: int, total: int) -> None:
+    """A round's tree is EAGLE-2's: each level expands the best top_k new nodes of the level
+    above (down to `depth`), and the tree keeps the best `total` of every drafted node by
+    cumulative score -- not the first `total` in breadth-first order, which stops at depth 2."""
+    rec = _Recording(RandomDrafter(vocab=40, seed=seed, from_context=0.3))
+    spec = Speculator("chunked", lambda h: h, rec, [1, 2, 3], 50, tree=TreeParams(depth=depth, top_k=top_k,
+                                                                                      total=total))
+    ids = spec.tree.take_ids(2)
+    root = spec.tree.set_root(3, ids[-1], 2)
+    spec._chain_ids, spec._chain_tokens = ids + [root.id], [1, 2, 3]
+    added = spec._grow(total, top_k, depth)
+    # the reference: every drafted candidate with its cumulative score, first proposal of a
+    # (parent, token) pair winning, ordered best first (ties: shallower, then drafted earlier)
+    score: dict[tuple[int, ...], float] = {(): 0.0}
+    order: list[tuple[int, ...]] = []
+    for parent, tok, lp in rec.props:
+        path = parent + (tok,)
+        if path not in score:
+            score[path] = score[parent] + min(lp, 0.0)
+            order.append(path)
+    ranked = sorted(order, key=lambda p: (-score[p], len(p), order.index(p)))
+    kept = {tuple(spec.tree.path(n.id)) for n in spec.tree if n.id != root.id}
+    assert added == len(kept) == min(total, len(order))
+    assert kept == set(ranked[:total])
+    # each propose() call after the first expands the best top_k drafted nodes of the previous level
+    for level, frontier in enumerate(rec.calls[1:], start=1):
+        prev = [p for p in order if len(p) == level]
+        assert frontier == sorted(prev, key=lambda p: (-score[p], order.index(p)))[:top_k]
+    assert all(len(p) <= depth for p in kept)
+
+
+def test_grow_reaches_full_depth_with_a_confident_drafter() -> None:
+    """With 64 nodes, depth 6 and top-k 8, a confident drafter's tree reaches depth 6 (the old
+    breadth-first fill stopped at depth 2 after 8 + 56 nodes)."""
+    drafter = FixedDrafter(lambda ctx: [((ctx[-1] * 7 + i) % 97, -0.01 - 2.0 * i) for i in range(8)])
+    spec = Speculator("chunked", lambda h: h, drafter, [5, 6], 50, tree=TreeParams(depth=6, top_k=8, total=64))
+    ids = spec.tree.take_ids(1)
+    root = spec.tree.set_root(6, ids[0], 1)
+    spec._chain_ids, spec._chain_tokens = ids + [root.id], [5, 6]
+    assert spec._grow(64, 8, 6) == 64
+    assert max(spec.tree.depth(n.id) for n in spec.tree) == 6

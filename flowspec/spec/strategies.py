@@ -235,10 +235,14 @@ class Speculator:
         return new
 
     def _grow(self, budget: int, width: int, max_depth: int) -> int:
-        """Add up to `budget` nodes, level by level from the best unexpanded nodes."""
-        added = 0
+        """Add up to `budget` nodes the EAGLE-2 way: from the best `width` unexpanded nodes,
+        draft level by level down to `max_depth`, each level expanding the best `width` of the
+        previous level's new nodes; then keep the best `budget` new nodes by cumulative score.
+        A child never scores above its parent and sorts after it on ties, so the kept nodes
+        form a tree; a parent whose children were all dropped may be expanded again later."""
+        pool: list[Node] = []
         frontier = self.tree.frontier(width, max_depth)
-        while frontier and added < budget:
+        while frontier:
             new = self._draft_level(frontier, width)
             if not new:
                 again = self.tree.frontier(width, max_depth)
@@ -246,12 +250,16 @@ class Speculator:
                     break  # no frontier node is ready (the drafter waits, e.g. for hidden states)
                 frontier = again
                 continue
-            for n in new[budget - added :]:  # over budget: forget the worst
-                del self.tree[n.parent].children[n.token]
-                del self.tree.nodes[n.id]
-            new = new[: budget - added]
-            added += len(new)
+            pool.extend(new)
             frontier = [n for n in new if self.tree.depth(n.id) < max_depth][:width]
+        pool.sort(key=Node.sort_key)
+        for n in reversed(pool[budget:]):  # worst first: children go before their parents
+            parent = self.tree[n.parent]
+            del parent.children[n.token]
+            del self.tree.nodes[n.id]
+            if not parent.children:
+                parent.expanded = False
+        added = min(len(pool), budget)
         self.stats.drafted += added
         return added
 
