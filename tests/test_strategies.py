@@ -1011,6 +1011,15 @@ def test_grow_builds_eagle2_trees(seed: int, top_k: int, depth: int, total: int)
         prev = [p for p in order if len(p) == level]
         assert frontier == sorted(prev, key=lambda p: (-score[p], order.index(p)))[:top_k]
     assert all(len(p) <= depth for p in kept)
+    # stopping early (deeper levels cannot beat the kept nodes) keeps what a full expansion would
+    full = Speculator("chunked", lambda h: h, RandomDrafter(vocab=40, seed=seed, from_context=0.3), [1, 2, 3], 50,
+                      tree=TreeParams(depth=depth, top_k=top_k, total=total))
+    fids = full.tree.take_ids(2)
+    froot = full.tree.set_root(3, fids[-1], 2)
+    full._chain_ids, full._chain_tokens = fids + [froot.id], [1, 2, 3]
+    full._grow(10**6, top_k, depth)
+    everything = sorted((n for n in full.tree if n.id != froot.id), key=Node.sort_key)
+    assert {tuple(full.tree.path(n.id)) for n in everything[:total]} == kept
 
 
 def test_grow_reaches_full_depth_with_a_confident_drafter() -> None:

@@ -252,6 +252,13 @@ class Speculator:
                 continue
             pool.extend(new)
             frontier = [n for n in new if self.tree.depth(n.id) < max_depth][:width]
+            # nothing drafted below the frontier scores above its best node: once `budget` pool
+            # nodes do, deeper levels cannot change the kept set (this saves most of the draft
+            # time of small expansions when the drafter is unsure)
+            if frontier and len(pool) >= budget:
+                bound = frontier[0].score
+                if sum(1 for n in pool if n.score > bound) >= budget:
+                    break
         pool.sort(key=Node.sort_key)
         for n in reversed(pool[budget:]):  # worst first: children go before their parents
             parent = self.tree[n.parent]
