@@ -134,18 +134,24 @@ def _add_runtime_commands(sub: Any) -> None:
     add_bench_command(sub)
 
 
+def run_reporting(prog: str, command: Callable[[], int]) -> int:
+    """Run a command-line command: a FlowSpecError becomes one line on stderr (exit 2), Ctrl-C
+    exit 130 -- never a traceback. Shared by `flowspec` and the tools/ scripts."""
+    try:
+        return command()
+    except FlowSpecError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except FlowSpecError as e:
-        print(f"flowspec: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("flowspec: interrupted", file=sys.stderr)
-        return 130
+    return run_reporting("flowspec", lambda: func(args))
 
 
 if __name__ == "__main__":

@@ -122,6 +122,15 @@ def pids_alive(pids: Iterable[int]) -> list[int]:
     return alive
 
 
+def kill_leftovers(launcher: Any, children: Iterable[int]) -> None:
+    """Test clean-up: SIGKILL a launcher's process group if it still runs, then any child left."""
+    if launcher.poll() is None:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+    for pid in pids_alive(children):
+        os.kill(pid, signal.SIGKILL)
+
+
 def wait_gone(pids: Iterable[int], timeout: float = 10.0) -> list[int]:
     """Wait until none of pids is alive; return the ones still alive at the deadline."""
     pids = list(pids)

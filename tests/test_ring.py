@@ -44,7 +44,7 @@ from flowspec.runtime.protocol import HEADER, MAGIC, VERSION, Frame, FrameType, 
 from flowspec.runtime.transport import AuthError, client_auth, hello_meta, open_stream
 
 from ring_helpers import tiny_tok_model  # noqa: F401  (a fixture, used by name)
-from ring_helpers import (formed, generate, new_key, node_env, pids_alive, ring_logs, running_ring, wait_gone,
+from ring_helpers import (formed, generate, kill_leftovers, new_key, node_env, ring_logs, running_ring, wait_gone,
                           wait_log, write_topology)
 
 pytestmark = pytest.mark.slow
@@ -82,20 +82,20 @@ def load(path: Path) -> Topology:
 
 
 # ---------------------------------------------------------------------------- rings
+def _ring(folder: Path, n: int, model: Path, **kw: Any) -> Iterator[tuple[Topology, Any]]:
+    path = write_topology(folder, n, model, **kw)
+    with running_ring(path, log_dir=folder) as ring:
+        yield load(path), ring
+
+
 @pytest.fixture(scope="module")
 def ring2(tiny_tok_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    d = tmp_path_factory.mktemp("ring2")
-    path = write_topology(d, 2, tiny_tok_model)
-    with running_ring(path, log_dir=d) as ring:
-        yield load(path), ring
+    yield from _ring(tmp_path_factory.mktemp("ring2"), 2, tiny_tok_model)
 
 
 @pytest.fixture(scope="class")
 def ring6(tiny_tok_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    d = tmp_path_factory.mktemp("ring6")
-    path = write_topology(d, 6, tiny_tok_model)
-    with running_ring(path, log_dir=d) as ring:
-        yield load(path), ring
+    yield from _ring(tmp_path_factory.mktemp("ring6"), 6, tiny_tok_model)
 
 
 # ------------------------------------------------------------- local.yaml, default model
@@ -406,9 +406,7 @@ def test_bad_requests_and_clients_at_stages_are_refused(ring2: Any) -> None:
 # ------------------------------------------------------------------------- node failures
 @pytest.fixture
 def ring4(tiny_tok_model: Path, tmp_path: Path) -> Any:
-    path = write_topology(tmp_path, 4, tiny_tok_model, max_context=4096)
-    with running_ring(path, log_dir=tmp_path) as ring:
-        yield load(path), ring
+    yield from _ring(tmp_path, 4, tiny_tok_model, max_context=4096)
 
 
 async def _fail_mid_generation(topo: Topology, key: bytes, act: Any, after: float = 0.5
@@ -530,11 +528,7 @@ def test_up_prints_ring_and_stops_every_node(how: str, tiny_tok_model: Path, tmp
         assert "stopping the ring" in rest
         assert wait_gone(children, 5.0) == [], "node processes outlived `flowspec up`"
     finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait()
-        for pid in pids_alive(children):
-            os.kill(pid, signal.SIGKILL)
+        kill_leftovers(up, children)
         err.close()
 
 

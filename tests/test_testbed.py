@@ -31,7 +31,7 @@ from flowspec.config import LinkSpec, Topology
 from flowspec.testbed import (CpuGroup, LinkProxy, LinkShaper, Testbed, cpu_cgroup_root, reclaim_stale,
                               emulation_settings, wants_emulation)
 
-from ring_helpers import (formed, new_key, node_env, pids_alive, ring_generate, tiny_tok_model, wait_gone,
+from ring_helpers import (formed, kill_leftovers, new_key, node_env, ring_generate, tiny_tok_model, wait_gone,
                           write_topology)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -301,11 +301,7 @@ def test_killed_testbed_leaves_no_process_or_cgroup(tiny_tok_model: Path, tmp_pa
         assert out.returncode == 0, out.stderr
         assert _groups_of(tb.pid) == [], out.stdout + out.stderr
     finally:
-        if tb.poll() is None:
-            os.killpg(tb.pid, signal.SIGKILL)
-            tb.wait()
-        for pid in pids_alive(nodes):
-            os.kill(pid, signal.SIGKILL)
+        kill_leftovers(tb, nodes)
         log.close()
 
 

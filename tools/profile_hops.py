@@ -31,6 +31,7 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.table import Table
 
+from flowspec.cli import run_reporting
 from flowspec.config import Topology
 from flowspec.errors import FlowSpecError
 
@@ -268,14 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=max(logging.DEBUG, logging.WARNING - 10 * args.verbose), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     console = Console()
-    try:
-        return _run(args, console)
-    except FlowSpecError as e:
-        print(f"profile_hops: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("profile_hops: interrupted", file=sys.stderr)
-        return 130
+    return run_reporting("profile_hops", lambda: _run(args, console))
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:

@@ -21,11 +21,10 @@ too, through the emulated link into the source.
 """
 
 from .cgroups import CpuGroup, cpu_cgroup_root, reclaim_stale
-from .cli import (add_testbed_args, client_topology, local_ring_for, main, settings_from_args,
-                  wants_emulation)
+from .cli import add_testbed_args, client_topology, local_ring_for, settings_from_args, wants_emulation
 from .links import LinkProxy, LinkShaper, ProxyHub
 from .ring import Testbed, describe, emulation_settings
 
 __all__ = ["CpuGroup", "LinkProxy", "LinkShaper", "ProxyHub", "Testbed", "add_testbed_args", "client_topology",
-           "cpu_cgroup_root", "describe", "emulation_settings", "local_ring_for", "main", "reclaim_stale",
+           "cpu_cgroup_root", "describe", "emulation_settings", "local_ring_for", "reclaim_stale",
            "settings_from_args", "wants_emulation"]
