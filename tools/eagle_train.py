@@ -121,7 +121,10 @@ def train(args: argparse.Namespace, extra: list[str]) -> None:
     p.add_argument("--batch-tokens", type=int, default=8192)
     p.add_argument("--max-len", type=int, default=640)
     p.add_argument("--draft-vocab", type=int, default=8192)
-    p.add_argument("--init-layer", type=int, default=-1)
+    p.add_argument("--init-layer", type=int, default=-1,
+                   help="target layer the head's layer starts from (output projections zeroed)")
+    p.add_argument("--init-head", default=None,
+                   help="start from this head folder's fc and layer instead (fine-tuning a trained head)")
     p.add_argument("--noise", type=float, default=0.05)
     p.add_argument("--ce-weight", type=float, default=0.5)
     p.add_argument("--reg-weight", type=float, default=1.0, help="weight of the feature regression loss")
@@ -147,6 +150,11 @@ def train(args: argparse.Namespace, extra: list[str]) -> None:
     vocab_map = torch.full((cfg.vocab_size,), -100, dtype=torch.long)
     vocab_map[dv] = torch.arange(dv.numel())
     head = init_head(folder, dv, o.init_layer % cfg.num_layers)
+    if o.init_head and not (out / "ckpt.pt").exists():
+        src = EagleHead.load(o.init_head, head.embed.weight, head.lm_head, dtype=torch.float32)
+        head.fc.load_state_dict(src.fc.state_dict())
+        head.layer.load_state_dict(src.layer.state_dict())
+        log.info("starting from the head in %s", o.init_head)
     params = head.trainable()
     for p_ in params:
         p_.data = p_.data.float()
@@ -300,10 +308,7 @@ def evaluate(args: argparse.Namespace, extra: list[str]) -> dict:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--total", type=int, default=64)
     o, _ = p.parse_known_args(extra)
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_drafter import mtbench_first_turns
+    from flowspec.bench import mtbench_first_turns
 
     folder = resolve_model(args.model)
     tok = Tokenizer(folder)

