@@ -150,7 +150,8 @@ def train(args: argparse.Namespace, extra: list[str]) -> None:
     vocab_map = torch.full((cfg.vocab_size,), -100, dtype=torch.long)
     vocab_map[dv] = torch.arange(dv.numel())
     head = init_head(folder, dv, o.init_layer % cfg.num_layers)
-    if o.init_head and not (out / "ckpt.pt").exists():
+    ckpt = out / "ckpt.pt"
+    if o.init_head and not ckpt.exists():  # a checkpoint, when there is one, is resumed instead
         src = EagleHead.load(o.init_head, head.embed.weight, head.lm_head, dtype=torch.float32)
         head.fc.load_state_dict(src.fc.state_dict())
         head.layer.load_state_dict(src.layer.state_dict())
@@ -162,7 +163,6 @@ def train(args: argparse.Namespace, extra: list[str]) -> None:
     ans_tokens = sum(max(0, len(t) - pl) for t, _, pl in seqs)
     plan = batches(seqs, o.batch_tokens, o.max_len, rng)
     total_steps = int(len(plan) * o.epochs)
-    ckpt = out / "ckpt.pt"
     step = 0
     if ckpt.exists():
         st = torch.load(str(ckpt), map_location="cpu", weights_only=True)
@@ -194,6 +194,7 @@ def train(args: argparse.Namespace, extra: list[str]) -> None:
             if o.soft:
                 with torch.no_grad():
                     soft = torch.softmax(head.logits(b["target"]), dim=-1)
+        labelled = w * (b["next"] != -100)
         reg = ce = torch.zeros(())
         for si, pred in enumerate(outs):
             ws = w * (torch.arange(T)[None] >= si) * (o.ttt_decay ** si)
@@ -208,7 +209,7 @@ def train(args: argparse.Namespace, extra: list[str]) -> None:
                 ce_s = F.cross_entropy(logits.view(-1, logits.shape[-1]), b["next"].view(-1),
                                        ignore_index=-100, reduction="none").view_as(w)
                 cw = ws * (b["next"] != -100)
-            ce = ce + (ce_s * cw).sum() / (w * (b["next"] != -100)).sum().clamp(min=1)
+            ce = ce + (ce_s * cw).sum() / labelled.sum().clamp(min=1)
             if si == 0:
                 logits0 = logits
         loss = o.reg_weight * reg + o.ce_weight * ce

@@ -89,7 +89,7 @@ def split_prompts(first: list[str], later: list[tuple[str, str]], heldout: int,
     rng.shuffle(first)
     held = first[:heldout]
     out = set(held)
-    return held, first[heldout:], [u for conv, u in later if conv not in out and u not in out]
+    return held, first[heldout:], [u for conv, u in later if conv not in out]
 
 
 # --------------------------------------------------------------------------------- data
@@ -161,11 +161,10 @@ def make_data(args: argparse.Namespace) -> None:
     batches = batched(train)
     n_first = len(batches)
     batches += batched(later_train)
-    encoded = [p for b in batches for p in b]
     done_tokens = sum(json.loads(p.with_suffix(".json").read_text())["answer_tokens"]
                       for p in out.glob("shard-*.safetensors") if p.with_suffix(".json").exists())
     log.info("%d prompts (%d batches of first turns, %d of later turns; %d held out); %d answer tokens "
-             "already recorded", len(encoded), n_first, len(batches) - n_first, len(held), done_tokens)
+             "already recorded", sum(map(len, batches)), n_first, len(batches) - n_first, len(held), done_tokens)
     t0 = time.time()
     fresh = 0
     for bi, batch in enumerate(batches):
