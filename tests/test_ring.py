@@ -9,6 +9,8 @@
   authentication, close only their own connection;
 * a SIGKILLed or SIGSTOPped stage gives the caller an error that names it, within 10 s,
   and no node process outlives the ring;
+* a well-formed segment a stage cannot compute is logged and reported to the source, and
+  the stage lives on;
 * `flowspec up` prints the ring and stops every node on SIGTERM and on Ctrl-C;
 * `flowspec node` with a bad topology or key exits 2 with one `flowspec: error:` line.
 
@@ -480,6 +482,46 @@ def test_stopped_stage_is_reported_and_ring_recovers(ring4: Any, tiny_tok_model:
     assert res["token_ids"] == reference(tiny_tok_model, TINY_PROMPTS[0], 12)
     ring.stop()
     assert wait_gone(pids, 5.0) == []
+
+
+def test_segment_a_stage_cannot_compute_is_reported_and_ring_recovers(ring4: Any, tiny_tok_model: Path) -> None:
+    """An authenticated peer speaking as stage2's predecessor sends a well-formed segment whose
+    activations do not fit (wrong width, integers): stage2 logs it and reports it toward the
+    source instead of dying, and the ring serves exact tokens again once re-formed."""
+    from flowspec.model.config import ModelConfig
+
+    topo, ring = ring4
+    fingerprint = ModelConfig.from_file(str(tiny_tok_model / "config.json")).fingerprint()
+    host, port = topo.node("stage2").address
+    bad = SegmentMsg([0, 1], [-1, 0], [0, 1], hidden=torch.ones(2, 7, dtype=torch.int64)).to_frame(1, 1)
+
+    async def impersonate() -> None:
+        s = await open_stream(host, port, 1 << 26, 5.0, "stage2")
+        try:
+            await client_auth(s, ring.key)
+            await s.send(Frame(FrameType.HELLO, meta=hello_meta(topo.cluster, fingerprint, "stage1", "stage", None)))
+            f = await s.recv(5.0)
+            assert f.type == FrameType.HELLO, f
+            await s.send(bad)
+            await asyncio.sleep(1.0)  # stay connected while the stage computes and reports
+        finally:
+            await s.close()
+
+    real = next(p for p in ring.procs if p.name == "stage1")
+    os.kill(real.proc.pid, signal.SIGSTOP)  # or it reconnects at once and takes its link back
+    try:
+        asyncio.run(impersonate())
+    finally:
+        os.kill(real.proc.pid, signal.SIGCONT)
+    log = wait_log(ring, "stage2", "could not be computed")
+    assert "segment 1 could not be computed" in log, ring_logs(ring)
+    log = wait_log(ring, "source", "'stage2' reports")  # forwarded by stage3
+    assert "segment failed on 'stage2': its data does not fit this stage" in log, ring_logs(ring)
+    ring.check_alive()
+    assert "Traceback" not in ring_logs(ring), ring_logs(ring)
+    formed(topo, ring.key, 40.0, ring)
+    res = generate(topo, ring.key, {"prompt_ids": TINY_PROMPTS[1], "max_new_tokens": 12, "strategy": "flowspec"})
+    assert res["token_ids"] == reference(tiny_tok_model, TINY_PROMPTS[1], 12)
 
 
 # --------------------------------------------------------------------------- flowspec up

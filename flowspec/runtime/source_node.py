@@ -154,7 +154,8 @@ class SourceNode:
         node, msg = f.meta.get("node", "?"), str(f.meta.get("message", "unknown error"))
         if "unreachable" in msg:
             self._fail(msg)
-        else:
+        else:  # logged too: a report that comes while no request runs would otherwise go unseen
+            log.warning("%s: %r reports: %s", self.name, node, msg)
             self._results.put_nowait((-1, f"{msg} (reported by {node!r})"))
 
     # ------------------------------------------------------------------ results
