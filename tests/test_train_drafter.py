@@ -86,6 +86,25 @@ def test_data_train_and_held_out_agreement(tmp_path: Path) -> None:
     for name, t in w.items():
         assert torch.equal(again[name], t), name
 
+    # eval with a larger drafting vocabulary taken from the data; the head it wrote differs only there
+    wider = tmp_path / "wider"
+    r = _run("eval", "--out", str(out), "--prompts", "1", "--new-tokens", "8", "--depth", "2", "--top-k", "2",
+             "--total", "4", "--draft-vocab", "700", "--write-head", str(wider), "--threads", "2")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "eval.json").read_text())
+    assert res["prompts"] == 1 and res["new_tokens"] == 8 and res["tau"] >= 1.0
+    w2 = load_file(str(wider / "model.safetensors"))
+    answers: set[int] = set()  # fewer than 700 distinct answer tokens here: all must be in
+    for shard in shards:
+        d = load_file(str(shard))
+        for toks, pl in zip(d["tokens"].split(d["lengths"].tolist()), d["prompt_lengths"].tolist()):
+            answers.update(toks[pl:].tolist())
+    assert w2["draft_vocab"].numel() == 700 and answers <= set(w2["draft_vocab"].tolist()) and len(answers) < 700
+    for name, t in w.items():
+        if name != "draft_vocab":
+            assert torch.equal(w2[name], t), name
+    assert json.loads((wider / "config.json").read_text())["flowspec"]["draft_vocab"] == 700
+
 
 def test_train_without_data_is_a_clear_error(tmp_path: Path) -> None:
     r = _run("train", "--out", str(tmp_path / "nothing"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from flowspec.model.config import ModelConfig
 from flowspec.model.loader import EMBED, WeightStore, layer_tensor_names, lm_head_name, resolve_model
@@ -21,15 +21,17 @@ from flowspec.spec.drafters.eagle import LAYER, EagleHead
 log = logging.getLogger("train_drafter")
 
 
-def load_shards(data: Path) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    """(tokens [n], features [n-1, H], prompt length) per recorded sequence."""
+def load_shards(data: Path, features: bool = True) -> list[tuple[torch.Tensor, torch.Tensor | None, int]]:
+    """(tokens [n], features [n-1, H] or None without `features`, prompt length) per recorded sequence."""
     seqs = []
     for f in sorted(data.glob("shard-*.safetensors")):
-        d = load_file(str(f))
-        toks, hid = d["tokens"].long(), d["hidden"]
+        with safe_open(str(f), "pt") as d:
+            toks = d.get_tensor("tokens").long()
+            hid = d.get_tensor("hidden") if features else None
+            lengths, prompt_lengths = d.get_tensor("lengths").tolist(), d.get_tensor("prompt_lengths").tolist()
         off = hoff = 0
-        for n, pl in zip(d["lengths"].tolist(), d["prompt_lengths"].tolist()):
-            seqs.append((toks[off : off + n], hid[hoff : hoff + n - 1], pl))
+        for n, pl in zip(lengths, prompt_lengths):
+            seqs.append((toks[off : off + n], hid[hoff : hoff + n - 1] if hid is not None else None, pl))
             off += n
             hoff += n - 1
     return seqs
@@ -56,7 +58,7 @@ def init_head(folder: Path, draft_vocab: torch.Tensor | None, init_layer: int) -
     return EagleHead(head_cfg, hw, w[EMBED], w[lm_head_name(cfg, store)], draft_vocab)
 
 
-def draft_vocabulary(seqs: list[tuple[torch.Tensor, torch.Tensor, int]], size: int, vocab: int) -> torch.Tensor:
+def draft_vocabulary(seqs: list[tuple[torch.Tensor, torch.Tensor | None, int]], size: int, vocab: int) -> torch.Tensor:
     """The `size` most frequent answer tokens of the training set (EOS and specials included if used)."""
     counts = torch.zeros(vocab, dtype=torch.long)
     for toks, _, pl in seqs:
@@ -308,6 +310,10 @@ def evaluate(args: argparse.Namespace, extra: list[str]) -> dict:
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--total", type=int, default=64)
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="draft from this many of the training set's most frequent answer tokens (the data in "
+                        "--out) instead of the head's own drafting vocabulary; 0: the head's own")
+    p.add_argument("--write-head", default=None, help="also save the head as evaluated (its drafting vocabulary) here")
     o, _ = p.parse_known_args(extra)
     from flowspec.bench import mtbench_first_turns
 
@@ -315,7 +321,16 @@ def evaluate(args: argparse.Namespace, extra: list[str]) -> dict:
     tok = Tokenizer(folder)
     pipe = LocalPipeline.load(folder, 1, dtype="bfloat16", max_context=2048)
     emb = pipe.stages[0].embed.weight
-    head = EagleHead.load(o.head or Path(args.out) / "head", emb, pipe.head.weight)
+    head_dir = Path(o.head or Path(args.out) / "head")
+    head = EagleHead.load(head_dir, emb, pipe.head.weight)
+    if o.draft_vocab:
+        dv = draft_vocabulary(load_shards(Path(args.out) / "data", features=False), o.draft_vocab, pipe.cfg.vocab_size)
+        head = EagleHead(head.cfg, _flat(head), emb, pipe.head.weight, dv)
+    if o.write_head:
+        meta = json.loads((head_dir / "config.json").read_text()).get("flowspec", {})
+        if head.draft_vocab is not None:
+            meta["draft_vocab"] = int(head.draft_vocab.numel())
+        head.save(o.write_head, {"flowspec": meta})
     drafter = EagleDrafter(head, 2048)
     tree = TreeParams(depth=o.depth, top_k=o.top_k, total=o.total, segment=o.total, in_flight=1)
     prompts = mtbench_first_turns()[: o.prompts]
