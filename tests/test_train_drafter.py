@@ -106,10 +106,15 @@ def test_data_train_and_held_out_agreement(tmp_path: Path) -> None:
     assert json.loads((wider / "config.json").read_text())["flowspec"]["draft_vocab"] == 700
 
 
-def test_train_without_data_is_a_clear_error(tmp_path: Path) -> None:
+def test_train_and_eval_without_data_are_clear_errors(tmp_path: Path) -> None:
     r = _run("train", "--out", str(tmp_path / "nothing"))
     assert r.returncode != 0
     assert "run `train_drafter.py data` first" in r.stderr
+    assert "Traceback" not in r.stderr
+    head = ROOT / "flowspec" / "assets" / "eagle-smollm2-135m-instruct"
+    r = _run("eval", "--out", str(tmp_path / "nothing"), "--head", str(head), "--prompts", "1", "--draft-vocab", "100")
+    assert r.returncode != 0
+    assert "holds none; run `train_drafter.py data` first" in r.stderr
     assert "Traceback" not in r.stderr
 
 

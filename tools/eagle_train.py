@@ -324,7 +324,11 @@ def evaluate(args: argparse.Namespace, extra: list[str]) -> dict:
     head_dir = Path(o.head or Path(args.out) / "head")
     head = EagleHead.load(head_dir, emb, pipe.head.weight)
     if o.draft_vocab:
-        dv = draft_vocabulary(load_shards(Path(args.out) / "data", features=False), o.draft_vocab, pipe.cfg.vocab_size)
+        counted = load_shards(Path(args.out) / "data", features=False)
+        if not counted:
+            raise SystemExit(f"--draft-vocab ranks the answer tokens in {Path(args.out) / 'data'}, which holds none; "
+                             "run `train_drafter.py data` first or point --out at a folder that has data")
+        dv = draft_vocabulary(counted, o.draft_vocab, pipe.cfg.vocab_size)
         head = EagleHead(head.cfg, _flat(head), emb, pipe.head.weight, dv)
     if o.write_head:
         meta = json.loads((head_dir / "config.json").read_text()).get("flowspec", {})
