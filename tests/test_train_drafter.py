@@ -107,8 +107,12 @@ def test_data_train_and_held_out_agreement(tmp_path: Path) -> None:
 
 
 def test_train_and_eval_without_data_are_clear_errors(tmp_path: Path) -> None:
+    # a shard cut short by a stopped data run (no .json beside it) is skipped, not read
+    (tmp_path / "nothing" / "data").mkdir(parents=True)
+    (tmp_path / "nothing" / "data" / "shard-00000.safetensors").write_bytes(b"\x10\x00\x00")
     r = _run("train", "--out", str(tmp_path / "nothing"))
     assert r.returncode != 0
+    assert "skipping shard-00000.safetensors: unfinished" in r.stderr
     assert "run `train_drafter.py data` first" in r.stderr
     assert "Traceback" not in r.stderr
     head = ROOT / "flowspec" / "assets" / "eagle-smollm2-135m-instruct"

@@ -21,10 +21,15 @@ from flowspec.spec.drafters.eagle import LAYER, EagleHead
 log = logging.getLogger("train_drafter")
 
 
-def load_shards(data: Path, features: bool = True) -> list[tuple[torch.Tensor, torch.Tensor | None, int]]:
-    """(tokens [n], features [n-1, H] or None without `features`, prompt length) per recorded sequence."""
+def load_shards(data: Path, features: bool = True, finished: bool = False
+                ) -> list[tuple[torch.Tensor, torch.Tensor | None, int]]:
+    """(tokens [n], features [n-1, H] or None without `features`, prompt length) per recorded sequence;
+    with `finished`, only shards whose .json the data tool has written (it writes it last)."""
     seqs = []
     for f in sorted(data.glob("shard-*.safetensors")):
+        if finished and not f.with_suffix(".json").exists():
+            log.warning("skipping %s: unfinished (the data run stopped while writing it; resuming redoes it)", f.name)
+            continue
         with safe_open(str(f), "pt") as d:
             toks = d.get_tensor("tokens").long()
             hid = d.get_tensor("hidden") if features else None
@@ -143,7 +148,7 @@ def train(args: argparse.Namespace, extra: list[str]) -> None:
     out = Path(args.out)
     folder = resolve_model(args.model)
     cfg = ModelConfig.from_file(str(folder / "config.json"))
-    seqs = load_shards(out / "data")
+    seqs = load_shards(out / "data", finished=True)
     if not seqs:
         raise SystemExit(f"no data in {out / 'data'}; run `train_drafter.py data` first")
     rng = random.Random(args.seed)
@@ -324,7 +329,7 @@ def evaluate(args: argparse.Namespace, extra: list[str]) -> dict:
     head_dir = Path(o.head or Path(args.out) / "head")
     head = EagleHead.load(head_dir, emb, pipe.head.weight)
     if o.draft_vocab:
-        counted = load_shards(Path(args.out) / "data", features=False)
+        counted = load_shards(Path(args.out) / "data", features=False, finished=True)
         if not counted:
             raise SystemExit(f"--draft-vocab ranks the answer tokens in {Path(args.out) / 'data'}, which holds none; "
                              "run `train_drafter.py data` first or point --out at a folder that has data")
