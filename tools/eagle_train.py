@@ -201,7 +201,8 @@ def train(args: argparse.Namespace, extra: list[str]) -> None:
             if o.soft:
                 with torch.no_grad():
                     soft = torch.softmax(head.logits(b["target"]), dim=-1)
-        labelled = w * (b["next"] != -100)
+        has_label = b["next"] != -100
+        n_labelled = (w * has_label).sum().clamp(min=1)
         reg = ce = torch.zeros(())
         for si, pred in enumerate(outs):
             ws = w * (torch.arange(T)[None] >= si) * (o.ttt_decay ** si)
@@ -215,8 +216,8 @@ def train(args: argparse.Namespace, extra: list[str]) -> None:
             else:
                 ce_s = F.cross_entropy(logits.view(-1, logits.shape[-1]), b["next"].view(-1),
                                        ignore_index=-100, reduction="none").view_as(w)
-                cw = ws * (b["next"] != -100)
-            ce = ce + (ce_s * cw).sum() / labelled.sum().clamp(min=1)
+                cw = ws * has_label
+            ce = ce + (ce_s * cw).sum() / n_labelled
             if si == 0:
                 logits0 = logits
         loss = o.reg_weight * reg + o.ce_weight * ce
