@@ -21,13 +21,18 @@ from flowspec.spec.drafters.eagle import LAYER, EagleHead
 log = logging.getLogger("train_drafter")
 
 
+def shard_finished(shard: Path) -> bool:
+    """Whether the data tool finished writing `shard`: it writes the shard's .json last."""
+    return shard.exists() and shard.with_suffix(".json").exists()
+
+
 def load_shards(data: Path, features: bool = True, finished: bool = False
                 ) -> list[tuple[torch.Tensor, torch.Tensor | None, int]]:
     """(tokens [n], features [n-1, H] or None without `features`, prompt length) per recorded sequence;
     with `finished`, only shards whose .json the data tool has written (it writes it last)."""
     seqs = []
     for f in sorted(data.glob("shard-*.safetensors")):
-        if finished and not f.with_suffix(".json").exists():
+        if finished and not shard_finished(f):
             log.warning("skipping %s: unfinished (the data run stopped while writing it; resuming redoes it)", f.name)
             continue
         with safe_open(str(f), "pt") as d:

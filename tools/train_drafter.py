@@ -33,7 +33,9 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import eagle_train  # noqa: E402
 from flowspec.model.loader import resolve_model  # noqa: E402
 
 log = logging.getLogger("train_drafter")
@@ -136,16 +138,13 @@ def make_data(args: argparse.Namespace) -> None:
         shard.with_suffix(".json").write_text(json.dumps({"answer_tokens": n_ans, "sequences": len(seqs)}))
         return n_ans
 
-    def done(shard: Path) -> bool:
-        return shard.exists() and shard.with_suffix(".json").exists()
-
     # held-out answers, for the per-depth agreement `train` reports (OUT/val/sharegpt)
     val = Path(args.out) / "val" / "sharegpt"
     val.mkdir(parents=True, exist_ok=True)
     held_enc = sorted(encode(held[: args.val_prompts]), key=len)
     for bi in range(0, len(held_enc), args.batch):
         shard = val / f"shard-{bi // args.batch:05d}.safetensors"
-        if not done(shard):
+        if not eagle_train.shard_finished(shard):
             n = answer(held_enc[bi : bi + args.batch], shard)
             log.info("held-out shard %d: %d answer tokens", bi // args.batch, n)
 
@@ -162,7 +161,7 @@ def make_data(args: argparse.Namespace) -> None:
     n_first = len(batches)
     batches += batched(later_train)
     done_tokens = sum(json.loads(p.with_suffix(".json").read_text())["answer_tokens"]
-                      for p in out.glob("shard-*.safetensors") if p.with_suffix(".json").exists())
+                      for p in out.glob("shard-*.safetensors") if eagle_train.shard_finished(p))
     log.info("%d prompts (%d batches of first turns, %d of later turns; %d held out); %d answer tokens "
              "already recorded", sum(map(len, batches)), n_first, len(batches) - n_first, len(held), done_tokens)
     t0 = time.time()
@@ -171,7 +170,7 @@ def make_data(args: argparse.Namespace) -> None:
         if done_tokens >= args.tokens:
             break
         shard = out / f"shard-{bi:05d}.safetensors"
-        if done(shard):
+        if eagle_train.shard_finished(shard):
             continue
         n_ans = answer(batch, shard)
         done_tokens += n_ans
@@ -205,9 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd in ("data", "all"):
         make_data(args)
     if args.cmd in ("train", "eval", "export", "all"):
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import eagle_train
-
         return eagle_train.main(args, rest)
     return 0
 
