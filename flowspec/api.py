@@ -15,7 +15,8 @@ The ring decodes one request at a time; requests wait in the source's queue, and
 that finds ``api.queue_size`` requests waiting is answered 429. Every failure is a JSON
 ``{"error": {"message", "type", "code"}}`` with a 4xx/5xx status; nothing a client sends
 stops the server. With a key configured, every endpoint but ``/health`` needs
-``Authorization: Bearer KEY``.
+``Authorization: Bearer KEY``; ``/health`` answers without it, but then only
+``{"status": ...}`` (node addresses, layers and errors are for key holders).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from aiohttp import web
 
 from .config import STRATEGIES
-from .errors import FlowSpecError
+from .errors import FlowSpecError, RequestError, RingError
 
 if TYPE_CHECKING:
     from .config import Topology
@@ -56,6 +57,7 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.partial: dict[str, Any] | None = None  # a failed answer's text so far
 
 
 @dataclass
@@ -94,13 +96,11 @@ CTX = web.AppKey("flowspec", ApiContext)
 
 
 # ----------------------------------------------------------------------------- serving
-async def serve_api(node: "SourceNode", topo: "Topology", stop: asyncio.Event) -> None:
-    """Serve the API on the topology's api address until stop is set (errors are logged)."""
-    try:
-        key = topo.api_key()
-    except FlowSpecError as e:
-        log.error("%s: the HTTP API is not started: %s", node.name, e)
-        return
+async def start_api(node: "SourceNode", topo: "Topology") -> web.AppRunner:
+    """Start the API on the topology's api address; FlowSpecError when it cannot serve
+    (no key where one is configured, the port taken): a source never runs with an API
+    that silently is not there."""
+    key = topo.api_key()  # TopologyError names the variable or file
     app = make_app(node, topo, key)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=2.0)
     await runner.setup()
@@ -108,20 +108,16 @@ async def serve_api(node: "SourceNode", topo: "Topology", stop: asyncio.Event) -
     try:
         await web.TCPSite(runner, host, port, reuse_address=True).start()
     except OSError as e:
-        log.error("%s: the HTTP API cannot listen on %s:%d: %s (is another program using that port?)",
-                  node.name, host, port, e.strerror or e)
         await runner.cleanup()
-        return
+        raise FlowSpecError(f"the HTTP API cannot listen on {host}:{port}: {e.strerror or e} (is another ring or "
+                            f"program using that port? stop it, or change api.port in {topo.origin})") from None
     log.info("%s: HTTP API on http://%s:%d/v1 (%s)", node.name, host, port,
              "Bearer key required" if key else "no key")
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    return runner
 
 
 def make_app(node: "SourceNode", topo: "Topology", key: str | None) -> web.Application:
-    """The aiohttp application of the API (used by serve_api and by tests)."""
+    """The aiohttp application of the API (used by start_api and by tests)."""
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
     app[CTX] = ApiContext(node, topo, key)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -144,7 +140,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             _check_key(request, ctx.key)
         resp = await handler(request)
     except ApiError as e:
-        resp = error_response(e.status, e.message, e.code, e.param)
+        resp = error_response(e.status, e.message, e.code, e.param, e.partial)
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -159,12 +155,15 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     return resp
 
 
+def _has_key(request: web.Request, key: str) -> bool:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
+
+
 def _check_key(request: web.Request, key: str) -> None:
-    auth = request.headers.get("Authorization", "")
-    scheme, _, given = auth.partition(" ")
-    if not auth:
+    if not request.headers.get("Authorization"):
         raise ApiError(401, "missing API key: send the header 'Authorization: Bearer KEY'", "invalid_api_key")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+    if not _has_key(request, key):
         raise ApiError(401, "invalid API key", "invalid_api_key")
 
 
@@ -179,11 +178,13 @@ def _http_message(request: web.Request, e: web.HTTPException) -> str:
     return e.text or e.reason
 
 
-def error_response(status: int, message: str, code: str | None = None, param: str | None = None
-                   ) -> web.Response:
-    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
-    return web.json_response(body, status=status)
+def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
+                   partial: dict[str, Any] | None = None) -> web.Response:
+    err: dict[str, Any] = {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                           "param": param, "code": code}
+    if partial:
+        err["partial"] = partial
+    return web.json_response({"error": err}, status=status)
 
 
 # ----------------------------------------------------------------------------- endpoints
@@ -194,9 +195,13 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    """The ring's status; with a key configured, node details only for callers that send it."""
     ctx = request.app[CTX]
     h = ring_health(ctx.node, ctx.topo)
-    return web.json_response(h, status=200 if h["formed"] else 503)
+    status = 200 if h["formed"] else 503
+    if ctx.key is not None and not _has_key(request, ctx.key):
+        return web.json_response({"status": h["status"]}, status=status)
+    return web.json_response(h, status=status)
 
 
 def ring_health(node: "SourceNode", topo: "Topology") -> dict[str, Any]:
@@ -291,7 +296,7 @@ def _num(v: float) -> str:
 class ChatCall:
     """A validated chat completion request."""
 
-    meta: dict[str, Any]  # the request for SourceNode.make_request
+    meta: dict[str, Any]  # the request for SourceNode.prepare
     stream: bool  # answer with server-sent events
     include_usage: bool  # stream: send a last chunk with the usage
     stop: list[str]  # stop strings (the streamed text never shows one)
@@ -409,16 +414,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
     call = parse_chat(body, ctx)
     node = ctx.node
-    from .runtime.source_node import RingError  # the runtime imports torch: only when serving
-
-    try:
-        req = node.make_request(call.meta)
-    except FlowSpecError as e:
-        raise ApiError(400, str(e)) from None
+    # cheap refusals first: nothing is tokenized for a request that cannot be served
     if not node.ready.is_set():
         raise ApiError(503, f"the ring is not available: {node.error or 'it is not formed yet'}", "ring_down")
-    if node.waiting >= ctx.topo.api.queue_size:
-        raise ApiError(429, f"the queue is full ({node.waiting} requests waiting); retry later", "queue_full")
+    queued = node.waiting + node.preparing
+    if queued >= ctx.topo.api.queue_size:
+        raise ApiError(429, f"the queue is full ({queued} requests waiting); retry later", "queue_full")
+    try:
+        req = await node.prepare(call.meta)
+    except RequestError as e:
+        raise ApiError(400, str(e), param=e.param) from None
+    except FlowSpecError as e:
+        raise ApiError(400, str(e)) from None
     meta = _Reply(ctx.model_id, len(req.prompt_ids))
     ctx.counters.prompt_tokens += len(req.prompt_ids)
     gen = node.generate(req)
@@ -426,17 +433,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         try:
             first = await gen.__anext__()
         except RingError as e:
-            raise ApiError(503, f"the ring failed: {e}", "ring_down") from None
+            raise _ring_failed(e) from None
         except StopAsyncIteration:
             raise ApiError(500, "the ring ended the request without an answer") from None
         if call.stream:
-            return await _stream(request, ctx, call, meta, gen, first, RingError)
+            return await _stream(request, ctx, call, meta, gen, first)
         done = first
         try:
             while done.get("type") != "done":
                 done = await gen.__anext__()
         except RingError as e:
-            raise ApiError(503, f"the ring failed: {e}", "ring_down") from None
+            raise _ring_failed(e) from None
     ctx.counters.completion_tokens += len(done["token_ids"])
     return web.json_response({
         "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
@@ -446,6 +453,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         "system_fingerprint": None,
         "flowspec": _public_stats(done["stats"]),
     })
+
+
+def _ring_failed(e: RingError) -> ApiError:
+    """503 for a ring failure; what was produced before it travels in error.partial."""
+    partial = e.partial or {}
+    n = len(partial.get("token_ids") or [])  # type: ignore[arg-type]
+    extra = f" ({n} tokens were produced before the failure: see error.partial)" if n else ""
+    err = ApiError(503, f"the ring failed: {e}{extra}", "ring_down")
+    if n:
+        err.partial = partial
+    return err
 
 
 @dataclass
@@ -468,11 +486,11 @@ class _Reply:
 
 
 async def _stream(request: web.Request, ctx: ApiContext, call: ChatCall, meta: _Reply, gen: Any,
-                  first: dict[str, Any], ring_error: type[Exception]) -> web.StreamResponse:
+                  first: dict[str, Any]) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
-    text = TextStream(ctx.node.tok.decode, call.stop)
+    sent = ""  # text streamed so far (the source's deltas: stop strings and partial characters held back)
 
     async def send(obj: Any) -> None:
         data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
@@ -483,7 +501,8 @@ async def _stream(request: web.Request, ctx: ApiContext, call: ChatCall, meta: _
         await send(meta.chunk({"role": "assistant", "content": ""}))
         while True:
             if ev.get("type") == "done":
-                rest = text.finish(ev["text"])
+                final = ev["text"]
+                rest = final[len(sent):] if final.startswith(sent) else ""
                 if rest:
                     await send(meta.chunk({"content": rest}))
                 n = len(ev["token_ids"])
@@ -493,14 +512,15 @@ async def _stream(request: web.Request, ctx: ApiContext, call: ChatCall, meta: _
                     await send({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
                                 "model": meta.model, "choices": [], "usage": meta.usage(n)})
                 break
-            delta = text.push(ev.get("ids") or [])
+            delta = ev.get("text") or ""
             if delta:
+                sent += delta
                 await send(meta.chunk({"content": delta}, flowspec=ev.get("live")))
             try:
                 ev = await gen.__anext__()
-            except ring_error as e:
-                await send({"error": {"message": f"the ring failed: {e}", "type": "service_unavailable",
-                                      "param": None, "code": "ring_down"}})
+            except RingError as e:
+                await send({"error": {"message": f"the ring failed: {e}; the answer so far was streamed above",
+                                      "type": "service_unavailable", "param": None, "code": "ring_down"}})
                 break
         await send("[DONE]")
         await resp.write_eof()
@@ -514,43 +534,6 @@ async def _stream(request: web.Request, ctx: ApiContext, call: ChatCall, meta: _
                                   "param": None, "code": None}})
             await send("[DONE]")
     return resp
-
-
-@dataclass
-class TextStream:
-    """Turns the growing token list into text deltas that never need taking back.
-
-    The text is decoded from all tokens so far; what could still change (an incomplete
-    UTF-8 character, the start of a stop string) is held back until it is settled.
-    """
-
-    decode: Callable[[list[int]], str]  # token ids -> text
-    stops: list[str]  # stop strings; the text ends before the first one
-    ids: list[int] = field(default_factory=list)  # tokens so far
-    sent: str = ""  # text already streamed
-
-    def push(self, ids: list[int]) -> str:
-        self.ids.extend(ids)
-        text = self.decode(self.ids)
-        cuts = [text.find(s) for s in self.stops if s in text]
-        if cuts:
-            text = text[:min(cuts)]
-        else:
-            hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            text = text[:len(text) - hold]
-        text = text.rstrip("\ufffd")
-        if not text.startswith(self.sent) or len(text) <= len(self.sent):
-            return ""
-        delta, self.sent = text[len(self.sent):], text
-        return delta
-
-    def finish(self, final: str) -> str:
-        """The rest of the answer once the final text is known."""
-        if final.startswith(self.sent):
-            rest, self.sent = final[len(self.sent):], final
-            return rest
-        log.debug("streamed text is not a prefix of the final answer")
-        return ""
 
 
 def _public_stats(stats: dict[str, Any]) -> dict[str, Any]:

@@ -117,6 +117,8 @@ class ApiClient:
                     if chunk.get("error"):
                         raise ChatError(_message(chunk))
                     yield chunk
+            raise ChatError(f"the answer was cut off: {self.base} closed the stream before its end (did the "
+                            "source node stop? see its log); what arrived is kept above")
         except (aiohttp.ClientError, OSError) as e:
             raise ChatError(f"lost the connection to {self.base}: {e}") from None
         except ValueError as e:

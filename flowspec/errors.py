@@ -21,3 +21,22 @@ class CausalityError(FlowSpecError):
 
 class TopologyError(FlowSpecError):
     """A topology file is unreadable or invalid; the message names the file, the field and what is allowed."""
+
+
+class RingError(FlowSpecError):
+    """The ring cannot serve the request (not formed, or a node died).
+
+    ``partial`` holds what the request had produced before the failure ({"text",
+    "token_ids"}), so that a caller can hand it on instead of dropping it."""
+
+    def __init__(self, message: str, partial: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
+class RequestError(FlowSpecError):
+    """The request itself is invalid; ``param`` names the field when there is one."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param

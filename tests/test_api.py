@@ -22,7 +22,8 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from flowspec.api import TextStream, parse_chat, ApiError
+from flowspec.api import parse_chat, ApiError
+from flowspec.runtime.text import TextStream
 from ring_helpers import running_ring, tiny_tok_model, write_topology  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
@@ -228,7 +229,11 @@ def test_bad_requests_get_4xx_and_the_server_stays_up(api_ring: dict[str, Any]) 
 
 def test_health_models_metrics(api_ring: dict[str, Any]) -> None:
     url = api_ring["url"]
-    status, h = call("GET", url + "/health", key=None)
+    # without the key /health says only whether the ring serves (issue 14, defect 8) ...
+    assert call("GET", url + "/health", key=None) == (200, {"status": "ok"})
+    assert call("GET", url + "/health", key="wrong-key") == (200, {"status": "ok"})
+    # ... with it, every node
+    status, h = call("GET", url + "/health")
     assert status == 200 and isinstance(h, dict)
     assert h["formed"] is True and h["status"] == "ok"
     assert [(n["name"], n["role"], n["status"]) for n in h["nodes"]] == [
@@ -302,7 +307,7 @@ def test_dead_ring_answers_503(api_ring: dict[str, Any]) -> None:
     stage2.proc.wait(10)
     deadline = time.monotonic() + 15
     while True:
-        status, h = call("GET", url + "/health", key=None)
+        status, h = call("GET", url + "/health")
         if status == 503 or time.monotonic() > deadline:
             break
         time.sleep(0.1)

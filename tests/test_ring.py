@@ -561,6 +561,9 @@ def test_up_prints_ring_and_stops_every_node(how: str, tiny_tok_model: Path, tmp
             assert word in out, (word, out)
         children = [c.pid for c in psutil.Process(up.pid).children(recursive=True)]
         assert len(children) == 3, children
+        for pid in children:  # every node's PID and log are printed (issue 14, defect 5)
+            assert str(pid) in out, (pid, out)
+        assert out.count(".log") >= 3 and "API at http://127.0.0.1:" in out, out
         if how == "SIGTERM":
             up.send_signal(signal.SIGTERM)
         else:  # the terminal sends SIGINT to the whole foreground process group

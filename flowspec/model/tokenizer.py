@@ -1,9 +1,22 @@
-"""Tokenizer, chat template and stop tokens of a model folder (via transformers)."""
+"""Tokenizer, chat template and stop tokens of a model folder (via transformers).
+
+Message contents are always tokenized as **text**: a user who types ``<|im_end|>`` gets
+the characters, never the control token, so nobody can inject a turn of another role.
+Only the chat template's own markers become control tokens. Conversations without such
+strings are tokenized exactly as ``transformers`` does (the whole rendered template at
+once); a conversation whose contents contain a control-token string is tokenized piece
+by piece (template text with control tokens, contents without).
+
+Encoding and decoding go through the Rust tokenizer's batch calls, which release the
+GIL, so a caller may run them in a worker thread without stalling an event loop.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +32,21 @@ class Tokenizer:
     def __init__(self, folder: str | Path) -> None:
         folder = Path(folder)
         try:
+            from tokenizers import Tokenizer as RustTokenizer
             from transformers import AutoTokenizer
 
             self.hf = AutoTokenizer.from_pretrained(str(folder))
+            backend = self.hf.backend_tokenizer
         except Exception as e:
             raise ModelError(f"{folder}: could not load the tokenizer: {e}") from None
+        self._rust = backend  # control-token strings become control tokens (template text)
+        self._text = RustTokenizer.from_str(backend.to_str())  # control-token strings stay text
+        self._text.encode_special_tokens = True
+        self._specials = sorted({t.content for t in backend.get_added_tokens_decoder().values() if t.special},
+                                key=len, reverse=True)
+        # an upper bound of the characters one token stands for: longer texts cannot fit a context
+        vocab = backend.get_vocab(with_added_tokens=True)
+        self.max_token_chars: int = max((len(k) for k in vocab), default=1) + 1
         eos: set[int] = set(ModelConfig.from_file(str(folder / "config.json")).eos_token_ids)
         gen = folder / "generation_config.json"
         if gen.is_file():
@@ -37,20 +60,60 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
+    def has_control_text(self, text: str) -> bool:
+        """Whether text contains the string of a control (special) token."""
+        return any(s in text for s in self._specials)
+
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Token ids of a conversation with the generation prompt appended."""
-        if not self.has_chat_template:
-            text = "\n".join(m["content"] for m in messages)
-            return self.encode(text)
-        text = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.hf.encode(text, add_special_tokens=False)
+        """Token ids of a conversation with the generation prompt appended; contents are text."""
+        contents = [str(m["content"]) for m in messages]
+        if not self.has_chat_template:  # the contents, one per line, with the tokenizer's additions (BOS)
+            return list(self._text.encode_batch(["\n".join(contents)], add_special_tokens=True)[0].ids)
+        if not any(self.has_control_text(c) for c in contents):
+            text = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return _ids(self._rust, text)
+        pieces = self._template_pieces(messages)
+        out: list[int] = []
+        for text, is_content in pieces:
+            if text:
+                out.extend(_ids(self._text if is_content else self._rust, text))
+        return out
+
+    def _template_pieces(self, messages: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+        """The rendered conversation as (text, is_message_content) pieces, in order."""
+        tag = secrets.token_hex(8)
+        marks = [dict(m, content=f"\ue000{tag}:{i}\ue001") for i, m in enumerate(messages)]
+        marked = self.hf.apply_chat_template(marks, add_generation_prompt=True, tokenize=False)
+        real = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        parts = re.split("\ue000" + tag + r":(\d+)\ue001", marked)  # template, index, template, ...
+        for transform in (lambda s: s, str.strip):  # templates that trim contents are common
+            pieces: list[tuple[str, bool]] = []
+            for k, p in enumerate(parts):
+                pieces.append((p, False) if k % 2 == 0 else (transform(str(messages[int(p)]["content"])), True))
+            if "".join(t for t, _ in pieces) == real:
+                return pieces
+        raise ModelError("this model's chat template changes message text, so a message that contains a "
+                         "control-token string (such as " + ", ".join(repr(s) for s in self._specials[:2]) +
+                         ") cannot be tokenized safely; remove those strings from the message")
 
     def encode_prompt(self, prompt: str, raw: bool = False) -> list[int]:
-        """One user turn through the chat template, or the raw text when raw=True."""
+        """One user turn through the chat template, or the raw text when raw=True.
+
+        A raw prompt is the caller's whole prompt: control-token strings in it are control
+        tokens (that is how a hand-written template is sent)."""
         return self.encode(prompt) if raw else self.encode_chat([{"role": "user", "content": prompt}])
 
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text)
+        """Raw text with the tokenizer's own additions (BOS where it has one); control tokens parsed."""
+        return list(self._rust.encode_batch([text], add_special_tokens=True)[0].ids)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Text as text: no additions, control-token strings stay characters."""
+        return _ids(self._text, text)
 
     def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(ids, skip_special_tokens=True)
+        return str(self._rust.decode_batch([list(ids)], skip_special_tokens=True)[0])
+
+
+def _ids(tok: Any, text: str) -> list[int]:
+    return list(tok.encode_batch([text], add_special_tokens=False)[0].ids)

@@ -7,7 +7,7 @@ import itertools
 from typing import Any, AsyncIterator
 
 from ..config import Topology
-from ..errors import FlowSpecError
+from ..errors import FlowSpecError, RingError
 from .protocol import Frame, FrameType
 from .transport import FrameStream, HandshakeError, PeerGone, client_auth, hello_meta, open_stream
 
@@ -59,7 +59,13 @@ class RingClient:
                 yield f.meta
                 return
             elif f.type == FrameType.ERROR:
-                raise FlowSpecError(str(f.meta.get("message")))
+                msg, partial = str(f.meta.get("message")), f.meta.get("partial")
+                if isinstance(partial, dict) and partial.get("token_ids"):
+                    text = str(partial.get("text") or "")
+                    shown = text if len(text) <= 200 else text[:200] + "..."
+                    raise RingError(f"{msg}; {len(partial['token_ids'])} tokens were produced before the "
+                                    f"failure: {shown!r}", partial)
+                raise FlowSpecError(msg)
 
     async def cancel(self) -> None:
         await self.s.send(Frame(FrameType.CANCEL))

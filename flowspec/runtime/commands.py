@@ -80,6 +80,9 @@ def cmd_node(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     topo = load_topology(args)
+    serve_http = topo.node(args.name).is_source and not args.no_api
+    if serve_http:
+        topo.api_key()  # an unset api_key_env is an error now, not after the weights are loaded
     node = build_node(topo, args.name)
 
     async def main() -> None:
@@ -87,17 +90,16 @@ def cmd_node(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        extra = []
-        if topo.node(args.name).is_source and not args.no_api:
-            try:
-                from ..api import serve_api
-            except ImportError:
-                serve_api = None
-            if serve_api is not None:
-                extra.append(asyncio.create_task(serve_api(node, topo, stop)))
-        await node.run(stop)
-        for t in extra:
-            t.cancel()
+        runner = None
+        if serve_http:
+            from ..api import start_api
+
+            runner = await start_api(node, topo)  # FlowSpecError: the node does not start
+        try:
+            await node.run(stop)
+        finally:
+            if runner is not None:
+                await runner.cleanup()
 
     run_async(main)
     log.info("%s stopped", args.name)
@@ -105,18 +107,49 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------- up
-def _summary_table(status: dict[str, Any], topo: Topology) -> Any:
+def _summary_table(status: dict[str, Any], topo: Topology, procs: dict[str, Any]) -> Any:
+    """The formed ring: one row per node, with its process and log when it runs here."""
     from rich.table import Table
 
     t = Table(title=f"ring {topo.cluster!r}: {status.get('model')}")
-    for col in ("node", "address", "layers", "weights", "status"):
+    for col in ("node", "address", "layers", "weights", "status", "pid", "log"):
         t.add_column(col)
+
+    def proc(name: str) -> list[str]:
+        p = procs.get(name)
+        return [str(p.proc.pid), str(p.log_path)] if p is not None else ["", "(elsewhere)"]
+
     src = topo.source
-    t.add_row(src.name, f"{src.host}:{src.port}", "lm_head + drafter", "", "source, ready")
+    t.add_row(src.name, f"{src.host}:{src.port}", "lm_head + drafter", "", "source, ready", *proc(src.name))
     for r in status.get("ring", []):
         a, b = r["layers"]
-        t.add_row(r["name"], r["address"], f"{a}-{b - 1}", f"{r['weight_bytes'] / 1e6:.1f} MB", "ready")
+        t.add_row(r["name"], r["address"], f"{a}-{b - 1}", f"{r['weight_bytes'] / 1e6:.1f} MB", "ready",
+                  *proc(r["name"]))
     return t
+
+
+def wait_api(host: str, port: int, timeout: float, alive: Callable[[], None]) -> None:
+    """Until GET /health answers (any HTTP status); FlowSpecError when it does not in time."""
+    import urllib.error
+    import urllib.request
+
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/health"
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        alive()
+        try:
+            with urllib.request.urlopen(url, timeout=2.0):
+                return
+        except urllib.error.HTTPError:  # 503, 401, ...: it answers
+            return
+        except (urllib.error.URLError, OSError) as e:
+            last = str(getattr(e, "reason", e))
+        time.sleep(0.2)
+    raise FlowSpecError(f"the ring formed, but the HTTP API at {url} does not answer ({last}); "
+                        "see the source's log")
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -132,18 +165,24 @@ def cmd_up(args: argparse.Namespace) -> int:
     topo = load_topology(args)
     console = Console(stderr=False)
     ring = local_ring_for(args, topo, _node_flags(args))  # a Testbed with --emulate / a testbed section
+
     def on_signal(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, on_signal)
     try:
         ring.start()
+        console.print(f"started {len(ring.procs)} node(s); logs in {ring.log_dir}")
         st = run_async(lambda: wait_formed(client_topology(ring, topo), ring.key, args.timeout,
                                            ring.check_alive))
-        console.print(_summary_table(st, topo))
+        api_line = ""
+        if ring.serves_api:
+            wait_api(topo.api.host, topo.api.port, 30.0, ring.check_alive)
+            api_line = f"; API at http://{topo.api.host}:{topo.api.port}"
+        console.print(_summary_table(st, topo, {p.name: p for p in ring.procs}))
         if isinstance(ring, Testbed):
             console.print("emulated: " + "; ".join(ring.describe()))
-        console.print(f"ring formed; API at http://{topo.api.host}:{topo.api.port} ; Ctrl-C stops every node")
+        console.print(f"ring formed{api_line} ; Ctrl-C stops every node")
         while True:
             ring.check_alive()
             time.sleep(0.5)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import errno
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +44,34 @@ class NodeProcess:
         return "\n".join(text[-lines:])
 
 
+def ports_in_use(topo: Topology, names: list[str], api: bool) -> list[str]:
+    """The listening addresses of these nodes (and of the API) that something already holds."""
+    wanted = [(n.name, n.host, n.port) for n in topo.nodes if n.name in names]
+    if api:
+        wanted.append(("the HTTP API", topo.api.host, topo.api.port))
+    taken = []
+    for who, host, port in wanted:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the nodes bind: TIME_WAIT is no obstacle
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    taken.append(f"{host}:{port} ({who if who.startswith('the ') else f'node {who!r}'})")
+    return taken
+
+
+def check_ports_free(topo: Topology, names: list[str], api: bool) -> None:
+    """FlowSpecError naming every address in use: fail before starting anything."""
+    taken = ports_in_use(topo, names, api)
+    if taken:
+        raise FlowSpecError(
+            f"{', '.join(taken)} {'is' if len(taken) == 1 else 'are'} already in use: another ring (a "
+            f"`flowspec up` of this topology?) or another program holds {'it' if len(taken) == 1 else 'them'}; "
+            f"stop it, or change the ports in {topo.origin}")
+
+
 class LocalRing:
     """The local part of a ring: one process per node whose host is this machine."""
 
@@ -60,6 +90,10 @@ class LocalRing:
         self.env = dict(os.environ, **(extra_env or {}))
         self.procs: list[NodeProcess] = []
         self.key = self._key()
+        # the source started here serves the HTTP API unless told not to
+        self.serves_api = topo.source in self.local and "--no-api" not in self.node_args
+        if self.serves_api:
+            topo.api_key(self.env)  # an unset api_key_env fails here, before any node starts
 
     def _key(self) -> bytes:
         """The cluster key; a random one for a ring whose nodes are all local and unkeyed."""
@@ -74,6 +108,7 @@ class LocalRing:
             return key.encode()
 
     def start(self) -> None:
+        check_ports_free(self.topo, [n.name for n in self.local], self.serves_api)
         for n in self.local:
             self.spawn(n.name, self.topo_path)
         log.info("started %d nodes; logs in %s", len(self.procs), self.log_dir)

@@ -10,12 +10,15 @@ from typing import Any, Awaitable, Callable
 
 from ..config import Topology
 from .protocol import Frame, FrameType, ProtocolError
+from .tasks import LogLimiter, Silence, start_supervised
 from .transport import (AuthError, FrameStream, HandshakeError, PeerGone, check_hello, client_auth,
                         open_stream, server_auth)
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[FrameStream, dict[str, Any]], Awaitable[None]]
+REMIND_FIRST_S = 300.0  # a lost successor that stays unreachable is mentioned again after this long ...
+REMIND_EVERY_S = 1800.0  # ... and then this often (the first loss is logged at once)
 
 
 class RingLinks:
@@ -47,6 +50,7 @@ class RingLinks:
         self._server: asyncio.base_events.Server | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.closing = False
+        self._refusals = LogLimiter(log)  # refused connections: a stranger can open thousands
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -60,8 +64,11 @@ class RingLinks:
                 f"node {self.name!r} cannot listen on {host}:{port}: {e.strerror or e} "
                 "(is another node or program using that port?)") from None
         log.info("%s listening on %s:%d", self.name, host, port)
-        self._tasks.append(asyncio.create_task(self._connect_loop(), name="connect"))
-        self._tasks.append(asyncio.create_task(self._heartbeats(), name="heartbeat"))
+        closing = lambda: self.closing  # noqa: E731
+        self._tasks.append(start_supervised(f"{self.name}: the link to {self.succ.name}", self._connect_loop,
+                                            log, closing))
+        self._tasks.append(start_supervised(f"{self.name}: the heartbeat watchdog", self._heartbeats, log,
+                                            closing))
 
     async def close(self) -> None:
         self.closing = True
@@ -78,6 +85,9 @@ class RingLinks:
         try:
             await self._accept_inner(reader, writer)
         except asyncio.CancelledError:  # shutting down
+            writer.close()
+        except Exception:  # a bug in serving one connection: logged, the node serves on
+            log.exception("%s: a connection failed", self.name)
             writer.close()
 
     async def _accept_inner(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -99,7 +109,7 @@ class RingLinks:
                     f"the predecessor of {self.name!r} is {self.pred.name!r}")
             await s.send(Frame(FrameType.HELLO, meta=self.hello))
         except (AuthError, HandshakeError, ProtocolError, PeerGone) as e:
-            log.warning("%s: refused a connection from %s: %s", self.name, s.peer, e)
+            self._refusals.warning("%s: refused a connection from %s: %s", self.name, s.peer, e)
             # tell the peer why: a client with the wrong key gets AuthError, not a bare close
             if isinstance(e, (HandshakeError, AuthError)):
                 try:
@@ -136,7 +146,7 @@ class RingLinks:
     async def _connect_loop(self) -> None:
         host, port = self.succ.address
         delay = 0.1
-        warned = time.monotonic()
+        reminder = time.monotonic() + 10.0  # at start: say after a while whom this node waits for
         while not self.closing:
             try:
                 s = await open_stream(host, port, self.max_frame, self.read_timeout, self.succ.name)
@@ -158,9 +168,9 @@ class RingLinks:
                 await asyncio.sleep(2.0)
                 continue
             except (PeerGone, ProtocolError) as e:
-                if time.monotonic() - warned > 10:
+                if time.monotonic() > reminder:
                     log.warning("%s: still waiting for %s: %s", self.name, self.succ.name, e)
-                    warned = time.monotonic()
+                    reminder = time.monotonic() + REMIND_EVERY_S
                 await asyncio.sleep(delay)
                 delay = min(delay * 1.5, 2.0)
                 continue
@@ -175,7 +185,8 @@ class RingLinks:
                         await self._on_down_frame(f)
             except (PeerGone, ProtocolError) as e:
                 if not self.closing:
-                    log.warning("%s: lost successor %s: %s", self.name, self.succ.name, e)
+                    log.warning("%s: %s", self.name, self.gone_message(self.succ.name, str(e)))
+                    reminder = time.monotonic() + REMIND_FIRST_S
             finally:
                 self.downstream = None
                 self.down_ready.clear()
@@ -183,18 +194,38 @@ class RingLinks:
             if not self.closing:
                 await self._on_dead(self.succ.name, "its connection closed")
 
+    def gone_message(self, who: str, reason: str) -> str:
+        """One clear line for a neighbour that went away (logged once per loss)."""
+        if self.topo.node(who).is_source and not self.me.is_source:
+            return (f"lost the source {who!r} ({reason}); this stage keeps its layers loaded and rejoins the ring "
+                    "when the source is back")
+        return f"lost {who!r} ({reason}); reconnecting in the background"
+
     # ------------------------------------------------------------------ liveness
     async def _heartbeats(self) -> None:
+        """Send heartbeats both ways and declare a neighbour dead after dead_after_s of silence.
+
+        Silence is counted only while this node's loop ran: a tick that comes late (the
+        loop was busy, or the process was stopped) adds at most two heartbeat periods, and
+        the readers get to read what arrived meanwhile before the next judgement."""
         hb = Frame(FrameType.HEARTBEAT)
+        clocks: dict[int, Silence] = {}
+        last = time.monotonic()
         while True:
             await asyncio.sleep(self.heartbeat)
             now = time.monotonic()
-            for s, who in ((self.downstream, self.succ.name), (self.upstream, self.pred.name)):
-                if s is None:
-                    continue
-                if now - s.last_seen > self.dead_after:
-                    log.warning("%s: %s sent nothing for %.1f s", self.name, who, now - s.last_seen)
-                    await self._on_dead(who, f"no heartbeat for {now - s.last_seen:.1f} s (stuck or cut off)")
+            elapsed, last = now - last, now
+            if elapsed > 3 * self.heartbeat:
+                log.warning("%s: this node's event loop did not run for %.1f s; peers are not blamed for it",
+                            self.name, elapsed - self.heartbeat)
+            streams = [(s, who) for s, who in ((self.downstream, self.succ.name), (self.upstream, self.pred.name))
+                       if s is not None]
+            clocks = {id(s): clocks.get(id(s)) or Silence(2 * self.heartbeat) for s, _ in streams}
+            for s, who in streams:
+                silent = clocks[id(s)].tick(s.last_seen, elapsed)
+                if silent > self.dead_after:
+                    log.warning("%s: %s sent nothing for %.1f s", self.name, who, silent)
+                    await self._on_dead(who, f"no heartbeat for {silent:.1f} s (stuck or cut off)")
                     await s.close()
                     continue
                 try:

@@ -3,48 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import torch
 
 from ..config import Topology
-from ..errors import FlowSpecError
+from ..errors import FlowSpecError, ModelError, RequestError, RingError
 from ..model.stage import LMHead
 from ..model.tokenizer import Tokenizer
 from ..spec.drafters import Drafter
-from ..spec.sampling import SamplingParams
-from ..spec.strategies import STRATEGIES, Send, Speculator, TreeParams
+from ..spec.strategies import Send, Speculator
 from ..telemetry import HopStats
 from .links import RingLinks
 from .probes import ProbeDesk
 from .protocol import Frame, FrameType, ProtocolError, SegmentMsg, UpdateMsg
+from .requests import GenRequest, check_request, finish_request
+from .tasks import start_supervised
+from .text import TextStream
 from .transport import FrameStream, PeerGone, hello_meta
 
 log = logging.getLogger(__name__)
 
-
-class RingError(FlowSpecError):
-    """The ring cannot serve the request (not formed, or a node died)."""
-
-
-class RequestError(FlowSpecError):
-    """The request itself is invalid."""
-
-
-@dataclass
-class GenRequest:
-    """One generation request, after validation."""
-
-    prompt_ids: list[int]  # tokens of the templated prompt
-    max_new_tokens: int  # upper bound of generated tokens
-    strategy: str  # one of STRATEGIES
-    sampling: SamplingParams  # temperature, top-p, top-k, seed
-    tree: TreeParams  # draft tree shape
-    stop: list[str] = field(default_factory=list)  # strings that end the answer (not included)
-    trace: bool = False  # record every segment's timings into stats["trace"] (the profiler)
+__all__ = ["GenRequest", "RequestError", "RingError", "SourceNode"]
+FORM_TIMEOUT_S = 3.0  # a FORM that has not come back around the ring by then is sent again
 
 
 class SourceNode:
@@ -64,6 +48,10 @@ class SourceNode:
         self._request = 0
         self._seq = 0
         self.waiting = 0  # requests queued behind the current one
+        self.preparing = 0  # requests being tokenized
+        # tokenizing, drafting, verifying and detokenizing run off the event loop, one at a time each
+        self._tok_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-tokenize")
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-compute")
         self.metrics: dict[str, float] = {"requests": 0, "tokens": 0, "errors": 0, "decode_s": 0.0,
                                           "verifications": 0}
         self.last_stats: dict[str, Any] = {}
@@ -72,12 +60,15 @@ class SourceNode:
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
         await self.links.start()
-        former = asyncio.create_task(self._form_loop())
+        former = start_supervised(f"{self.name}: ring formation", self._form_loop, log,
+                                  lambda: self.links.closing)
         try:
             await stop.wait()
         finally:
             former.cancel()
             await self.links.close()
+            self._tok_pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _form_loop(self) -> None:
         """Whenever both links are up and the ring is not formed, send FORM around it."""
@@ -91,17 +82,19 @@ class SourceNode:
             self._form_waiter = loop.create_future()
             down = self.links.downstream
             if down is None:
+                await asyncio.sleep(0.1)
                 continue
             try:
                 await down.send(Frame(FrameType.FORM, meta={"ring": []}))
-                f = await asyncio.wait_for(self._form_waiter, 10.0)
-            except (asyncio.TimeoutError, PeerGone, ConnectionError):
+                f = await asyncio.wait_for(self._form_waiter, FORM_TIMEOUT_S)
+            except (asyncio.TimeoutError, PeerGone, ConnectionError, OSError) as e:
+                log.debug("%s: ring formation will be tried again: %s", self.name, e or type(e).__name__)
                 await asyncio.sleep(0.5)
                 continue
             problem = self._check_ring(f.meta.get("ring") or [])
             if problem:
                 self.error = problem
-                log.error("%s: ring formation stopped: %s", self.name, problem)
+                log.error("%s: ring formation failed (trying again in 5 s): %s", self.name, problem)
                 await asyncio.sleep(5.0)
                 continue
             self.ring = f.meta["ring"]
@@ -110,8 +103,12 @@ class SourceNode:
             log.info("%s: ring formed: %s", self.name,
                      " -> ".join(f"{r['name']}[{r['layers'][0]}-{r['layers'][1] - 1}]" for r in self.ring))
 
-    def _check_ring(self, ring: list[dict[str, Any]]) -> str | None:
+    def _check_ring(self, ring: Any) -> str | None:
         """The stages must cover the model's layers exactly once, in ring order."""
+        if not isinstance(ring, list) or not all(
+                isinstance(r, dict) and isinstance(r.get("layers"), list) and len(r["layers"]) == 2
+                and all(isinstance(x, int) for x in r["layers"]) for r in ring):
+            return f"the ring's FORM reply is malformed ({str(ring)[:120]}); is every node the same FlowSpec version?"
         expected = [n.name for n in self.topo.stages]
         got = [str(r.get("name")) for r in ring]
         if got != expected:
@@ -180,65 +177,20 @@ class SourceNode:
             log.warning("%s: link from %s: %s", self.name, s.label, e)
 
     # ------------------------------------------------------------------ requests
-    def make_request(self, meta: dict[str, Any]) -> GenRequest:
-        """Validate a client's request (the same fields as the HTTP API's)."""
-        d = self.topo.decoding
+    async def prepare(self, meta: dict[str, Any]) -> GenRequest:
+        """Validate a client's request (the same fields as the HTTP API's) and tokenize it.
 
-        def num(key: str, default: Any, kind: type, lo: float | None = None, hi: float | None = None) -> Any:
-            v = meta.get(key, default)
-            if v is None:
-                v = default
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
-                raise RequestError(f"{key} must be {'an integer' if kind is int else 'a number'}, not {v!r}")
-            v = kind(v)
-            if (lo is not None and v < lo) or (hi is not None and v > hi):
-                raise RequestError(f"{key} must be within [{lo}, {hi}], not {v}")
-            return v
-
-        if "messages" in meta and meta["messages"] is not None:
-            msgs = meta["messages"]
-            if not isinstance(msgs, list) or not msgs or not all(
-                    isinstance(m, dict) and isinstance(m.get("content"), str) and
-                    m.get("role") in ("system", "user", "assistant") for m in msgs):
-                raise RequestError("messages must be a non-empty list of {role: system|user|assistant, "
-                                   "content: string}")
-            ids = self.tok.encode_chat([{"role": m["role"], "content": m["content"]} for m in msgs])
-        elif meta.get("prompt_ids") is not None:
-            ids = meta["prompt_ids"]
-            vocab = self.head.weight.shape[0]
-            if not isinstance(ids, list) or not ids or not all(
-                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):
-                raise RequestError(f"prompt_ids must be a non-empty list of token ids in [0, {vocab})")
-        elif isinstance(meta.get("prompt"), str) and meta["prompt"]:
-            ids = self.tok.encode_prompt(meta["prompt"], raw=bool(meta.get("raw")))
-        else:
-            raise RequestError("the request needs a non-empty prompt or messages")
-        ctx = self.topo.model.max_context
-        max_new = num("max_new_tokens", d.max_new_tokens, int, 1, ctx)
-        strategy = meta.get("strategy") or d.strategy
-        if strategy not in STRATEGIES:
-            raise RequestError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        t = d.tree
-        in_flight = self.topo.in_flight
-        tree = TreeParams(t.depth, t.top_k, t.total, t.segment, t.expand, in_flight)
-        reserve = tree.total + tree.segment * (in_flight + 1) if strategy != "autoregressive" else 2
-        if len(ids) + max_new + reserve > ctx:
-            raise RequestError(
-                f"the prompt has {len(ids)} tokens; with {max_new} new tokens and room for the draft tree "
-                f"({reserve}) that exceeds max_context {ctx}; shorten the prompt, lower max_tokens, or raise "
-                "model.max_context in the topology")
-        seed = meta.get("seed", d.seed)
-        if seed is None:
-            seed = int.from_bytes(__import__("os").urandom(4), "little")
-        sampling = SamplingParams(num("temperature", d.temperature, float, 0.0, 100.0),
-                                  num("top_p", d.top_p, float, 1e-9, 1.0),
-                                  num("top_k", d.top_k, int, 0, None), num("seed", seed, int))
-        stop = meta.get("stop") or []
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop) or len(stop) > 4:
-            raise RequestError("stop must be a string or a list of up to 4 non-empty strings")
-        return GenRequest(ids, max_new, strategy, sampling, tree, stop, trace=meta.get("trace") is True)
+        Every field and size is checked before tokenizing; the tokenizer runs in its own
+        thread (it releases the GIL), so a long prompt never stalls the event loop."""
+        plan = check_request(self.topo, self.tok, self.head.weight.shape[0], meta)
+        self.preparing += 1
+        try:
+            ids = await asyncio.get_running_loop().run_in_executor(self._tok_pool, plan.encode)
+        except ModelError as e:
+            raise RequestError(str(e), "messages") from None
+        finally:
+            self.preparing -= 1
+        return finish_request(self.topo, plan, ids)
 
     async def generate(self, req: GenRequest) -> AsyncIterator[dict[str, Any]]:
         """Run one request on the ring; yields {"type": "tokens"} events, then {"type": "done"}."""
@@ -266,61 +218,63 @@ class SourceNode:
         down = self.links.downstream
         if down is None:
             raise RingError(self.error or "the source is not connected to the first stage")
-        spec = Speculator(req.strategy, self.head, self.drafter, req.prompt_ids, req.max_new_tokens,
-                          self.tok.eos_ids, req.sampling, req.tree, self.topo.decoding.prefill_chunk)
+        loop = asyncio.get_running_loop()
+        spec = await loop.run_in_executor(  # the compute thread owns the drafter: made there, like every step
+            self._pool, lambda: Speculator(req.strategy, self.head, self.drafter, req.prompt_ids, req.max_new_tokens,
+                                           self.tok.eos_ids, req.sampling, req.tree, self.topo.decoding.prefill_chunk))
+        text = TextStream(self.tok.decode, req.stop)
         hops = HopStats(self.name)
         t0 = time.perf_counter()
         wall0 = time.time()
         t_first: float | None = None
         wait_s = 0.0
         trace: dict[str, Any] | None = {"t0": wall0, "segments": [], "source": []} if req.trace else None
-        await down.send(Frame(FrameType.RESET, rid))
-        await self._send_all(down, rid, spec.start())
         emitted = 0
-        text_so_far = ""
-        finish = "length"
-        timeout = self.topo.security.read_timeout_s
-        while not spec.done:
-            tw = time.perf_counter()
-            try:
-                got_rid, item = await asyncio.wait_for(self._results.get(), timeout)
-            except asyncio.TimeoutError:
-                raise RingError(f"no result came back around the ring for {timeout:.0f} s") from None
-            wait_s += time.perf_counter() - tw
-            if got_rid == -1:
-                raise RingError(str(item))
-            if got_rid != rid or not isinstance(item, tuple):
-                continue
-            msg, t_back = item
-            hops.add(msg.hops, msg.t_sent, t_back)
-            hidden = msg.hidden if msg.hidden is not None else torch.empty(0)
-            t_work = time.time()
-            sends = spec.on_result(msg.node_ids, hidden)
-            if trace is not None and len(trace["segments"]) < TRACE_MAX_SEGMENTS:
-                trace["segments"].append({"t_sent": msg.t_sent, "t_back": t_back, "rows": len(msg.node_ids),
-                                          "hops": msg.hops})
-                trace["source"].append([t_work, time.time(), len(sends)])
-            if self.links.downstream is not down:
-                raise RingError(self.error or "the link to the first stage was lost")
-            await self._send_all(down, rid, sends)
-            if len(spec.output) > emitted:
-                if t_first is None:
-                    t_first = time.perf_counter()
-                new = spec.output[emitted:]
-                emitted = len(spec.output)
-                text = self.tok.decode(spec.output)
-                cut = _stop_at(text, req.stop)
-                if cut is not None:
-                    text, finish = text[:cut], "stop"
-                delta = text[len(text_so_far):] if text.startswith(text_so_far) else text
-                text_so_far = text
-                yield {"type": "tokens", "ids": new, "text": delta,
-                       "live": _live_stats(spec, hops, time.perf_counter() - t_first, time.time() - wall0)}
-                if finish == "stop":
-                    break
+
+        def step(node_ids: list[int], hidden: torch.Tensor) -> tuple[list[Send], list[int], str]:
+            """In the compute thread: verify and draft, then the new tokens and their text."""
+            sends = spec.on_result(node_ids, hidden)
+            new = spec.output[emitted:]
+            return sends, new, text.push(new) if new else ""
+
+        try:
+            await down.send(Frame(FrameType.RESET, rid))
+            await self._send_all(down, rid, await loop.run_in_executor(self._pool, spec.start))
+            timeout = self.topo.security.read_timeout_s
+            while not spec.done and not text.stopped:
+                tw = time.perf_counter()
+                try:
+                    got_rid, item = await asyncio.wait_for(self._results.get(), timeout)
+                except asyncio.TimeoutError:
+                    raise RingError(f"no result came back around the ring for {timeout:.0f} s") from None
+                wait_s += time.perf_counter() - tw
+                if got_rid == -1:
+                    raise RingError(str(item))
+                if got_rid != rid or not isinstance(item, tuple):
+                    continue
+                msg, t_back = item
+                hops.add(msg.hops, msg.t_sent, t_back)
+                hidden = msg.hidden if msg.hidden is not None else torch.empty(0)
+                t_work = time.time()
+                sends, new, delta = await loop.run_in_executor(self._pool, step, msg.node_ids, hidden)
+                if trace is not None and len(trace["segments"]) < TRACE_MAX_SEGMENTS:
+                    trace["segments"].append({"t_sent": msg.t_sent, "t_back": t_back, "rows": len(msg.node_ids),
+                                              "hops": msg.hops})
+                    trace["source"].append([t_work, time.time(), len(sends)])
+                if self.links.downstream is not down:
+                    raise RingError(self.error or "the link to the first stage was lost")
+                await self._send_all(down, rid, sends)
+                if new:
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                    emitted += len(new)
+                    yield {"type": "tokens", "ids": new, "text": delta,
+                           "live": _live_stats(spec, hops, time.perf_counter() - t_first, time.time() - wall0)}
+        except RingError as e:
+            raise RingError(str(e), {"text": text.sent, "token_ids": list(spec.output[:emitted])}) from None
         t_end = time.perf_counter()
-        if spec.output and spec.output[-1] in self.tok.eos_ids:
-            finish = "stop"
+        finish = "stop" if text.stopped or (spec.output and spec.output[-1] in self.tok.eos_ids) else "length"
+        final = await loop.run_in_executor(self._pool, text.final_text)
         st = spec.result_stats()
         decode_s = t_end - (t_first or t_end)
         wall = time.time() - wall0
@@ -341,8 +295,8 @@ class SourceNode:
         self.metrics["decode_s"] += decode_s
         self.metrics["verifications"] += st["verifications"]
         self.last_stats = stats
-        yield {"type": "done", "token_ids": list(spec.output), "text": text_so_far if req.stop else
-               self.tok.decode(spec.output), "finish_reason": finish, "stats": stats}
+        yield {"type": "done", "token_ids": list(spec.output), "text": final, "finish_reason": finish,
+               "stats": stats}
 
     async def _send_all(self, down: FrameStream, rid: int, sends: list[Send]) -> None:
         try:
@@ -364,7 +318,7 @@ class SourceNode:
     def status(self) -> dict[str, Any]:
         return {"formed": self.ready.is_set(), "error": self.error, "ring": self.ring,
                 "cluster": self.topo.cluster, "model": self.model_name, "source": self.name,
-                "busy": self._lock.locked(), "waiting": self.waiting}
+                "busy": self._lock.locked(), "waiting": self.waiting + self.preparing}
 
     async def _serve_client(self, s: FrameStream, hello: dict[str, Any]) -> None:
         """Binary-protocol clients (`flowspec generate --topology`, `flowspec up`)."""
@@ -412,7 +366,7 @@ class SourceNode:
         That read is never cancelled: a frame the client sent right after DONE (its next
         request) may already be in it, and cancelling a read can lose a frame or half of one."""
         try:
-            req = self.make_request(f.meta)
+            req = await self.prepare(f.meta)
         except FlowSpecError as e:
             await s.send(Frame(FrameType.ERROR, f.request_id, meta={"message": f"bad request: {e}"}))
             return None
@@ -436,7 +390,10 @@ class SourceNode:
                         msg = str(exc) if isinstance(exc, FlowSpecError) else f"internal error: {exc!r}"
                         if not isinstance(exc, FlowSpecError):
                             log.exception("%s: request failed", self.name, exc_info=exc)
-                        await s.send(Frame(FrameType.ERROR, f.request_id, meta={"message": msg}))
+                        err: dict[str, Any] = {"message": msg}
+                        if isinstance(exc, RingError) and exc.partial:
+                            err["partial"] = exc.partial  # what was produced before the failure
+                        await s.send(Frame(FrameType.ERROR, f.request_id, meta=err))
                     pending, reader = reader, None
                     return pending  # the caller goes on with this read
                 g = reader.result()  # raises PeerGone when the client left: the request is cancelled
@@ -467,8 +424,3 @@ def _live_stats(spec: Speculator, hops: HopStats, decode_s: float, wall_s: float
             "mean_accepted": st["mean_accepted"], "verifications": st["verifications"],
             "drafted": st["drafted"], "verified": st["verified"], "pruned": st["pruned"],
             "hops": hops.summary(wall_s)}
-
-
-def _stop_at(text: str, stops: list[str]) -> int | None:
-    cuts = [text.find(s) for s in stops if s in text]
-    return min(cuts) if cuts else None

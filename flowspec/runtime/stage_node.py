@@ -88,7 +88,7 @@ class StageNode:
         except ProtocolError as e:
             log.warning("%s: closing the link from %s: %s", self.name, s.label, e)
         except PeerGone as e:
-            log.warning("%s: %s", self.name, e)
+            log.warning("%s: %s", self.name, self.links.gone_message(s.label, str(e)))
         finally:
             work.put_nowait(None)
             try:

@@ -53,21 +53,36 @@ class FrameStream:
     async def send(self, frame: Frame) -> int:
         data = frame.encode()
         async with self._wlock:
-            self.writer.write(data)
-            await self.writer.drain()
-        self.bytes_out += len(data)
+            self._write(data)
+            await self._drain()
         return len(data)
 
     def send_nowait(self, frame: Frame) -> int:
         """Queue a frame without waiting for the socket buffer (callers drain later)."""
         data = frame.encode()
-        self.writer.write(data)
-        self.bytes_out += len(data)
+        self._write(data)
         return len(data)
 
     async def drain(self) -> None:
         async with self._wlock:
+            await self._drain()
+
+    def _write(self, data: bytes) -> None:
+        """Write or raise ConnectionResetError: a closed link is never written to (uvloop
+        would raise RuntimeError, asyncio would drop the bytes silently)."""
+        if self.writer.is_closing():
+            raise ConnectionResetError(f"the link to {self.label} is closed")
+        try:
+            self.writer.write(data)
+        except RuntimeError as e:
+            raise ConnectionResetError(f"the link to {self.label} is closed ({e})") from None
+        self.bytes_out += len(data)
+
+    async def _drain(self) -> None:
+        try:
             await self.writer.drain()
+        except RuntimeError as e:
+            raise ConnectionResetError(f"the link to {self.label} is closed ({e})") from None
 
     async def recv(self, timeout: float | None = None) -> Frame:
         limit = self.max_frame if self.authenticated else PRE_AUTH_MAX

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import torch
 
 
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1  # a seed is hashed as a signed 64-bit integer
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How the target's next token is chosen."""
@@ -22,7 +25,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy; > 0 = sample from softmax(logits / temperature)
     top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose mass reaches top_p
     top_k: int = 0  # keep the k most likely tokens (0 = all)
-    seed: int = 0  # seed of the per-position random numbers
+    seed: int = 0  # seed of the per-position random numbers, in [SEED_MIN, SEED_MAX]
 
     @property
     def greedy(self) -> bool:
