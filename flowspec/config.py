@@ -43,6 +43,7 @@ DEFAULT_TARGET = "default"  # SmolLM2-135M-Instruct, see flowspec.model.loader
 DEFAULT_KEY_ENV = "FLOWSPEC_CLUSTER_KEY"
 MIN_KEY_BYTES = 16
 MAX_CPU_QUOTA = 16.0
+CPU_PERIOD_MS_RANGE = (1.0, 1000.0)  # the kernel's bounds of a CFS period
 GIB = 1 << 30  # memory_gb counts GiB
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -60,7 +61,7 @@ _DECODING_KEYS = ("strategy", "max_new_tokens", "temperature", "top_p", "top_k",
                   "prefill_chunk")
 _TREE_KEYS = ("depth", "top_k", "total", "segment", "expand", "in_flight")
 _SECURITY_KEYS = ("key_env", "key_file", "max_frame_mb", "read_timeout_s", "heartbeat_s", "dead_after_s")
-_TESTBED_KEYS = ("link", "links", "cpu_quota", "threads", "cpus")
+_TESTBED_KEYS = ("link", "links", "cpu_quota", "cpu_period_ms", "threads", "cpus")
 _LINK_KEYS = ("latency_ms", "jitter_ms", "bandwidth_mbit", "stall_prob", "stall_ms")
 
 
@@ -193,6 +194,9 @@ class TestbedSpec:
     cpu_quota: float | None = None  # fraction of one core per node, (0, 16], None = uncapped
     threads: int = 1  # compute threads per node (>= 1)
     cpus: dict[str, float | None] = field(default_factory=dict)  # node name -> cpu_quota override
+    # CFS period of the CPU caps in ms, [1, 1000]; None = the testbed's default (4 ms, see
+    # flowspec/testbed/cgroups.py: short, so that a short burst of work is slowed too)
+    cpu_period_ms: float | None = None
 
 
 # ----------------------------------------------------------------------------- topology
@@ -268,6 +272,7 @@ class Topology:
                 "link": dataclasses.asdict(tb.link),
                 "links": {f"{a}->{b}": dataclasses.asdict(v) for (a, b), v in tb.links.items()},
                 "cpu_quota": tb.cpu_quota,
+                "cpu_period_ms": tb.cpu_period_ms,
                 "threads": tb.threads,
                 "cpus": dict(tb.cpus),
             }
@@ -814,6 +819,8 @@ class _Parser:
                                   lo_open=True, nullable="uncapped"),
             threads=self.number(d.get("threads", 1), "testbed.threads", integer=True, lo=1),
             cpus=cpus,
+            cpu_period_ms=self.number(d.get("cpu_period_ms"), "testbed.cpu_period_ms", lo=CPU_PERIOD_MS_RANGE[0],
+                                      hi=CPU_PERIOD_MS_RANGE[1], nullable="the testbed's default"),
         )
 
 

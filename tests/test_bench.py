@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from flowspec.bench import (BenchOptions, agreement, load_prompts, parse_strategies, read_jsonl_prompts,
-                            schedule)
+from flowspec.bench import (BenchOptions, agreement, load_prompts, parse_strategies, print_cpu_caps,
+                            read_jsonl_prompts, schedule)
 from flowspec.cli import main
 from flowspec.config import STRATEGIES
 from flowspec.errors import FlowSpecError
@@ -36,8 +36,8 @@ STRATEGY_FIELDS = (
     "segments_sent", "stage_busy", "stage_busy_basis", "source_busy", "source", "bytes_per_hop",
     "bytes_per_token", "wire_ms_per_trip",
 )
-REPORT_FIELDS = ("version", "created", "topology", "cluster", "model", "ring", "mode", "testbed", "settings",
-                 "prompts", "strategies", "agreement", "requests")
+REPORT_FIELDS = ("version", "created", "topology", "cluster", "model", "ring", "mode", "testbed", "cpu_caps",
+                 "settings", "prompts", "strategies", "agreement", "requests")
 
 
 def _prompts(tmp_path: Path) -> Path:
@@ -70,6 +70,10 @@ def test_bench_runs_every_strategy_and_writes_the_json(tiny_tok_model: Path, tmp
     for f in REPORT_FIELDS:
         assert f in report, f
     assert report["mode"] == "testbed" and report["testbed"]
+    caps = report["cpu_caps"]  # --cpu-quota 0: uncapped on purpose, which is no warning
+    assert caps["all_applied"] and not caps["warnings"]
+    assert {k: (c["wanted"], c["capped"]) for k, c in caps["nodes"].items()} == {
+        n: (None, False) for n in ("source", "stage1", "stage2")}
     assert report["settings"]["strategies"] == list(STRATEGIES)
     assert report["prompts"] == ["Tell me a story about a cat.", "Why is the sky blue?"]
     assert [r["name"] for r in report["ring"]] == ["stage1", "stage2"]
@@ -115,6 +119,28 @@ def test_bench_runs_every_strategy_and_writes_the_json(tiny_tok_model: Path, tmp
 
 
 # ------------------------------------------------------------------------------- parts
+def test_cpu_caps_on_the_console_warn_about_an_uncapped_node() -> None:
+    import io
+
+    from rich.console import Console
+
+    caps = {"mechanism": "cgroup v1", "all_applied": False,
+            "warnings": ["cannot cap edge2 to 0.35 core (Permission denied); it runs UNCAPPED, at full speed"],
+            "nodes": {"source": {"wanted": None, "capped": False},
+                      "edge1": {"wanted": 0.35, "capped": True, "cores": 0.35, "quota_us": 1400, "period_us": 4000,
+                                "periods": 900, "throttled_periods": 600},
+                      "edge2": {"wanted": 0.35, "capped": False, "reason": "Permission denied"}}}
+    buf = io.StringIO()
+    print_cpu_caps(caps, Console(file=buf, width=300, color_system=None))
+    text = buf.getvalue()
+    assert "cpu caps (cgroup v1): source uncapped, edge1 0.35 core (1400/4000 us, throttled in 600/900 periods), " \
+           "edge2 UNCAPPED" in text
+    assert "WARNING: cannot cap edge2" in text
+    buf = io.StringIO()
+    print_cpu_caps(None, Console(file=buf))  # not a testbed: nothing to say
+    assert buf.getvalue() == ""
+
+
 def test_prompts_from_jsonl_and_clear_errors(tmp_path: Path) -> None:
     path = _prompts(tmp_path)
     assert read_jsonl_prompts(path, "question") == ["Tell me a story about a cat.", "Why is the sky blue?"]

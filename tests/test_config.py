@@ -197,8 +197,9 @@ def test_defaults() -> None:
 
 def test_testbed_link_overrides_inherit_the_default_link() -> None:
     d = base(testbed={"link": {"latency_ms": 5}, "links": {"stage1->stage2": {"bandwidth_mbit": None}},
-                      "cpus": {"stage2": 0.5}, "cpu_quota": 1.0})
+                      "cpus": {"stage2": 0.5}, "cpu_quota": 1.0, "cpu_period_ms": 2.5})
     topo = Topology.from_dict(d)
+    assert topo.testbed is not None and topo.testbed.cpu_period_ms == 2.5
     assert topo.link("stage1") == LinkSpec(latency_ms=5, bandwidth_mbit=None)
     assert topo.link("stage3") == LinkSpec(latency_ms=5)  # stage3 -> source
     assert topo.cpu_quota("stage2") == 0.5 and topo.cpu_quota("source") == 1.0
@@ -400,6 +401,8 @@ def test_negative_temperature(write: Callable[[Any], Path]) -> None:
     ("security", "max_frame_mb", 0, "security.max_frame_mb: must be a number > 0, not 0"),
     ("security", "key_env", "1BAD", "security.key_env: must be the name of an environment variable"),
     ("testbed", "cpu_quota", 20, "testbed.cpu_quota: must be a number in (0, 16], or null (uncapped), not 20"),
+    ("testbed", "cpu_period_ms", 0.5,
+     "testbed.cpu_period_ms: must be a number in [1, 1000], or null (the testbed's default), not 0.5"),
     ("testbed", "link", {"stall_prob": 1.0}, "testbed.link.stall_prob: must be a number in [0, 1), not 1.0"),
     ("testbed", "cpus", {"stage7": 0.5}, "testbed.cpus.stage7: no node named 'stage7' (did you mean"),
 ])

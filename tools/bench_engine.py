@@ -8,12 +8,20 @@ of n new nodes through the real ``KVCache`` (so the attention mask is a tree mas
 prefix + tree), runs the layer on it, and drops the nodes again (then compacts, outside the
 timing), so that every run sees the same cache. The lm_head is timed for 1, 16 and 64 rows.
 
+A single layer's weights stay hot in the CPU caches from run to run, which flatters it.
+``--stage K`` times a real stage instead, the way a ring node runs one: K consecutive
+decoder layers (``Stage.load``, from the middle of the model), every run a whole
+``Stage.forward`` (plan, rotary, all K layers in sequence) on a random tree of n nodes over
+the cached prefix, for n in ``--stage-sizes`` (default 1, 8, 16); with ``--gap-ms`` of
+sleep before each run (a node idles between segments while the other stages compute).
+
 Times are medians over ``--repeats`` runs after ``--warmup`` runs, with one torch thread
 unless ``--threads`` says otherwise. The KV cache and attention run in float32 whatever the
 weight dtype (the engine's default).
 
     python tools/bench_engine.py                 # default model, one thread
     python tools/bench_engine.py --threads 2 --json bench.json
+    python tools/bench_engine.py --stage 8 --dtypes bfloat16 --gap-ms 20    # an edge-5 stage only
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ log = logging.getLogger("bench_engine")
 
 LAYER_SIZES = (1, 4, 8, 16, 32, 64, 128)
 HEAD_SIZES = (1, 16, 64)
+STAGE_SIZES = (1, 8, 16)
 
 
 def _median_ms(samples: list[float]) -> float:
@@ -105,6 +114,45 @@ def bench_layer(folder: Any, cfg: ModelConfig, dtype: str, prefix: int, sizes: l
     return rows
 
 
+def bench_stage(folder: Any, cfg: ModelConfig, dtype: str, layers: int, prefix: int, sizes: list[int],
+                repeats: int, warmup: int, seed: int, gap_s: float = 0.0) -> list[dict[str, Any]]:
+    """A stage of `layers` consecutive layers as a node runs it: Stage.forward on a random
+    tree of n new nodes over a committed prefix (then dropped, outside the timing)."""
+    start = max(0, (cfg.num_layers - layers) // 2)
+    stage = Stage.load(folder, start, start + layers, first=False, last=False, dtype=dtype,
+                       max_context=prefix + max(sizes) + 8, cfg=cfg)
+    wdt = parse_dtype(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    ids = list(range(prefix))
+    stage(Segment(ids, [i - 1 for i in ids], ids, hidden=torch.randn(prefix, cfg.hidden_size, generator=gen).to(wdt)))
+    stage.apply_update(ids, [])
+    root, next_id = prefix - 1, prefix
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    for n in sizes:
+        x = torch.randn(n, cfg.hidden_size, generator=gen).to(wdt)
+        samples: list[float] = []
+        for r in range(warmup + repeats):
+            nids, parents, depths = random_tree_parents(rng, n, root, next_id)
+            next_id += n
+            seg = Segment(nids, parents, [prefix + d - 1 for d in depths], hidden=x)
+            if gap_s:
+                time.sleep(gap_s)
+            t0 = time.perf_counter()
+            stage(seg)
+            t1 = time.perf_counter()
+            stage.cache.drop(nids)
+            stage.cache.compact()
+            if r >= warmup:
+                samples.append(t1 - t0)
+        med = _median_ms(samples)
+        rows.append({"dtype": dtype, "n": n, "layers": layers, "stage_ms": round(med, 4),
+                     "stage_min_ms": round(min(samples) * 1e3, 4), "ms_per_layer": round(med / layers, 4),
+                     "us_per_token": round(med * 1e3 / n, 2)})
+        log.debug("stage of %d layers %s n=%d: %.3f ms", layers, dtype, n, med)
+    return rows
+
+
 def bench_head(folder: Any, cfg: ModelConfig, dtype: str, sizes: list[int], repeats: int,
                warmup: int, seed: int) -> list[dict[str, Any]]:
     head = LMHead.load(folder, dtype=dtype, cfg=cfg)
@@ -140,6 +188,9 @@ def render(result: dict[str, Any]) -> None:
         f"torch {result['torch']} on {result['machine']}, {result['threads']} thread(s); median of "
         f"{result['repeats']} runs after {result['warmup']} warm-up; KV cache and attention in float32"
     )
+    if result.get("stage"):
+        render_stage(result, console)
+        return
     t = Table(title=f"one decoder layer: n new tree nodes over a committed prefix of {result['prefix']}")
     t.add_column("n", justify="right")
     for dt in dtypes:
@@ -165,6 +216,27 @@ def render(result: dict[str, Any]) -> None:
     console.print(h)
 
 
+def render_stage(result: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    k = result["stage_layers"]
+    gap = f", {result['gap_ms']:g} ms idle before each run" if result.get("gap_ms") else ", back to back"
+    t = Table(title=f"one stage of {k} layers (Stage.forward): n new tree nodes over a committed prefix of "
+                    f"{result['prefix']}{gap}")
+    t.add_column("n", justify="right")
+    for dt in result["dtypes"]:
+        t.add_column(f"{dt} ms", justify="right")
+        t.add_column(f"{dt} ms/layer", justify="right")
+    by = {(r["dtype"], r["n"]): r for r in result["stage"]}
+    for n in result["stage_sizes"]:
+        cells = [str(n)]
+        for dt in result["dtypes"]:
+            r = by[(dt, n)]
+            cells += [f"{r['stage_ms']:.3f}", f"{r['ms_per_layer']:.3f}"]
+        t.add_row(*cells)
+    console.print(t)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", type=int, default=256, help="committed tokens in the KV cache")
     p.add_argument("--sizes", default=",".join(map(str, LAYER_SIZES)), help="segment sizes for the layer")
     p.add_argument("--head-sizes", default=",".join(map(str, HEAD_SIZES)), help="rows for the lm_head")
+    p.add_argument("--stage", type=int, default=0, metavar="K",
+                   help="time a stage of K layers as a node runs it, instead of one layer and the lm_head")
+    p.add_argument("--stage-sizes", default=",".join(map(str, STAGE_SIZES)), help="segment sizes for --stage")
+    p.add_argument("--gap-ms", type=float, default=0.0, help="--stage: idle time before each run")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -184,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.repeats < 1 or args.warmup < 0 or args.prefix < 1 or args.threads < 1:
         p.error("--repeats, --prefix and --threads must be >= 1, --warmup >= 0")
+    if args.stage < 0 or args.gap_ms < 0:
+        p.error("--stage and --gap-ms must be >= 0")
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     head_sizes = [int(s) for s in args.head_sizes.split(",") if s]
@@ -191,12 +269,20 @@ def main(argv: list[str] | None = None) -> int:
     for d in dtypes:
         parse_dtype(d)
 
+    stage_sizes = [int(s) for s in args.stage_sizes.split(",") if s]
     folder = resolve_model(args.model)
     cfg = ModelConfig.from_file(str(folder / "config.json"))
+    if args.stage > cfg.num_layers:
+        p.error(f"--stage {args.stage}: the model has {cfg.num_layers} layers")
     log.info("benchmarking %s with %d thread(s)", folder.name, args.threads)
     layer_rows: list[dict[str, Any]] = []
     head_rows: list[dict[str, Any]] = []
+    stage_rows: list[dict[str, Any]] = []
     for dt in dtypes:
+        if args.stage:
+            stage_rows += bench_stage(folder, cfg, dt, args.stage, args.prefix, stage_sizes, args.repeats,
+                                      args.warmup, args.seed, args.gap_ms / 1e3)
+            continue
         layer_rows += bench_layer(folder, cfg, dt, args.prefix, sizes, args.repeats, args.warmup, args.seed)
         head_rows += bench_head(folder, cfg, dt, head_sizes, args.repeats, args.warmup, args.seed)
     result = {
@@ -208,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         "dtypes": dtypes, "layer_sizes": sizes, "head_sizes": head_sizes,
         "layer": layer_rows, "lm_head": head_rows,
     }
+    if args.stage:
+        result.update({"stage_layers": args.stage, "stage_sizes": stage_sizes, "gap_ms": args.gap_ms,
+                       "stage": stage_rows})
     render(result)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

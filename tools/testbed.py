@@ -6,11 +6,12 @@
     python tools/testbed.py cleanup                              # after a testbed was killed
     python tools/testbed.py link --listen 127.0.0.1:9000 --to 127.0.0.1:9001 --latency-ms 20
 
-Each node runs as its own process, capped to a fraction of one core (cgroup v1, as root)
-with one compute thread; every link node -> successor goes through a proxy adding latency,
-jitter, a bandwidth limit and stalls. Settings come from the topology's `testbed` section;
-the flags override them for every link / node. Ctrl-C stops everything; see
-flowspec/testbed/ for how it works.
+Each node runs as its own process with one compute thread, capped to a fraction of one
+core (cgroup v1 or v2, as root; over a 4 ms CFS period, so that it is slow in short bursts
+too); every link node -> successor goes through a proxy adding latency, jitter, a
+bandwidth limit and stalls. Settings come from the topology's `testbed` section; the flags
+override them for every link / node. Ctrl-C stops everything; see flowspec/testbed/ for
+how it works.
 """
 
 from __future__ import annotations

@@ -113,6 +113,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             ring.stop()
     report = build_report(records, opts, topology=args.topology, topo=topo, status=status, mode=mode,
                           testbed=ring.describe() if isinstance(ring, Testbed) else None,
+                          cpu_caps=ring.cpu_report() if isinstance(ring, Testbed) else None,
                           prompts_source=args.prompts)
     print_report(report, out)
     if args.json:

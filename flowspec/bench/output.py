@@ -46,6 +46,7 @@ def print_report(report: dict[str, Any], console: Any) -> None:
         for h in hops:
             b.add_row(h, *(_num(d["bytes_per_token"].get(h), ",.0f") for d in st.values()))
         console.print(b)
+    print_cpu_caps(report.get("cpu_caps"), console)
     a = report["agreement"]
     if not a["checked"]:
         console.print(f"text agreement not checked (temperature {report['settings']['temperature']:g})")
@@ -57,6 +58,26 @@ def print_report(report: dict[str, Any], console: Any) -> None:
         console.print(f"[red]strategies disagree on {len(a['mismatches'])} (prompt, strategy) pairs; e.g. "
                       f"{first['strategy']} differs from {first['reference']} on prompt {first['prompt'] + 1} "
                       f"at token {first['first_diff']}[/red]")
+
+
+def print_cpu_caps(caps: dict[str, Any] | None, console: Any) -> None:
+    """One line of the CPU caps as applied; every warning in red (an uncapped node runs at full speed)."""
+    if not caps or not caps.get("nodes"):
+        return
+    parts = []
+    for name, c in caps["nodes"].items():
+        if c.get("capped"):
+            thr = c.get("throttled_periods")
+            per = c.get("periods")
+            extra = f", throttled in {thr}/{per} periods" if thr is not None and per else ""
+            parts.append(f"{name} {c['cores']:g} core ({c['quota_us']}/{c['period_us']} us{extra})")
+        elif c.get("wanted") is None:
+            parts.append(f"{name} uncapped")
+        else:
+            parts.append(f"[red]{name} UNCAPPED[/red]")
+    console.print(f"cpu caps ({caps.get('mechanism') or 'none'}): " + ", ".join(parts))
+    for w in caps.get("warnings", []):
+        console.print(f"[red]WARNING: {w}[/red]")
 
 
 def check_plot_available() -> None:

@@ -129,7 +129,11 @@ def summarize(records: Sequence[dict[str, Any]], opts: BenchOptions) -> dict[str
 
 
 def build_report(records: list[dict[str, Any]], opts: BenchOptions, *, topology: str, topo: Topology,
-                 status: dict[str, Any], mode: str, testbed: list[str] | None, prompts_source: str) -> dict[str, Any]:
+                 status: dict[str, Any], mode: str, testbed: list[str] | None, prompts_source: str,
+                 cpu_caps: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The --json report. testbed: the emulation in words; cpu_caps: the CPU caps as the
+    kernel applied them (Testbed.cpu_report: per node wanted / capped / quota_us / period_us
+    / throttling, all_applied, warnings), None when no testbed ran the ring."""
     strategies = summarize(records, opts)
     agree = agreement(records, opts.strategies, opts.temperature)
     if not opts.keep_traces:  # the traces are bulky; the first prompt's feed the timeline plot
@@ -145,6 +149,7 @@ def build_report(records: list[dict[str, Any]], opts: BenchOptions, *, topology:
         "ring": status.get("ring", []),
         "mode": mode,
         "testbed": testbed,
+        "cpu_caps": cpu_caps,
         "settings": {"strategies": list(opts.strategies), "prompts": prompts_source, "count": len(opts.prompts),
                      "max_new_tokens": opts.max_new_tokens, "temperature": opts.temperature,
                      "seed": opts.seed, "warmup": opts.warmup, "order": "interleaved by prompt, rotating",

@@ -8,9 +8,18 @@ Every node of a topology runs as its own process (like :class:`LocalRing`), but
   topology, so every node dials its successor through the emulated link without any
   change to the node code. Each node reads a derived topology (in the log folder) that
   differs from the original only in its own, private port;
-* each node is capped to a fraction of one core (cgroup v1 ``cpu.cfs_quota_us``, one
-  group ``/sys/fs/cgroup/cpu/flowspec-<pid>-<node>`` per node; needs root, else a warning
-  and no cap) and runs one compute thread.
+* each node is capped to a fraction of one core and runs one compute thread. The cap is
+  CFS bandwidth control in one group ``flowspec-<pid>-<node>`` per node: cgroup v1
+  ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` under the v1 cpu controller (e.g.
+  ``/sys/fs/cgroup/cpu``) where it is mounted, else cgroup v2 ``cpu.max`` under the
+  unified hierarchy (``+cpu`` in its ``cgroup.subtree_control``); it needs root. The
+  period is short (``testbed.cpu_period_ms``, default 4 ms, see :mod:`.cgroups`), so that
+  a node is slow all the time, also in the short burst of one segment: over the kernel's
+  100 ms period such a burst would run at full speed. The caps as the kernel applied them
+  (read back: quota, period, the node's process in its group, throttling counts) are
+  logged, shown by :meth:`Testbed.describe` and returned by :meth:`Testbed.cpu_report`
+  (``flowspec bench`` writes it to its JSON as ``cpu_caps``); a cap that could not be
+  applied is a warning that says what to do, and the node runs uncapped.
 
 Settings come from the topology's ``testbed`` section, with command-line overrides
 (:func:`add_testbed_args`). Everything is undone on stop, Ctrl-C or failure; the cgroups
@@ -20,11 +29,11 @@ of a testbed that was killed (SIGKILL) are reclaimed by the next start or by
 too, through the emulated link into the source.
 """
 
-from .cgroups import CpuGroup, cpu_cgroup_root, reclaim_stale
+from .cgroups import DEFAULT_PERIOD_US, CpuGroup, cgroup_version, cpu_cgroup_root, period_for, reclaim_stale
 from .cli import add_testbed_args, client_topology, local_ring_for, settings_from_args, wants_emulation
 from .links import LinkProxy, LinkShaper, ProxyHub
 from .ring import Testbed, describe, emulation_settings
 
-__all__ = ["CpuGroup", "LinkProxy", "LinkShaper", "ProxyHub", "Testbed", "add_testbed_args", "client_topology",
-           "cpu_cgroup_root", "describe", "emulation_settings", "local_ring_for", "reclaim_stale",
-           "settings_from_args", "wants_emulation"]
+__all__ = ["DEFAULT_PERIOD_US", "CpuGroup", "LinkProxy", "LinkShaper", "ProxyHub", "Testbed", "add_testbed_args",
+           "cgroup_version", "client_topology", "cpu_cgroup_root", "describe", "emulation_settings", "local_ring_for",
+           "period_for", "reclaim_stale", "settings_from_args", "wants_emulation"]

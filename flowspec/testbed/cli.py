@@ -6,8 +6,9 @@ import argparse
 import logging
 from typing import Any
 
-from ..config import TestbedSpec, Topology
+from ..config import CPU_PERIOD_MS_RANGE, TestbedSpec, Topology
 from ..runtime.launcher import LocalRing
+from .cgroups import DEFAULT_PERIOD_US
 from .ring import Testbed, emulation_settings
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,14 @@ def _quota(text: str) -> float:
     return v
 
 
+def _period_ms(text: str) -> float:
+    v = non_negative(text)
+    lo, hi = CPU_PERIOD_MS_RANGE
+    if not lo <= v <= hi:
+        raise argparse.ArgumentTypeError(f"must be from {lo:g} to {hi:g} ms, not {text!r}")
+    return v
+
+
 def add_testbed_args(p: argparse.ArgumentParser) -> None:
     """--emulate / --no-emulate and the link / CPU overrides (shared by `up`, `bench`, tools/testbed.py)."""
     g = p.add_argument_group("testbed (emulated links and CPU caps)")
@@ -50,9 +59,12 @@ def add_testbed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stall-ms", type=non_negative, default=None, help="duration of a stall")
     g.add_argument("--cpu-quota", type=_quota, default=None,
                    help="cores per node, e.g. 0.35 (0: uncapped); overrides testbed.cpus")
+    g.add_argument("--cpu-period-ms", type=_period_ms, default=None,
+                   help=f"CFS period of the CPU caps (default: testbed.cpu_period_ms, else "
+                        f"{DEFAULT_PERIOD_US / 1000:g} ms; short, so that short bursts of work are slowed too)")
 
 
-_OVERRIDES = ("latency_ms", "jitter_ms", "bandwidth_mbit", "stall_prob", "stall_ms", "cpu_quota")
+_OVERRIDES = ("latency_ms", "jitter_ms", "bandwidth_mbit", "stall_prob", "stall_ms", "cpu_quota", "cpu_period_ms")
 
 
 def wants_emulation(topo: Topology, args: argparse.Namespace) -> bool:
