@@ -79,6 +79,10 @@ def test_bench_runs_every_strategy_and_writes_the_json(tiny_tok_model: Path, tmp
     assert [r["name"] for r in report["ring"]] == ["stage1", "stage2"]
 
     assert len(report["requests"]) == 2 * len(STRATEGIES)
+    for name, d in report["strategies"].items():  # the source's turnaround and the wasted rows
+        assert d["respond_ms"]["segments"] > 0 and d["respond_ms"]["median"] >= 0, (name, d["respond_ms"])
+        assert d["wasted_rows_per_token"] is not None and d["wasted_rows_per_token"] >= 0
+    assert report["strategies"]["autoregressive"]["wasted_rows_per_token"] == 0
     for r in report["requests"]:
         assert len(r["token_ids"]) == 8 or r["finish_reason"] == "stop"
         assert r["stats"]["strategy"] == r["strategy"]
@@ -197,3 +201,15 @@ def test_plot_without_matplotlib_fails_before_starting(tmp_path: Path, monkeypat
     assert "--plot needs matplotlib: pip install 'flowspec[plot]'" in err
     assert len(err.strip().splitlines()) == 1
     assert not os.path.exists("x.png")
+
+
+def test_source_turnaround_from_the_trace() -> None:
+    """A segment's return to the next departure: returns at 1.0 and 2.0 are answered 0.004 s
+    and 0.030 s later; the last return (3.0) has no departure after it."""
+    from flowspec.bench.summary import respond_gaps
+
+    trace = {"t0": 0.0, "segments": [{"t_sent": 0.5, "t_back": 1.0}, {"t_sent": 1.004, "t_back": 2.0},
+                                      {"t_sent": 2.03, "t_back": 3.0}]}
+    gaps = respond_gaps({"trace": trace})
+    assert [round(g, 3) for g in gaps] == [0.004, 0.03]
+    assert respond_gaps({}) == []

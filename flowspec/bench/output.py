@@ -35,6 +35,15 @@ def print_report(report: dict[str, Any], console: Any) -> None:
                   _num(d["speedup_vs_autoregressive"], ".2f"), _num(d["speedup_vs_chunked"], ".2f"),
                   _num(d["mean_accepted"]), _num(d["tau"]), busy, split)
     console.print(t)
+    turn = [f"{name} {_num(d['respond_ms']['median'], '.1f')} / {_num(d['respond_ms']['p95'], '.1f')} ms"
+            for name, d in st.items() if d.get("respond_ms", {}).get("segments")]
+    if turn:
+        console.print("source turnaround, a segment's return to the next departure (median / p95): "
+                      + ", ".join(turn))
+    waste = [f"{name} {d['wasted_rows_per_token']:.2f}" for name, d in st.items()
+             if d.get("wasted_rows_per_token") is not None]
+    if waste:
+        console.print("rows sent and later pruned, per generated token: " + ", ".join(waste))
     hops = sorted({k for d in st.values() for k in d["bytes_per_token"]},
                   key=lambda k: [r.get("name") for r in report["ring"]].index(k.split("->")[0])
                   if k.split("->")[0] in [r.get("name") for r in report["ring"]] else -1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import time
 from typing import Any, Sequence
 
@@ -29,6 +30,29 @@ def _window_busy(stats: dict[str, Any]) -> tuple[dict[str, float], float, float]
             busy[name] = busy.get(name, 0.0) + max(0.0, min(end, b) - max(start, a))
     src = sum(max(0.0, min(float(e), b) - max(float(s), a)) for s, e, *_ in tr.get("source", []))
     return busy, src, b - a
+
+
+def respond_gaps(stats: dict[str, Any]) -> list[float]:
+    """Seconds from each segment's return to the source to the next segment's departure
+    (from the request's trace; a return after the last departure has none)."""
+    tr = stats.get("trace")
+    if not isinstance(tr, dict):
+        return []
+    segs = tr.get("segments") or []
+    departures = sorted(float(s["t_sent"]) for s in segs)
+    gaps = []
+    for s in segs:
+        k = bisect.bisect_left(departures, float(s["t_back"]))
+        if k < len(departures):
+            gaps.append(departures[k] - float(s["t_back"]))
+    return gaps
+
+
+def _quantile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def _ratio(a: float, b: float, digits: int = 3) -> float | None:
@@ -75,6 +99,8 @@ def summarize_strategy(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
             hop_bytes[k] = hop_bytes.get(k, 0) + int(v.get("bytes", 0))
             hop_wire[k] = hop_wire.get(k, 0.0) + float(v.get("wire_s", 0.0))
     per_req = [float(s.get("tokens_per_s", 0.0)) for s in st]
+    gaps = [g for s in st for g in respond_gaps(s)]
+    med, p95 = _quantile(gaps, 0.5), _quantile(gaps, 0.95)
     return {
         "requests": len(st),
         "new_tokens": new,
@@ -96,6 +122,11 @@ def summarize_strategy(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "bytes_per_hop": hop_bytes,
         "bytes_per_token": {k: round(v / new, 1) for k, v in hop_bytes.items()} if new else {},
         "wire_ms_per_trip": {k: round(1000 * v / trips, 3) for k, v in hop_wire.items()} if trips else {},
+        # the source's turnaround: a segment's return to the next segment's departure
+        "respond_ms": {"median": None if med is None else round(1000 * med, 2),
+                       "p95": None if p95 is None else round(1000 * p95, 2), "segments": len(gaps)},
+        # ring work spent on rows that were pruned after they were sent, per generated token
+        "wasted_rows_per_token": _ratio(counts["pruned_sent"], new, 2) if new else None,
     }
 
 

@@ -232,8 +232,8 @@ class SourceNode:
         emitted = 0
 
         def step(node_ids: list[int], hidden: torch.Tensor) -> tuple[list[Send], list[int], str]:
-            """In the compute thread: verify and draft, then the new tokens and their text."""
-            sends = spec.on_result(node_ids, hidden)
+            """In the compute thread: verify and send what is drafted; the new tokens and their text."""
+            sends = spec.respond(node_ids, hidden)
             new = spec.output[emitted:]
             return sends, new, text.push(new) if new else ""
 
@@ -264,12 +264,20 @@ class SourceNode:
                 if self.links.downstream is not down:
                     raise RingError(self.error or "the link to the first stage was lost")
                 await self._send_all(down, rid, sends)
+                # send first, think later: the tree grows while the ring works on what was sent
+                t_think = time.time()
+                thinking = loop.run_in_executor(self._pool, spec.think)
                 if new:
                     if t_first is None:
                         t_first = time.perf_counter()
                     emitted += len(new)
-                    yield {"type": "tokens", "ids": new, "text": delta,
-                           "live": _live_stats(spec, hops, time.perf_counter() - t_first, time.time() - wall0)}
+                    live = _live_stats(spec, hops, time.perf_counter() - t_first, time.time() - wall0)
+                    yield {"type": "tokens", "ids": new, "text": delta, "live": live}
+                more = await thinking
+                if trace is not None and len(trace["source"]) < 2 * TRACE_MAX_SEGMENTS:
+                    trace["source"].append([t_think, time.time(), len(more)])  # the drafting span
+                if more:
+                    await self._send_all(down, rid, more)
         except RingError as e:
             raise RingError(str(e), {"text": text.sent, "token_ids": list(spec.output[:emitted])}) from None
         t_end = time.perf_counter()

@@ -145,7 +145,17 @@ class Speculator:
         return sends + self._fill()
 
     def on_result(self, node_ids: Sequence[int], hidden: torch.Tensor) -> list[Send]:
-        """A segment came back from the last stage: verify, prune, expand, send more."""
+        """A segment came back from the last stage: verify, prune, expand, send more.
+
+        The same as ``respond()`` followed by ``think()``; a driver that can send in between
+        (the source node) calls the two halves itself, so the ring is fed before drafting."""
+        return self.respond(node_ids, hidden) + self.think()
+
+    def respond(self, node_ids: Sequence[int], hidden: torch.Tensor) -> list[Send]:
+        """First half of on_result: verify, prune, and send what is already drafted.
+
+        flowspec answers a returning segment from the nodes drafted ahead ("send first,
+        think later"); the other strategies plan here as well (their ``think`` is empty)."""
         self.in_flight -= 1
         if self.done:
             return []
@@ -170,6 +180,16 @@ class Speculator:
             return []
         if self.strategy == "chunked" and self.in_flight == 0:
             self._round_open = False
+        if self.strategy == "flowspec":
+            return self._fill(plan=False)
+        self._plan()
+        return self._fill()
+
+    def think(self) -> list[Send]:
+        """Second half of on_result: expand the tree from the new frontier (drafting) and send
+        what fits into the ring; what does not fit waits, drafted, for the next ``respond``."""
+        if self.done or self.strategy != "flowspec":
+            return []
         self._plan()
         return self._fill()
 
@@ -300,7 +320,8 @@ class Speculator:
         return new[: self.p.top_k]
 
     # ----------------------------------------------------------------- sending
-    def _fill(self) -> list[Send]:
+    def _fill(self, plan: bool = True) -> list[Send]:
+        """Segments of unsent nodes while the ring has room; plan=False sends only what is drafted."""
         sends: list[Send] = []
         if self.done:
             return sends
@@ -325,7 +346,8 @@ class Speculator:
             if not unsent:
                 break
             sends.append(self._send(self._segment(unsent)))
-            self._plan()
+            if plan:
+                self._plan()
         return sends
 
     def _segment(self, nodes: list[Node]) -> Segment:
