@@ -55,7 +55,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..runtime.client import wait_formed
-    from ..runtime.commands import _node_flags, load_topology, run_async
+    from ..runtime.commands import node_flags, load_topology, run_async
     from ..testbed import Testbed, client_topology, local_ring_for
 
     if args.plot:
@@ -75,7 +75,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Console(width=None if sys.stdout.isatty() else 120)  # tables stay whole in a log file
     err = Console(stderr=True)
 
-    ring = None if join else local_ring_for(args, topo, _node_flags(args))
+    ring = None if join else local_ring_for(args, topo, node_flags(args))
     mode = "joined" if ring is None else ("testbed" if isinstance(ring, Testbed) else "local")
 
     def on_signal(signum: int, frame: Any) -> None:

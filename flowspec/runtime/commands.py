@@ -164,7 +164,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     topo = load_topology(args)
     console = Console(stderr=False)
-    ring = local_ring_for(args, topo, _node_flags(args))  # a Testbed with --emulate / a testbed section
+    ring = local_ring_for(args, topo, node_flags(args))  # a Testbed with --emulate / a testbed section
 
     def on_signal(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -194,7 +194,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, old)
 
 
-def _node_flags(args: argparse.Namespace) -> list[str]:
+def node_flags(args: argparse.Namespace) -> list[str]:
+    """The `flowspec node` flags a launcher passes on to every node (--dtype, --drafter, --max-context)."""
     flags: list[str] = []
     if getattr(args, "dtype", None):
         flags += ["--dtype", args.dtype]
@@ -231,7 +232,7 @@ def generate_on_ring(args: argparse.Namespace) -> dict[str, Any]:
     if not args.local:
         key = topo.cluster_key()
         return run_async(lambda: ask(key))
-    ring = LocalRing(args.topology, topo, _node_flags(args), threads=args.threads or None)
+    ring = LocalRing(args.topology, topo, node_flags(args), threads=args.threads or None)
     try:
         ring.start()
 
