@@ -264,14 +264,16 @@ class SourceNode:
                 if self.links.downstream is not down:
                     raise RingError(self.error or "the link to the first stage was lost")
                 await self._send_all(down, rid, sends)
-                # send first, think later: the tree grows while the ring works on what was sent
-                t_think = time.time()
-                thinking = loop.run_in_executor(self._pool, spec.think)
-                if new:
+                live: dict[str, Any] | None = None
+                if new:  # read the statistics before the compute thread touches spec again
                     if t_first is None:
                         t_first = time.perf_counter()
                     emitted += len(new)
                     live = _live_stats(spec, hops, time.perf_counter() - t_first, time.time() - wall0)
+                # send first, think later: the tree grows while the ring works on what was sent
+                t_think = time.time()
+                thinking = loop.run_in_executor(self._pool, spec.think)
+                if live is not None:
                     yield {"type": "tokens", "ids": new, "text": delta, "live": live}
                 more = await thinking
                 if trace is not None and len(trace["source"]) < 2 * TRACE_MAX_SEGMENTS:
