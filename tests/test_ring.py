@@ -11,7 +11,8 @@
   and no node process outlives the ring;
 * a well-formed segment a stage cannot compute is logged and reported to the source, and
   the stage lives on;
-* `flowspec up` prints the ring and stops every node on SIGTERM and on Ctrl-C;
+* `flowspec up` prints the ring and stops every node on SIGTERM and on Ctrl-C, and
+  restarts a SIGKILLed stage, after which the ring re-forms and answers exactly;
 * `flowspec node` with a bad topology or key exits 2 with one `flowspec: error:` line.
 
 Every ring here uses free ephemeral ports, except the local.yaml test (7700-7703), which
@@ -571,6 +572,39 @@ def test_up_prints_ring_and_stops_every_node(how: str, tiny_tok_model: Path, tmp
         rest, _ = up.communicate(timeout=20)
         assert up.returncode == 0, (up.returncode, rest, (tmp_path / "up.err").read_text()[-3000:])
         assert "stopping the ring" in rest
+        assert wait_gone(children, 5.0) == [], "node processes outlived `flowspec up`"
+    finally:
+        kill_leftovers(up, children)
+        err.close()
+
+
+def test_up_restarts_a_killed_stage_and_the_ring_serves_again(tiny_tok_model: Path, tmp_path: Path) -> None:
+    """Issue 17's first step: `flowspec up` supervises its nodes. A SIGKILLed stage is started
+    again, the ring re-forms by itself, answers exactly, and SIGTERM still leaves no process."""
+    path = write_topology(tmp_path, 3, tiny_tok_model)
+    key = new_key()
+    env = dict(node_env(key), COLUMNS="200")
+    err = open(tmp_path / "up.err", "w")
+    up = subprocess.Popen([*CLI, "up", str(path), "--threads", "1", "--dtype", "float32", "--timeout", "90"],
+                          stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=tmp_path,
+                          start_new_session=True)
+    children: list[int] = []
+    try:
+        out, ok = _read_until(up.stdout, "ring formed", 120)
+        assert ok, f"no summary: {out}\n{(tmp_path / 'up.err').read_text()[-3000:]}"
+        topo = Topology.load(str(path))
+        victim = next(c for c in psutil.Process(up.pid).children(recursive=True) if "stage2" in c.cmdline())
+        victim.kill()
+        out, ok = _read_until(up.stdout, "restarted", 30)
+        assert ok and "node 'stage2' exited with code -9" in out, out
+        formed(topo, key.encode(), 40.0)
+        res = generate(topo, key.encode(), {"prompt_ids": TINY_PROMPTS[0], "max_new_tokens": 12})
+        assert res["token_ids"] == reference(tiny_tok_model, TINY_PROMPTS[0], 12)
+        children = [c.pid for c in psutil.Process(up.pid).children(recursive=True)]
+        assert len(children) == 3 and victim.pid not in children, children
+        up.send_signal(signal.SIGTERM)
+        up.communicate(timeout=20)
+        assert up.returncode == 0
         assert wait_gone(children, 5.0) == [], "node processes outlived `flowspec up`"
     finally:
         kill_leftovers(up, children)

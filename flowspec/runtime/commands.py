@@ -183,8 +183,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         if isinstance(ring, Testbed):
             console.print("emulated: " + "; ".join(ring.describe()))
         console.print(f"ring formed{api_line} ; Ctrl-C stops every node")
-        while True:
-            ring.check_alive()
+        while True:  # a node that exits is started again (with backoff); the ring re-forms by itself
+            for line in ring.restart_dead():
+                console.print(line)
             time.sleep(0.5)
     except KeyboardInterrupt:
         console.print("stopping the ring ...")
@@ -256,7 +257,8 @@ def add_commands(sub: Any) -> None:
     n.add_argument("--no-api", action="store_true", help="source: do not serve the HTTP API")
     n.set_defaults(func=cmd_node)
 
-    u = sub.add_parser("up", help="start every node of a topology that lives on this machine")
+    u = sub.add_parser("up", help="start every node of a topology that lives on this machine; a node that exits is "
+                       "started again (backoff 1, 2, 4 ... 30 s)")
     u.add_argument("topology_file", nargs="?", metavar="TOPOLOGY", help="the YAML topology")
     u.add_argument("--topology", dest="topology_opt", default=None, help="the same, as an option")
     u.add_argument("--threads", type=int, default=0, help="torch threads per node (default: cores / nodes)")

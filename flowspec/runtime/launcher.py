@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import Topology, is_local_host
@@ -30,11 +30,25 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
         pass
 
 
+RESTART_FIRST_S = 1.0  # pause before restarting a node that exited (doubles per quick failure) ...
+RESTART_MAX_S = 30.0  # ... up to this
+STABLE_S = 60.0  # a node that ran this long before it exited is restarted after the first pause again
+
+
 @dataclass
 class NodeProcess:
     name: str  # node name
     proc: subprocess.Popen[bytes]  # the running `flowspec node`
     log_path: Path  # its stderr
+    started: float = field(default_factory=time.monotonic)  # when it was started (monotonic seconds)
+
+
+@dataclass
+class _Backoff:
+    """Restart state of one node."""
+
+    delay: float = RESTART_FIRST_S  # the next pause before a restart
+    due: float | None = None  # when the pending restart happens (None: none pending)
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -89,6 +103,7 @@ class LocalRing:
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="flowspec-"))
         self.env = dict(os.environ, **(extra_env or {}))
         self.procs: list[NodeProcess] = []
+        self._backoff: dict[str, _Backoff] = {}  # node -> restart state (restart_dead)
         self.key = self._key()
         # the source started here serves the HTTP API unless told not to
         self.serves_api = topo.source in self.local and "--no-api" not in self.node_args
@@ -113,12 +128,12 @@ class LocalRing:
             self.spawn(n.name, self.topo_path)
         log.info("started %d nodes; logs in %s", len(self.procs), self.log_dir)
 
-    def spawn(self, name: str, topo_path: str) -> NodeProcess:
-        """Start `flowspec node` for one node, its output in the log folder."""
+    def spawn(self, name: str, topo_path: str, append: bool = False) -> NodeProcess:
+        """Start `flowspec node` for one node, its output in the log folder (appended to on a restart)."""
         cmd = [sys.executable, "-m", "flowspec.cli", "node", "--topology", topo_path,
                "--name", name, "--threads", str(self.threads), *self.node_args]
         path = self.log_dir / f"{name}.log"
-        with open(path, "wb") as err:
+        with open(path, "ab" if append else "wb") as err:
             # own session: a Ctrl-C in the terminal reaches the launcher (up, chat, bench),
             # which stops the nodes with SIGTERM, never the nodes directly
             p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT,
@@ -126,6 +141,37 @@ class LocalRing:
         proc = NodeProcess(name, p, path)
         self.procs.append(proc)
         return proc
+
+    def _start_node(self, name: str) -> NodeProcess:
+        """Start one node again (a restart): the same command, its log appended to."""
+        return self.spawn(name, self.topo_path, append=True)
+
+    def restart_dead(self) -> list[str]:
+        """Restart the nodes that exited, each after a pause that doubles with every quick
+        failure (1, 2, 4 ... 30 s; back to 1 s once a node ran STABLE_S). Returns one line
+        per event (exit noticed, node restarted) for the console."""
+        now = time.monotonic()
+        lines: list[str] = []
+        for np_ in list(self.procs):
+            rc = np_.proc.poll()
+            if rc is None:
+                continue
+            b = self._backoff.setdefault(np_.name, _Backoff())
+            if b.due is None:
+                ran = now - np_.started
+                if ran > STABLE_S:
+                    b.delay = RESTART_FIRST_S
+                b.due = now + b.delay
+                lines.append(f"node {np_.name!r} exited with code {rc} after {ran:.0f} s; restarting it in "
+                             f"{b.delay:.0f} s (its log: {np_.log_path})")
+            elif now >= b.due:
+                self.procs.remove(np_)
+                new = self._start_node(np_.name)
+                b.delay, b.due = min(b.delay * 2, RESTART_MAX_S), None
+                lines.append(f"node {np_.name!r} restarted (pid {new.proc.pid})")
+        for line in lines:
+            log.warning("%s", line)
+        return lines
 
     def check_alive(self) -> None:
         for np_ in self.procs:

@@ -14,7 +14,7 @@ import yaml
 
 from ..config import LinkSpec, NodeSpec, TestbedSpec, Topology
 from ..errors import FlowSpecError
-from ..runtime.launcher import LocalRing, check_ports_free
+from ..runtime.launcher import LocalRing, NodeProcess, check_ports_free
 from .cgroups import HOW_TO_CAP, CpuGroup, cgroup_version, cpu_cgroup_root, period_for, reclaim_stale
 from .links import LinkProxy, ProxyHub
 
@@ -241,8 +241,13 @@ class Testbed(LocalRing):
         path.write_text(head + yaml.safe_dump(data, sort_keys=False))
         return path
 
-    def _spawn(self, n: NodeSpec) -> None:
-        p = self.spawn(n.name, str(self.paths[n.name])).proc
+    def _start_node(self, name: str) -> NodeProcess:
+        """A restart: the node's derived topology, its log appended to, back into its cgroup."""
+        self._spawn(self.topo.node(name), append=True)
+        return self.procs[-1]
+
+    def _spawn(self, n: NodeSpec, append: bool = False) -> None:
+        p = self.spawn(n.name, str(self.paths[n.name]), append).proc
         group = self.groups.get(n.name)
         if group is None:
             return
