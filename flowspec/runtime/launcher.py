@@ -42,14 +42,6 @@ class NodeProcess:
     log_path: Path  # its stderr
     started: float = field(default_factory=time.monotonic)  # when it was started (monotonic seconds)
 
-
-@dataclass
-class _Backoff:
-    """Restart state of one node."""
-
-    delay: float = RESTART_FIRST_S  # the next pause before a restart
-    due: float | None = None  # when the pending restart happens (None: none pending)
-
     def tail(self, lines: int = 15) -> str:
         try:
             text = self.log_path.read_text(errors="replace").splitlines()
@@ -84,6 +76,14 @@ def check_ports_free(topo: Topology, names: list[str], api: bool) -> None:
             f"{', '.join(taken)} {'is' if len(taken) == 1 else 'are'} already in use: another ring (a "
             f"`flowspec up` of this topology?) or another program holds {'it' if len(taken) == 1 else 'them'}; "
             f"stop it, or change the ports in {topo.origin}")
+
+
+@dataclass
+class _Backoff:
+    """Restart state of one node."""
+
+    delay: float = RESTART_FIRST_S  # the next pause before a restart
+    due: float | None = None  # when the pending restart happens (None: none pending)
 
 
 class LocalRing:
