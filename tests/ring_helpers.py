@@ -9,7 +9,9 @@
   and a stopped process is continued first), so that no node process outlives it;
 * ``build_tiny_tok_model(folder)`` / the ``tiny_tok_model`` fixture: a tiny random Llama with
   the default model's tokenizer (vocabulary 49152, eos 2), so a source node can load it;
-* ``pids_alive(pids)``: which of these processes still exist (zombies count as gone).
+* ``pids_alive(pids)``: which of these processes still exist (zombies count as gone);
+* ``impersonate(ring, model, as_node, talk)``: speak to ``as_node``'s successor as
+  ``as_node`` (authenticated, the right HELLO) while the real node is stopped.
 
 Import them in a test module: ``from ring_helpers import running_ring, tiny_tok_model``.
 """
@@ -25,7 +27,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Awaitable, Callable, Iterable, Iterator
 
 import pytest
 import yaml
@@ -242,3 +244,38 @@ def build_tiny_tok_model(folder: Path, layers: int = TINY_TOK_LAYERS, seed: int 
 def tiny_tok_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Session-wide tiny model with a tokenizer (6 layers, vocabulary 49152, eos 2)."""
     return build_tiny_tok_model(tmp_path_factory.mktemp("tiny_tok"))
+
+
+# ------------------------------------------------------------------------- impersonation
+def impersonate(ring: LocalRing, model: Path, as_node: str,
+                talk: Callable[[Any], Awaitable[None]]) -> None:
+    """Connect to the successor of `as_node` as `as_node` (cluster key, HELLO with the model's
+    fingerprint) and run `talk(stream)`; the real `as_node` is stopped meanwhile, or it would
+    reconnect at once and take its link back."""
+    from flowspec.model.config import ModelConfig
+    from flowspec.runtime.protocol import Frame, FrameType
+    from flowspec.runtime.transport import client_auth, hello_meta, open_stream
+
+    topo = ring.topo
+    fingerprint = ModelConfig.from_file(str(model / "config.json")).fingerprint()
+    succ = topo.successor(as_node)
+    host, port = succ.address
+
+    async def run() -> None:
+        s = await open_stream(host, port, 1 << 26, 5.0, succ.name)
+        try:
+            await client_auth(s, ring.key)
+            role = "source" if topo.node(as_node).is_source else "stage"
+            await s.send(Frame(FrameType.HELLO, meta=hello_meta(topo.cluster, fingerprint, as_node, role, None)))
+            f = await s.recv(5.0)
+            assert f.type == FrameType.HELLO, f
+            await talk(s)
+        finally:
+            await s.close()
+
+    real = next(p for p in ring.procs if p.name == as_node)
+    os.kill(real.proc.pid, signal.SIGSTOP)
+    try:
+        asyncio.run(run())
+    finally:
+        os.kill(real.proc.pid, signal.SIGCONT)

@@ -38,7 +38,7 @@ from flowspec.model.tokenizer import Tokenizer
 from flowspec.runtime.tasks import LogLimiter, Silence, supervise
 
 from ring_helpers import tiny_tok_model  # noqa: F401  (a fixture, used by name)
-from ring_helpers import formed, generate, node_env, new_key, running_ring, write_topology
+from ring_helpers import formed, generate, impersonate, node_env, new_key, running_ring, write_topology
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "flowspec.cli"]
@@ -218,33 +218,16 @@ def test_1_formation_survives_a_malformed_form_reply(api_ring: dict[str, Any], t
     """Deterministic reproduction of the dead formation loop: an authenticated peer that
     speaks as the last stage answers FORM with garbage. Before the fix the loop died of the
     exception and the ring never re-formed although every link came back."""
-    from flowspec.model.config import ModelConfig
     from flowspec.runtime.protocol import Frame, FrameType
-    from flowspec.runtime.transport import client_auth, hello_meta, open_stream
 
     ring, topo = api_ring["ring"], api_ring["topo"]
-    fingerprint = ModelConfig.from_file(str(tiny_tok_model / "config.json")).fingerprint()
-    host, port = topo.node("source").address
 
-    async def impersonate() -> None:
-        s = await open_stream(host, port, 1 << 26, 5.0, "source")
-        try:
-            await client_auth(s, ring.key)
-            await s.send(Frame(FrameType.HELLO, meta=hello_meta(topo.cluster, fingerprint, "stage2", "stage", None)))
-            f = await s.recv(5.0)
-            assert f.type == FrameType.HELLO, f
-            for _ in range(30):  # one of them lands while formation waits for its FORM
-                await s.send(Frame(FrameType.FORM, meta={"ring": [{"name": "stage1"}, 7]}))
-                await asyncio.sleep(0.1)
-        finally:
-            await s.close()
+    async def garbage(s: Any) -> None:
+        for _ in range(30):  # one of them lands while formation waits for its FORM
+            await s.send(Frame(FrameType.FORM, meta={"ring": [{"name": "stage1"}, 7]}))
+            await asyncio.sleep(0.1)
 
-    real = next(p for p in ring.procs if p.name == "stage2")
-    os.kill(real.proc.pid, signal.SIGSTOP)  # or it reconnects at once and takes its link back
-    try:
-        asyncio.run(impersonate())
-    finally:
-        os.kill(real.proc.pid, signal.SIGCONT)
+    impersonate(ring, tiny_tok_model, "stage2", garbage)  # the last stage, talking to the source
     assert "malformed" in _log(ring, "source"), _log(ring, "source")[-3000:]
     formed(topo, ring.key, 30.0, ring)
     res = generate(topo, ring.key, {"prompt_ids": [5, 9, 77, 300], "max_new_tokens": 8})

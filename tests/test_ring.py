@@ -47,8 +47,8 @@ from flowspec.runtime.protocol import HEADER, MAGIC, VERSION, Frame, FrameType, 
 from flowspec.runtime.transport import AuthError, client_auth, hello_meta, open_stream
 
 from ring_helpers import tiny_tok_model  # noqa: F401  (a fixture, used by name)
-from ring_helpers import (formed, generate, kill_leftovers, new_key, node_env, ring_logs, running_ring, wait_gone,
-                          wait_log, write_topology)
+from ring_helpers import (formed, generate, impersonate, kill_leftovers, new_key, node_env, ring_logs, running_ring,
+                          wait_gone, wait_log, write_topology)
 
 pytestmark = pytest.mark.slow
 
@@ -489,31 +489,14 @@ def test_segment_a_stage_cannot_compute_is_reported_and_ring_recovers(ring4: Any
     """An authenticated peer speaking as stage2's predecessor sends a well-formed segment whose
     activations do not fit (wrong width, integers): stage2 logs it and reports it toward the
     source instead of dying, and the ring serves exact tokens again once re-formed."""
-    from flowspec.model.config import ModelConfig
-
     topo, ring = ring4
-    fingerprint = ModelConfig.from_file(str(tiny_tok_model / "config.json")).fingerprint()
-    host, port = topo.node("stage2").address
     bad = SegmentMsg([0, 1], [-1, 0], [0, 1], hidden=torch.ones(2, 7, dtype=torch.int64)).to_frame(1, 1)
 
-    async def impersonate() -> None:
-        s = await open_stream(host, port, 1 << 26, 5.0, "stage2")
-        try:
-            await client_auth(s, ring.key)
-            await s.send(Frame(FrameType.HELLO, meta=hello_meta(topo.cluster, fingerprint, "stage1", "stage", None)))
-            f = await s.recv(5.0)
-            assert f.type == FrameType.HELLO, f
-            await s.send(bad)
-            await asyncio.sleep(1.0)  # stay connected while the stage computes and reports
-        finally:
-            await s.close()
+    async def talk(s: Any) -> None:
+        await s.send(bad)
+        await asyncio.sleep(1.0)  # stay connected while the stage computes and reports
 
-    real = next(p for p in ring.procs if p.name == "stage1")
-    os.kill(real.proc.pid, signal.SIGSTOP)  # or it reconnects at once and takes its link back
-    try:
-        asyncio.run(impersonate())
-    finally:
-        os.kill(real.proc.pid, signal.SIGCONT)
+    impersonate(ring, tiny_tok_model, "stage1", talk)  # stage2's predecessor
     log = wait_log(ring, "stage2", "could not be computed")
     assert "segment 1 could not be computed" in log, ring_logs(ring)
     log = wait_log(ring, "source", "'stage2' reports")  # forwarded by stage3
