@@ -45,7 +45,7 @@ def _emit(args: argparse.Namespace, text: str, token_ids: list[int], stats: dict
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.topology:
-        from .runtime.commands import generate_on_ring
+        from .commands import generate_on_ring
 
         res = generate_on_ring(args)
         _emit(args, res["text"], res["token_ids"], res["stats"])
@@ -127,7 +127,7 @@ def _add_runtime_commands(sub: Any) -> None:
     """Subcommands that live in the runtime (registered lazily so `generate --model` stays light)."""
     from .bench import add_bench_command
     from .chat import add_chat_command
-    from .runtime.commands import add_commands
+    from .commands import add_commands
 
     add_commands(sub)
     add_chat_command(sub)

@@ -9,8 +9,8 @@ import signal
 import time
 from typing import Any, Awaitable, Callable, TypeVar
 
-from ..config import Topology
-from ..errors import FlowSpecError
+from .config import Topology
+from .errors import FlowSpecError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,9 +42,9 @@ def build_node(topo: Topology, name: str) -> Any:
     """Load what node `name` needs (only its own layers) and return the node object."""
     import torch
 
-    from ..model.config import ModelConfig
-    from ..model.loader import resolve_model
-    from ..model.stage import LMHead, Stage, parse_dtype
+    from .model.config import ModelConfig
+    from .model.loader import resolve_model
+    from .model.stage import LMHead, Stage, parse_dtype
 
     me = topo.node(name)
     key = topo.cluster_key()
@@ -54,16 +54,16 @@ def build_node(topo: Topology, name: str) -> Any:
     layer_bytes = cfg.layer_params() * torch.empty((), dtype=parse_dtype(dtype)).element_size()
     ranges = topo.resolve_layers(cfg.num_layers, layer_bytes)
     if me.is_source:
-        from ..model.tokenizer import Tokenizer
-        from ..spec.drafters import make_drafter
-        from .source_node import SourceNode
+        from .model.tokenizer import Tokenizer
+        from .spec.drafters import make_drafter
+        from .runtime.source_node import SourceNode
 
         drafter = make_drafter(topo.model.drafter.kind, topo.model.drafter.path, cfg.vocab_size, dtype,
                                topo.model.max_context, target_folder=folder)
         head = LMHead.load(folder, dtype=dtype, cfg=cfg)
         return SourceNode(topo, name, key, Tokenizer(folder), head, drafter, cfg.fingerprint(),
                           cfg.num_layers, str(topo.model.target))
-    from .stage_node import StageNode
+    from .runtime.stage_node import StageNode
 
     a, b = ranges[name]
     stage = Stage.load(folder, a, b, dtype=dtype, max_context=topo.model.max_context, cfg=cfg)
@@ -92,7 +92,7 @@ def cmd_node(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         runner = None
         if serve_http:
-            from ..api import start_api
+            from .api import start_api
 
             runner = await start_api(node, topo)  # FlowSpecError: the node does not start
         try:
@@ -159,8 +159,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not args.topology:
         raise FlowSpecError("flowspec up needs a topology file: flowspec up topologies/local.yaml")
 
-    from ..testbed import Testbed, client_topology, local_ring_for
-    from .client import wait_formed
+    from .testbed import Testbed, client_topology, local_ring_for
+    from .runtime.client import wait_formed
 
     topo = load_topology(args)
     console = Console(stderr=False)
@@ -218,8 +218,8 @@ def request_meta(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def generate_on_ring(args: argparse.Namespace) -> dict[str, Any]:
-    from .client import RingClient, wait_formed
-    from .launcher import LocalRing
+    from .runtime.client import RingClient, wait_formed
+    from .runtime.launcher import LocalRing
 
     topo = load_topology(args)
 
@@ -266,7 +266,7 @@ def add_commands(sub: Any) -> None:
     u.add_argument("--drafter", default=None)
     u.add_argument("--max-context", type=int, default=0)
     u.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the ring to form")
-    from ..testbed import add_testbed_args
+    from .testbed import add_testbed_args
 
     add_testbed_args(u)
     u.set_defaults(func=cmd_up)

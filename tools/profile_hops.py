@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
-    from flowspec.runtime.commands import run_async
+    from flowspec.commands import run_async
     from flowspec.testbed import Testbed, client_topology, local_ring_for
 
     from flowspec.runtime.probes import check_probe

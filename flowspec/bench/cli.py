@@ -55,7 +55,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..runtime.client import wait_formed
-    from ..runtime.commands import node_flags, load_topology, run_async
+    from ..commands import node_flags, load_topology, run_async
     from ..testbed import Testbed, client_topology, local_ring_for
 
     if args.plot:
