@@ -255,7 +255,7 @@ def prometheus_text(ctx: ApiContext) -> str:
     metric("ring_formed", "gauge", "1 when the ring is formed and verified", [({}, float(node.ready.is_set()))])
     metric("requests_total", "counter", "generation requests completed on the ring", [({}, m["requests"])])
     metric("request_errors_total", "counter", "generation requests that failed on the ring", [({}, m["errors"])])
-    metric("requests_waiting", "gauge", "requests queued behind the current one", [({}, node.waiting)])
+    metric("requests_waiting", "gauge", "requests queued behind the current one", [({}, node.queued)])
     metric("http_responses_total", "counter", "HTTP responses by endpoint and status",
            [({"endpoint": e, "code": str(s)}, n) for (e, s), n in sorted(c.responses.items())])
     metric("requests_cancelled_total", "counter", "HTTP requests whose client left early", [({}, c.cancelled)])
@@ -417,9 +417,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     # cheap refusals first: nothing is tokenized for a request that cannot be served
     if not node.ready.is_set():
         raise ApiError(503, f"the ring is not available: {node.error or 'it is not formed yet'}", "ring_down")
-    queued = node.waiting + node.preparing
-    if queued >= ctx.topo.api.queue_size:
-        raise ApiError(429, f"the queue is full ({queued} requests waiting); retry later", "queue_full")
+    if node.queued >= ctx.topo.api.queue_size:
+        raise ApiError(429, f"the queue is full ({node.queued} requests waiting); retry later", "queue_full")
     try:
         req = await node.prepare(call.meta)
     except RequestError as e:

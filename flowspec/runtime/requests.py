@@ -126,7 +126,7 @@ def check_request(topo: Topology, tok: Tokenizer, vocab: int, meta: dict[str, An
     sampling = SamplingParams(_num(meta, "temperature", d.temperature, float, 0.0, 100.0),
                               _num(meta, "top_p", d.top_p, float, 1e-9, 1.0),
                               _num(meta, "top_k", d.top_k, int, 0, vocab),
-                              _num({"seed": seed}, "seed", seed, int, SEED_MIN, SEED_MAX))
+                              _num(meta, "seed", seed, int, SEED_MIN, SEED_MAX))
     stop = meta.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]

@@ -325,10 +325,15 @@ class SourceNode:
             raise RingError(f"lost the link to {down.label}: {e}") from None
 
     # ------------------------------------------------------------------ clients
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the ring or being tokenized (what api.queue_size bounds)."""
+        return self.waiting + self.preparing
+
     def status(self) -> dict[str, Any]:
         return {"formed": self.ready.is_set(), "error": self.error, "ring": self.ring,
                 "cluster": self.topo.cluster, "model": self.model_name, "source": self.name,
-                "busy": self._lock.locked(), "waiting": self.waiting + self.preparing}
+                "busy": self._lock.locked(), "waiting": self.queued}
 
     async def _serve_client(self, s: FrameStream, hello: dict[str, Any]) -> None:
         """Binary-protocol clients (`flowspec generate --topology`, `flowspec up`)."""
