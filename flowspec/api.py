@@ -36,6 +36,7 @@ from aiohttp import web
 
 from .config import STRATEGIES
 from .errors import FlowSpecError, RequestError, RingError
+from .runtime.decode import DoneEvent, TokensEvent
 
 if TYPE_CHECKING:
     from .config import Topology
@@ -58,6 +59,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.partial: dict[str, Any] | None = None  # a failed answer's text so far
+        self.retry_after: int | None = None  # seconds a client should wait before trying again (429)
 
 
 @dataclass
@@ -141,6 +143,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         resp = await handler(request)
     except ApiError as e:
         resp = error_response(e.status, e.message, e.code, e.param, e.partial)
+        if e.retry_after is not None:
+            resp.headers["Retry-After"] = str(e.retry_after)
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -230,7 +234,8 @@ def ring_health(node: "SourceNode", topo: "Topology") -> dict[str, Any]:
         nodes.append(entry)
     return {"status": "ok" if formed else "unavailable", "formed": formed, "error": st.get("error"),
             "cluster": st.get("cluster"), "model": str(topo.model.target), "busy": st.get("busy"),
-            "waiting": st.get("waiting"), "nodes": nodes}
+            "active": st.get("active"), "max_active": st.get("max_active"), "waiting": st.get("waiting"),
+            "nodes": nodes}
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -255,7 +260,9 @@ def prometheus_text(ctx: ApiContext) -> str:
     metric("ring_formed", "gauge", "1 when the ring is formed and verified", [({}, float(node.ready.is_set()))])
     metric("requests_total", "counter", "generation requests completed on the ring", [({}, m["requests"])])
     metric("request_errors_total", "counter", "generation requests that failed on the ring", [({}, m["errors"])])
-    metric("requests_waiting", "gauge", "requests queued behind the current one", [({}, node.queued)])
+    metric("requests_active", "gauge", "requests decoding on the ring now", [({}, node.active)])
+    metric("requests_waiting", "gauge", "requests waiting for a place on the ring (or being tokenized)",
+           [({}, node.queued)])
     metric("http_responses_total", "counter", "HTTP responses by endpoint and status",
            [({"endpoint": e, "code": str(s)}, n) for (e, s), n in sorted(c.responses.items())])
     metric("requests_cancelled_total", "counter", "HTTP requests whose client left early", [({}, c.cancelled)])
@@ -418,7 +425,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if not node.ready.is_set():
         raise ApiError(503, f"the ring is not available: {node.error or 'it is not formed yet'}", "ring_down")
     if node.queued >= ctx.topo.api.queue_size:
-        raise ApiError(429, f"the queue is full ({node.queued} requests waiting); retry later", "queue_full")
+        err = ApiError(429, f"the queue is full: {node.active} requests are decoding (decoding.max_active) and "
+                       f"{node.queued} wait (api.queue_size); retry later", "queue_full")
+        err.retry_after = _retry_after(node)
+        raise err
     try:
         req = await node.prepare(call.meta)
     except RequestError as e:
@@ -439,19 +449,27 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             return await _stream(request, ctx, call, meta, gen, first)
         done = first
         try:
-            while done.get("type") != "done":
+            while not isinstance(done, DoneEvent):
                 done = await gen.__anext__()
         except RingError as e:
             raise _ring_failed(e) from None
-    ctx.counters.completion_tokens += len(done["token_ids"])
+    ctx.counters.completion_tokens += len(done.token_ids)
     return web.json_response({
         "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": done["text"]},
-                     "logprobs": None, "finish_reason": done["finish_reason"]}],
-        "usage": meta.usage(len(done["token_ids"])),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
+                     "logprobs": None, "finish_reason": done.finish_reason}],
+        "usage": meta.usage(len(done.token_ids)),
         "system_fingerprint": None,
-        "flowspec": _public_stats(done["stats"]),
+        "flowspec": _public_stats(done.stats),
     })
+
+
+def _retry_after(node: "SourceNode") -> int:
+    """Seconds until a place in the queue is likely to free up: the mean time of the
+    requests served so far (5 s before the first one), at least 1."""
+    m = node.metrics
+    mean = m["decode_s"] / m["requests"] if m["requests"] else 5.0
+    return max(1, math.ceil(mean))
 
 
 def _ring_failed(e: RingError) -> ApiError:
@@ -485,7 +503,7 @@ class _Reply:
 
 
 async def _stream(request: web.Request, ctx: ApiContext, call: ChatCall, meta: _Reply, gen: Any,
-                  first: dict[str, Any]) -> web.StreamResponse:
+                  first: TokensEvent | DoneEvent) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
@@ -499,22 +517,22 @@ async def _stream(request: web.Request, ctx: ApiContext, call: ChatCall, meta: _
     try:
         await send(meta.chunk({"role": "assistant", "content": ""}))
         while True:
-            if ev.get("type") == "done":
-                final = ev["text"]
+            if isinstance(ev, DoneEvent):
+                final = ev.text
                 rest = final[len(sent):] if final.startswith(sent) else ""
                 if rest:
                     await send(meta.chunk({"content": rest}))
-                n = len(ev["token_ids"])
+                n = len(ev.token_ids)
                 ctx.counters.completion_tokens += n
-                await send(meta.chunk({}, ev["finish_reason"], flowspec=_public_stats(ev["stats"])))
+                await send(meta.chunk({}, ev.finish_reason, flowspec=_public_stats(ev.stats)))
                 if call.include_usage:
                     await send({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
                                 "model": meta.model, "choices": [], "usage": meta.usage(n)})
                 break
-            delta = ev.get("text") or ""
+            delta = ev.text
             if delta:
                 sent += delta
-                await send(meta.chunk({"content": delta}, flowspec=ev.get("live")))
+                await send(meta.chunk({"content": delta}, flowspec=ev.live))
             try:
                 ev = await gen.__anext__()
             except RingError as e:

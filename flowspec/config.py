@@ -58,7 +58,7 @@ _MODEL_KEYS = ("target", "drafter", "dtype", "max_context", "num_layers")
 _NODE_KEYS = ("name", "host", "port", "role", "layers", "memory_gb", "speed")
 _API_KEYS = ("host", "port", "api_key_env", "api_key_file", "queue_size")
 _DECODING_KEYS = ("strategy", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "tree",
-                  "prefill_chunk")
+                  "prefill_chunk", "max_active")
 _TREE_KEYS = ("depth", "top_k", "total", "segment", "expand", "in_flight")
 _SECURITY_KEYS = ("key_env", "key_file", "max_frame_mb", "read_timeout_s", "heartbeat_s", "dead_after_s")
 _TESTBED_KEYS = ("link", "links", "cpu_quota", "cpu_period_ms", "threads", "cpus")
@@ -154,6 +154,7 @@ class DecodingSpec:
     seed: int | None = None  # sampling seed, None = random
     tree: TreeSpec = field(default_factory=TreeSpec)  # speculative tree shape
     prefill_chunk: int = 256  # prompt tokens per prefill segment (>= 1)
+    max_active: int = 4  # requests decoding on the ring at once, 1..64 (every stage holds a KV cache for each)
 
 
 @dataclass(frozen=True)
@@ -717,6 +718,8 @@ class _Parser:
             tree=self.tree(d.get("tree")),
             prefill_chunk=self.number(d.get("prefill_chunk", dflt.prefill_chunk),
                                       "decoding.prefill_chunk", integer=True, lo=1),
+            max_active=self.number(d.get("max_active", dflt.max_active), "decoding.max_active",
+                                   integer=True, lo=1, hi=64),
         )
 
     def tree(self, v: Any) -> TreeSpec:

@@ -37,7 +37,9 @@ MAX_TOKENS = 24
 @pytest.fixture(scope="module")
 def api_ring(tiny_tok_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     folder = tmp_path_factory.mktemp("api_ring")
-    path = write_topology(folder, 3, tiny_tok_model, strategy="flowspec", max_context=1024)
+    # one request decodes at a time here, so that the queue (and its 429) can be tested
+    path = write_topology(folder, 3, tiny_tok_model, strategy="flowspec", max_context=1024,
+                          decoding={"max_active": 1})
     key_file = folder / "api.key"
     key_file.write_text(API_KEY + "\n")
     data = yaml.safe_load(path.read_text())

@@ -213,3 +213,37 @@ def test_source_turnaround_from_the_trace() -> None:
     gaps = respond_gaps({"trace": trace})
     assert [round(g, 3) for g in gaps] == [0.004, 0.03]
     assert respond_gaps({}) == []
+
+
+@pytest.mark.slow
+def test_bench_concurrency_levels(tiny_tok_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """--concurrency 2: every strategy at 1 and 2 requests at once; the answers equal their
+    solo answers (float32, greedy), every figure is in the JSON and the table."""
+    topo = write_topology(tmp_path, 3, tiny_tok_model)
+    for k, v in {KEY_ENV: new_key(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                 "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(k, v)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in (
+        "Tell me a story about a cat.", "Why is the sky blue?", "Name three rivers.")))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--topology", str(topo), "--prompts", str(prompts), "--strategies",
+                 "autoregressive,flowspec", "--max-new-tokens", "12", "--warmup", "0", "--threads", "1",
+                 "--dtype", "float32", "--no-emulate", "--concurrency", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "N requests at once" in printed
+    report = json.loads(out.read_text())
+    conc = report["concurrency"]
+    assert set(conc) == {"autoregressive", "flowspec"}
+    for name, levels in conc.items():
+        assert set(levels) == {"1", "2"}
+        for n, d in levels.items():
+            assert d["requests"] == 3 and d["tokens"] > 0 and d["aggregate_tokens_per_s"] > 0
+            assert d["same_as_alone"] == "3/3", (name, n, d)
+            assert d["x_sequential"] > 0 and d["ttft_s"]["median"] > 0
+            assert set(d["stage_busy"]) == {"stage1", "stage2"}
+            assert all(0 < v <= 1 for v in d["stage_busy"].values()), d["stage_busy"]
+        assert levels["1"]["x_sequential"] == 1.0
+    # the level-1 requests also fill the usual per-strategy report
+    assert report["strategies"]["flowspec"]["requests"] == 3 and report["agreement"]["all_agree"]

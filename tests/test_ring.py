@@ -493,6 +493,7 @@ def test_segment_a_stage_cannot_compute_is_reported_and_ring_recovers(ring4: Any
     bad = SegmentMsg([0, 1], [-1, 0], [0, 1], hidden=torch.ones(2, 7, dtype=torch.int64)).to_frame(1, 1)
 
     async def talk(s: Any) -> None:
+        await s.send(Frame(FrameType.RESET, 1))  # opens request 1's KV cache, as the source would
         await s.send(bad)
         await asyncio.sleep(1.0)  # stay connected while the stage computes and reports
 

@@ -59,15 +59,7 @@ class Options:
 # ------------------------------------------------------------------------ measuring
 async def probe(client: Any, meta: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
     """One profiler probe through the source (see flowspec/runtime/probes.py)."""
-    from flowspec.runtime.protocol import Frame, FrameType
-
-    await client.s.send(Frame(FrameType.PROBE, 1, meta=meta))
-    while True:
-        f = await client.s.recv(timeout)
-        if f.type == FrameType.PROBE:
-            return f.meta
-        if f.type == FrameType.ERROR:
-            raise FlowSpecError(f"the {meta.get('op')} probe failed: {f.meta.get('message')}")
+    return await client.probe(meta, timeout)
 
 
 async def profile(topo: Topology, key: bytes, opts: Options, alive: Callable[[], None] | None = None

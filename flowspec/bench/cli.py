@@ -12,6 +12,9 @@ Per strategy: decode tokens/s (excluding prefill) and end to end, speedups over
 ``autoregressive`` and ``chunked``, mean accepted tokens per verification, tau, stage
 busy fractions, the source's time split and bytes per hop; at temperature 0 it checks
 that every strategy produced the same tokens.
+
+With ``--concurrency 1,2,4`` every strategy decodes the prompts with N requests at once,
+for each N (see flowspec/bench/concurrent.py).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ..errors import FlowSpecError
 from .options import BenchOptions
 from .output import check_plot_available, plot_report, print_report
 from .prompts import MTBENCH, load_prompts, parse_strategies
+from .concurrent import level_records, parse_levels, print_levels, run_levels, summarize_levels
 from .run import run_requests
 from .summary import build_report
 
@@ -68,6 +72,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if join and args.emulate:
         raise FlowSpecError("--emulate starts a ring; it cannot be combined with --join / --url")
     strategies = parse_strategies(args.strategies)
+    levels = parse_levels(args.concurrency) if args.concurrency else ()
     prompts = load_prompts(args.prompts, args.field, args.limit)
     topo = load_topology(args)
     opts = BenchOptions(strategies, tuple(prompts), args.max_new_tokens, args.temperature, args.seed,
@@ -94,7 +99,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             ctopo = _joined_topology(topo, args.url)
             alive = None
         run_async(lambda: wait_formed(ctopo, key, args.timeout, alive))
-        total = len(opts.prompts) * len(strategies) + opts.warmup * len(strategies)
+        total = len(opts.prompts) * len(strategies) * max(1, len(levels)) + opts.warmup * len(strategies)
         with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=err, transient=False) as bar:
             task = bar.add_task("bench", total=total)
@@ -102,7 +107,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             def progress(what: str, finished: int) -> None:
                 bar.update(task, description=what, advance=finished)
 
-            status, records = run_async(lambda: run_requests(ctopo, key, opts, progress))
+            if levels:
+                status, phases = run_async(lambda: run_levels(ctopo, key, opts, levels, progress))
+                records = level_records(phases)
+            else:
+                status, records = run_async(lambda: run_requests(ctopo, key, opts, progress))
             bar.update(task, completed=total, description="done")
     except KeyboardInterrupt:
         err.print("bench interrupted; stopping the ring ...")
@@ -115,7 +124,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           testbed=ring.describe() if isinstance(ring, Testbed) else None,
                           cpu_caps=ring.cpu_report() if isinstance(ring, Testbed) else None,
                           prompts_source=args.prompts)
-    print_report(report, out)
+    if levels:
+        stages = [r.get("name") for r in report["ring"]]
+        report["concurrency"] = summarize_levels(phases, stages, opts.temperature)
+        if 1 in levels:
+            print_report(report, out)
+        print_levels(report["concurrency"], out, f"flowspec bench: {topo.cluster}, {len(opts.prompts)} prompts x "
+                     f"{opts.max_new_tokens} new tokens, N requests at once")
+    else:
+        print_report(report, out)
     if args.json:
         try:
             Path(args.json).write_text(json.dumps(report, indent=1))
@@ -146,6 +163,9 @@ def add_bench_command(sub: Any) -> None:
     b.add_argument("--json", default=None, metavar="OUT", help="write the full data as JSON")
     b.add_argument("--plot", default=None, metavar="OUT.png", help="bar chart and timelines (matplotlib)")
     b.add_argument("--keep-traces", action="store_true", help="keep every request's trace in --json")
+    b.add_argument("--concurrency", default=None, metavar="N[,N...]",
+                   help="run every strategy with N requests at once, for each N (e.g. 1,2,4,8): aggregate "
+                        "tokens/s, per-request rates, time to first token, stage busy (see decoding.max_active)")
     b.add_argument("--join", action="store_true", help="use the running ring of the topology")
     b.add_argument("--url", default=None, metavar="HOST:PORT",
                    help="use a running ring whose source listens at HOST:PORT (implies --join)")

@@ -8,6 +8,7 @@ both faster and more exact for the short queries of decoding.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -109,27 +110,53 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """x: [n, hidden]. Writes the new keys/values at `slots`, attends over cache[:span]
         with the boolean `mask` [n, span] (True = may attend)."""
+        return self.forward_groups(x, cos, sin, [CacheRows(x.shape[0], k_cache, v_cache, slots, span, mask)])
+
+    def forward_groups(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       groups: "list[CacheRows]") -> torch.Tensor:
+        """Rows of several sequences at once: x [n, hidden] is the groups' rows one after
+        another; every group attends over its own cache. The projections and the MLP (the
+        weights, which dominate a step's memory traffic) run once for all rows."""
         cfg = self.cfg
         n = x.shape[0]
         h = self.input_norm(x)
-        cdt = k_cache.dtype
+        cdt = groups[0].k_cache.dtype
         q = self.q_proj(h).to(cdt).view(n, cfg.num_heads, cfg.head_dim).transpose(0, 1)
         k = self.k_proj(h).to(cdt).view(n, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
         v = self.v_proj(h).to(cdt).view(n, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        k_cache[:, slots] = k
-        v_cache[:, slots] = v
-        keys = k_cache[:, :span]
-        vals = v_cache[:, :span]
         g = cfg.num_heads // cfg.num_kv_heads
-        # grouped-query attention without copying keys: the g query heads that share a kv
-        # head are stacked as extra query rows of that head
-        qg = q.reshape(cfg.num_kv_heads, g * n, cfg.head_dim)
-        m = mask.repeat(g, 1) if g > 1 else mask
-        att = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=m[None])
-        att = att.view(cfg.num_heads, n, cfg.head_dim).transpose(0, 1).reshape(n, cfg.num_heads * cfg.head_dim)
-        att = att.to(x.dtype)
+        outs: list[torch.Tensor] = []
+        a = 0
+        for grp in groups:
+            b = a + grp.rows
+            qi, ki, vi = (q, k, v) if len(groups) == 1 else (q[:, a:b], k[:, a:b], v[:, a:b])
+            grp.k_cache[:, grp.slots] = ki
+            grp.v_cache[:, grp.slots] = vi
+            keys = grp.k_cache[:, :grp.span]
+            vals = grp.v_cache[:, :grp.span]
+            # grouped-query attention without copying keys: the g query heads that share a kv
+            # head are stacked as extra query rows of that head
+            m = grp.rows
+            qg = qi.reshape(cfg.num_kv_heads, g * m, cfg.head_dim)
+            mk = grp.mask.repeat(g, 1) if g > 1 else grp.mask
+            att = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mk[None])
+            outs.append(att.view(cfg.num_heads, m, cfg.head_dim).transpose(0, 1).reshape(m, cfg.num_heads * cfg.head_dim))
+            a = b
+        att = (outs[0] if len(outs) == 1 else torch.cat(outs)).to(x.dtype)
         x = x + self.o_proj(att)
         h = self.post_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+@dataclass
+class CacheRows:
+    """One sequence's rows in a grouped layer pass: where they go in its cache, whom they see."""
+
+    rows: int  # how many consecutive rows of the batch are this sequence's
+    k_cache: torch.Tensor  # [kv_heads, capacity, head_dim] of this layer
+    v_cache: torch.Tensor
+    slots: torch.Tensor  # long [rows]: cache slot of each row
+    span: int  # attention runs over slots [0, span)
+    mask: torch.Tensor  # bool [rows, span]: True where a row may attend

@@ -12,6 +12,7 @@ compact: it moves live slots to the front whenever dropped nodes leave too many 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -178,3 +179,53 @@ class KVCache:
         self.span = len(order)
         self._committed_mask.zero_()
         self._committed_mask[: len(self.committed)] = True
+
+
+class CachePool:
+    """KV caches for the requests a stage serves at once, allocated up front.
+
+    A request opens a cache (RESET), uses it by its id, and closes it (FREE) when it ends.
+    When every cache is taken and another request opens one, the cache used least
+    recently is taken over: the source admits at most as many requests as a pool holds,
+    so such a cache belongs to a request that ended without a FREE (a source that
+    restarted, a link that broke), and reusing it keeps the stage from filling up."""
+
+    def __init__(self, caches: list[KVCache]) -> None:
+        if not caches:
+            raise ValueError("a cache pool needs at least one cache")
+        self.size = len(caches)
+        self._free = list(reversed(caches))  # the first one is handed out first
+        self._used: OrderedDict[int, KVCache] = OrderedDict()  # request id -> cache, least recent first
+
+    def open(self, rid: int) -> tuple[KVCache, int | None]:
+        """A fresh cache for request `rid`; also returns the id of a request whose cache was taken over."""
+        evicted = None
+        cache = self._used.pop(rid, None)
+        if cache is None:
+            if self._free:
+                cache = self._free.pop()
+            else:
+                evicted, cache = self._used.popitem(last=False)
+        cache.reset()
+        self._used[rid] = cache
+        return cache, evicted
+
+    def get(self, rid: int) -> KVCache | None:
+        cache = self._used.get(rid)
+        if cache is not None:
+            self._used.move_to_end(rid)
+        return cache
+
+    def close(self, rid: int) -> bool:
+        """Free request `rid`'s cache; False when it had none."""
+        cache = self._used.pop(rid, None)
+        if cache is None:
+            return False
+        cache.reset()
+        self._free.append(cache)
+        return True
+
+    @property
+    def active(self) -> list[int]:
+        """Request ids holding a cache, least recently used first."""
+        return list(self._used)

@@ -41,6 +41,10 @@ class LocalPipeline:
         ]
         return cls(cfg, stages, LMHead.load(folder, dtype=dtype, cfg=cfg))
 
+    def fork(self) -> "LocalPipeline":
+        """The same model (weights shared) with KV caches of its own: another sequence."""
+        return LocalPipeline(self.cfg, [s.fork() for s in self.stages], self.head)
+
     def reset(self) -> None:
         for s in self.stages:
             s.reset()

@@ -8,16 +8,17 @@ segments, in the order they arrive.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import ModelError
-from .blocks import DecoderLayer, RMSNorm, rope_cos_sin, rope_inv_freq
+from ..errors import FlowSpecError, ModelError
+from .blocks import CacheRows, DecoderLayer, RMSNorm, rope_cos_sin, rope_inv_freq
 from .config import ModelConfig
-from .kvcache import KVCache
+from .kvcache import KVCache, SegmentPlan
 from .loader import EMBED, NORM, WeightStore, layer_tensor_names, lm_head_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -135,19 +136,99 @@ class Stage(nn.Module):
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
-    # ------------------------------------------------------------------ API
-    def reset(self) -> None:
-        self.cache.reset()
+    def new_cache(self, max_context: int | None = None) -> KVCache:
+        """An empty KV cache for this stage's layers (one per request the stage serves)."""
+        c = self.cache
+        return KVCache(self.end - self.start, self.cfg.num_kv_heads, self.cfg.head_dim,
+                       max_context or c.capacity, c.keys[0].dtype)
 
-    def apply_update(self, commit: list[int], drop: list[int]) -> None:
+    def fork(self) -> "Stage":
+        """The same layers (weights shared, not copied) with a KV cache of its own."""
+        clone = copy.copy(self)
+        clone.cache = self.new_cache()
+        return clone
+
+    # ------------------------------------------------------------------ API
+    def reset(self, cache: KVCache | None = None) -> None:
+        (cache or self.cache).reset()
+
+    def apply_update(self, commit: list[int], drop: list[int], cache: KVCache | None = None) -> None:
         """A tree update from the source: drop rejected nodes, then commit the accepted path."""
+        cache = cache or self.cache
         if drop:
-            self.cache.drop(drop)
+            cache.drop(drop)
         if commit:
-            self.cache.commit(commit)
+            cache.commit(commit)
+
+    def forward(self, seg: Segment, cache: KVCache | None = None) -> StageOutput:  # type: ignore[override]
+        out = self.forward_many([(seg, cache or self.cache)])[0]
+        if isinstance(out, FlowSpecError):
+            raise out
+        return out
 
     @torch.inference_mode()
-    def forward(self, seg: Segment) -> StageOutput:  # type: ignore[override]
+    def forward_many(self, items: list[tuple[Segment, KVCache]]) -> list[StageOutput | FlowSpecError]:
+        """Several segments in one pass: the weights are read once for all their rows.
+
+        Segments of different requests (caches) attend only to their own cache; segments
+        that share a cache are planned together, in order, as one segment (a later one may
+        name parents in an earlier one). Returns one output per segment, or the error that
+        made that segment (and the others of its cache in this batch) unusable."""
+        results: list[StageOutput | FlowSpecError | None] = [None] * len(items)
+        by_cache: dict[int, list[int]] = {}
+        for i, (_, cache) in enumerate(items):
+            by_cache.setdefault(id(cache), []).append(i)
+        groups: list[tuple[KVCache, list[int], list[int], SegmentPlan]] = []  # cache, items, offsets, plan
+        xs: list[torch.Tensor] = []
+        positions: list[int] = []
+        for idxs in by_cache.values():
+            cache = items[idxs[0]][1]
+            try:
+                datas = [self._inputs(items[i][0]) for i in idxs]
+                ids = [n for i in idxs for n in items[i][0].node_ids]
+                parents = [p for i in idxs for p in items[i][0].parent_ids]
+                plan = cache.plan(ids, parents)
+            except FlowSpecError as e:
+                for i in idxs:
+                    results[i] = e
+                continue
+            offsets = [0]
+            for i in idxs:
+                offsets.append(offsets[-1] + len(items[i][0]))
+            data = datas[0] if len(datas) == 1 else torch.cat(datas)
+            keep = plan.keep
+            xs.append(data[keep] if len(keep) != data.shape[0] else data)
+            allpos = [p for i in idxs for p in items[i][0].positions]
+            positions += [allpos[r] for r in keep]
+            groups.append((cache, idxs, offsets, plan))
+        if groups:
+            x = xs[0] if len(xs) == 1 else torch.cat(xs)
+            x = self.embed(x) if self.first else x
+            live = [g for g in groups if g[3].keep]
+            if live:
+                cos, sin = rope_cos_sin(self.inv_freq, torch.tensor(positions, dtype=torch.long))
+                for j, layer in enumerate(self.layers):
+                    x = layer.forward_groups(x, cos, sin, [
+                        CacheRows(len(p.keep), c.keys[j], c.values[j], p.slots, p.span, p.mask)
+                        for c, _, _, p in live])
+                if self.norm is not None:
+                    x = self.norm(x)
+            row = 0
+            for _, idxs, offsets, plan in groups:
+                keep = plan.keep
+                for k, i in enumerate(idxs):
+                    seg = items[i][0]
+                    a, b = offsets[k], offsets[k + 1]
+                    rows = [r for r, m in enumerate(keep) if a <= m < b]
+                    local = [keep[r] - a for r in rows]
+                    h = x[row + rows[0]: row + rows[-1] + 1] if rows else x[:0]
+                    results[i] = StageOutput([seg.node_ids[m] for m in local], [seg.parent_ids[m] for m in local],
+                                             [seg.positions[m] for m in local], h)
+                row += len(keep)
+        return results  # type: ignore[return-value]
+
+    def _inputs(self, seg: Segment) -> torch.Tensor:
+        """The segment's token ids (first stage) or activations, checked against its node count."""
         if self.first and seg.tokens is None:
             raise ModelError("the first stage needs token ids")
         if not self.first and seg.hidden is None:
@@ -158,21 +239,14 @@ class Stage(nn.Module):
         if data.shape[0] != n or len(seg.positions) != n:
             raise ModelError(f"a segment of {n} nodes came with {data.shape[0]} inputs and "
                              f"{len(seg.positions)} positions")
-        plan = self.cache.plan(seg.node_ids, seg.parent_ids)
-        keep = plan.keep
-        ids = [seg.node_ids[i] for i in keep]
-        parents = [seg.parent_ids[i] for i in keep]
-        positions = [seg.positions[i] for i in keep]
-        x = data[keep] if len(keep) != n else data
-        x = self.embed(x) if self.first else x.to(self.dtype)
-        if not keep:
-            return StageOutput(ids, parents, positions, x[:0])
-        cos, sin = rope_cos_sin(self.inv_freq, torch.tensor(positions, dtype=torch.long))
-        for j, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, self.cache.keys[j], self.cache.values[j], plan.slots, plan.span, plan.mask)
-        if self.norm is not None:
-            x = self.norm(x)
-        return StageOutput(ids, parents, positions, x)
+        if self.first:
+            if n and (int(data.min()) < 0 or int(data.max()) >= self.cfg.vocab_size):
+                raise ModelError(f"token ids must lie in 0..{self.cfg.vocab_size - 1}")
+            return data
+        if data.dim() != 2 or data.shape[1] != self.cfg.hidden_size:
+            raise ModelError(f"activations of shape {list(data.shape)} do not fit this stage, which "
+                             f"expects [{n}, {self.cfg.hidden_size}]")
+        return data.to(self.dtype)
 
 
 class LMHead(nn.Module):

@@ -67,6 +67,16 @@ class RingClient:
                                     f"failure: {shown!r}", partial)
                 raise FlowSpecError(msg)
 
+    async def probe(self, meta: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
+        """One ring probe through the source (see probes.py): its answer."""
+        await self.s.send(Frame(FrameType.PROBE, 1, meta=meta))
+        while True:
+            f = await self.s.recv(timeout)
+            if f.type == FrameType.PROBE:
+                return f.meta
+            if f.type == FrameType.ERROR:
+                raise FlowSpecError(f"the {meta.get('op')} probe failed: {f.meta.get('message')}")
+
     async def cancel(self) -> None:
         await self.s.send(Frame(FrameType.CANCEL))
 

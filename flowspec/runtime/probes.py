@@ -16,6 +16,8 @@ record to ``results`` and forwards the frame:
   the round trip over the payload size (least squares over the sizes).
 * ``bench``: the stage times segments of n tokens (a chain after a committed context of
   ``context`` tokens), then resets its KV cache; every request starts with RESET anyway.
+* ``caches``: the stage lists the request ids that hold one of its KV caches (a request
+  holds one from its RESET to its FREE), and how many it has.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ ECHO = "echo"  # ask the successor for an immediate reply on the same link
 ECHO_REPLY = "echo_reply"  # the successor's answer to an echo
 LINKS = "links"  # ring probe: every node measures the link to its successor
 BENCH = "bench"  # ring probe: every stage times segments of several sizes
-OPS = (LINKS, BENCH)
+CACHES = "caches"  # ring probe: every stage lists the requests that hold a KV cache there
+OPS = (LINKS, BENCH, CACHES)
 DEFAULT_ECHO_SIZES = (0, 16 << 10, 64 << 10, 256 << 10, 1 << 20)  # payload bytes per echo
 DEFAULT_BENCH_SIZES = (1, 2, 4, 8, 16, 32, 64)  # tokens per timed segment
 MAX_REPS = 50  # repetitions per size, at most
@@ -113,7 +116,7 @@ class ProbeDesk:
 
     # ------------------------------------------------------------------- stages
     async def on_ring_probe(self, f: Frame, s: FrameStream | None, succ: str, layers: tuple[int, int],
-                            bench: Bench) -> Frame:
+                            bench: Bench, caches: Callable[[], dict[str, Any]] | None = None) -> Frame:
         """A stage's part of a ring probe: measure, append the record, return the frame to forward."""
         kind = f.meta.get("kind")
         sizes, reps = f.meta.get("sizes") or [], int(f.meta.get("reps") or 1)
@@ -127,6 +130,8 @@ class ProbeDesk:
             except Exception as e:  # a failed benchmark is reported, never fatal to the stage
                 log.warning("%s: benchmark failed: %s", self.name, e)
                 rec["error"] = f"the benchmark failed on {self.name!r}: {e}"
+        elif kind == CACHES and caches is not None:
+            rec = {"node": self.name, **caches()}
         else:
             return f
         results = list(f.meta.get("results") or []) + [rec]

@@ -48,8 +48,9 @@ class FrameType(IntEnum):
     REJECT = 5  # handshake refused, with a reason
     SEGMENT = 10  # tree nodes + token ids or activations, forward along the ring
     UPDATE = 11  # commit ids + drop ids, in band, forward along the ring
-    RESET = 12  # a new request starts: forget the KV cache
+    RESET = 12  # a request starts: every stage opens a fresh KV cache for its request id
     FORM = 13  # ring formation probe: each stage appends its description
+    FREE = 14  # a request ended (done, failed or cancelled): its KV caches are freed
     HEARTBEAT = 20  # liveness, both directions of every link
     PROBE = 21  # profiler probe: passes around the ring untouched (payload of any size)
     ERROR = 30  # a node reports a failure (travels toward the source)

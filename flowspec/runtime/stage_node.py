@@ -6,10 +6,12 @@ import asyncio
 import concurrent.futures
 import logging
 import time
+from collections import deque
 from typing import Any
 
 from ..config import Topology
-from ..errors import FlowSpecError
+from ..errors import FlowSpecError, ModelError
+from ..model.kvcache import CachePool
 from ..model.stage import Segment, Stage
 from .protocol import Frame, FrameType, ProtocolError, SegmentMsg, UpdateMsg
 from .links import RingLinks
@@ -31,7 +33,8 @@ class StageNode:
                                self._from_downstream, self._peer_dead)
         # one worker thread: segments are computed in order, off the event loop
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-compute")
-        self._request = 0
+        # one KV cache per request being decoded (decoding.max_active), allocated up front
+        self.caches = CachePool([stage.cache] + [stage.new_cache() for _ in range(topo.decoding.max_active - 1)])
         self.probes = ProbeDesk(name, topo.security.read_timeout_s)  # profiler probes (see probes.py)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -43,9 +46,10 @@ class StageNode:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ errors
-    async def _report(self, message: str, direction: str = "fwd") -> None:
-        """Send an error toward the source: forward if we can, else back upstream."""
-        f = Frame(FrameType.ERROR, self._request, meta={"node": self.name, "message": message,
+    async def _report(self, message: str, rid: int = 0, direction: str = "fwd") -> None:
+        """Send an error toward the source (about request `rid`, 0: the ring): forward if we
+        can, else back upstream."""
+        f = Frame(FrameType.ERROR, rid, meta={"node": self.name, "message": message,
                                                          "dir": direction})
         target = self.links.downstream if direction == "fwd" else self.links.upstream
         if target is None and direction == "fwd":
@@ -59,7 +63,7 @@ class StageNode:
     async def _peer_dead(self, who: str, reason: str) -> None:
         msg = f"node {who!r} is unreachable from {self.name!r}: {reason}"
         # a dead successor can only be reported back upstream; a dead predecessor forward
-        await self._report(msg, "back" if who == self.links.succ.name else "fwd")
+        await self._report(msg, 0, "back" if who == self.links.succ.name else "fwd")
 
     async def _from_downstream(self, f: Frame) -> None:
         if self.probes.on_reply(f):
@@ -75,7 +79,7 @@ class StageNode:
     async def _serve_upstream(self, s: FrameStream, hello: dict[str, Any]) -> None:
         """Read frames as they come (so heartbeats are never stuck behind compute); a worker
         applies them strictly in order."""
-        work: asyncio.Queue[tuple[Frame, float] | None] = asyncio.Queue()
+        work = WorkQueue()
         worker = asyncio.create_task(self._work(work))
         try:
             while not worker.done():
@@ -84,19 +88,19 @@ class StageNode:
                     await self.probes.answer_echo(s, f)
                     continue
                 if f.type != FrameType.HEARTBEAT:
-                    work.put_nowait((f, time.time()))
+                    work.put((f, time.time()))
         except ProtocolError as e:
             log.warning("%s: closing the link from %s: %s", self.name, s.label, e)
         except PeerGone as e:
             log.warning("%s: %s", self.name, self.links.gone_message(s.label, str(e)))
         finally:
-            work.put_nowait(None)
+            work.put(None)
             try:
                 await worker
             except ProtocolError as e:
                 log.warning("%s: closing the link from %s: %s", self.name, s.label, e)
 
-    async def _work(self, work: "asyncio.Queue[tuple[Frame, float] | None]") -> None:
+    async def _work(self, work: "WorkQueue") -> None:
         loop = asyncio.get_running_loop()
         while True:
             item = await work.get()
@@ -104,18 +108,35 @@ class StageNode:
                 return
             f, t_recv = item
             if f.type == FrameType.SEGMENT:
-                await self._segment(loop, f, SegmentMsg.from_frame(f), t_recv)
+                # the segments waiting right behind this one (any request) run in the same pass
+                batch = [(f, SegmentMsg.from_frame(f), t_recv)]
+                rows = len(batch[0][1].node_ids)
+                while rows < BATCH_ROWS and (nxt := work.peek()) is not None and nxt[0].type == FrameType.SEGMENT:
+                    g, t = work.get_nowait()
+                    msg = SegmentMsg.from_frame(g)
+                    batch.append((g, msg, t))
+                    rows += len(msg.node_ids)
+                await self._segments(loop, batch)
             elif f.type == FrameType.UPDATE:
                 u = UpdateMsg.from_frame(f)
+                cache = self.caches.get(f.request_id)
                 try:
-                    self.stage.apply_update(u.commit, u.drop)
+                    if cache is None:
+                        raise FlowSpecError(f"request {f.request_id} has no KV cache here (no RESET came before)")
+                    self.stage.apply_update(u.commit, u.drop, cache)
                 except FlowSpecError as e:
-                    await self._report(f"tree update failed on {self.name!r}: {e}")
+                    await self._report(f"tree update failed on {self.name!r}: {e}", f.request_id)
                 if not self.succ_is_source:
                     await self._forward(f)
             elif f.type == FrameType.RESET:
-                self._request = f.request_id
-                self.stage.reset()
+                _, evicted = self.caches.open(f.request_id)
+                if evicted is not None:
+                    log.info("%s: request %d took over the KV cache of request %d, which never ended "
+                             "(all %d caches were taken)", self.name, f.request_id, evicted, self.caches.size)
+                if not self.succ_is_source:
+                    await self._forward(f)
+            elif f.type == FrameType.FREE:
+                self.caches.close(f.request_id)
                 if not self.succ_is_source:
                     await self._forward(f)
             elif f.type == FrameType.FORM:
@@ -123,39 +144,61 @@ class StageNode:
                 host, port = self.links.me.address
                 ring.append({"name": self.name, "address": f"{host}:{port}",
                              "layers": list(self.layers), "weight_bytes": self.stage.weight_bytes(),
-                             "params": self.stage.num_params(), "threads": _threads()})
+                             "params": self.stage.num_params(), "threads": _threads(),
+                             "caches": self.caches.size})
                 await self._forward(Frame(FrameType.FORM, f.request_id, f.seq, dict(f.meta, ring=ring)))
             elif f.type == FrameType.PROBE:
                 await self._forward(await self.probes.on_ring_probe(
-                    f, self.links.downstream, self.links.succ.name, self.layers, self._bench))
-            elif f.type in (FrameType.PROBE, FrameType.ERROR):
+                    f, self.links.downstream, self.links.succ.name, self.layers, self._bench,
+                    lambda: {"requests": self.caches.active, "caches": self.caches.size}))
+            elif f.type == FrameType.ERROR:
                 await self._forward(f)
             else:
                 raise ProtocolError(f"unexpected {f.type.name} frame from the predecessor")
 
-    async def _segment(self, loop: asyncio.AbstractEventLoop, f: Frame, msg: SegmentMsg, t_recv: float) -> None:
-        seg = Segment(msg.node_ids, msg.parent_ids, msg.positions, tokens=msg.tokens, hidden=msg.hidden)
+    async def _segments(self, loop: asyncio.AbstractEventLoop,
+                        batch: list[tuple[Frame, SegmentMsg, float]]) -> None:
+        """Compute a batch of segments in one pass and forward each one's rows, in arrival order."""
+        items: list[tuple[Segment, Any]] = []
+        runnable: list[int] = []
+        for i, (f, msg, _) in enumerate(batch):
+            cache = self.caches.get(f.request_id)
+            if cache is None:
+                await self._report(f"segment failed on {self.name!r}: request {f.request_id} has no KV cache "
+                                   "here (no RESET came before)", f.request_id)
+                continue
+            items.append((Segment(msg.node_ids, msg.parent_ids, msg.positions, tokens=msg.tokens,
+                                  hidden=msg.hidden), cache))
+            runnable.append(i)
+        if not items:
+            return
 
-        def compute() -> tuple[Any, float, float]:
+        def compute() -> tuple[list[Any], float, float]:
             t0 = time.time()
-            out = self.stage(seg)
-            return out, t0, time.time()
+            outs = self.stage.forward_many(items)
+            return outs, t0, time.time()
 
         try:
-            out, t_start, t_end = await loop.run_in_executor(self._pool, compute)
-        except FlowSpecError as e:
-            await self._report(f"segment failed on {self.name!r}: {e}")
+            outs, t_start, t_end = await loop.run_in_executor(self._pool, compute)
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:  # well-formed frames, unusable data
+            log.warning("%s: %d segment(s) could not be computed: %s", self.name, len(items), e)
+            for i in runnable:
+                await self._report(f"segment failed on {self.name!r}: its data does not fit this stage ({e})",
+                                   batch[i][0].request_id)
             return
-        except (RuntimeError, ValueError, IndexError, TypeError) as e:  # well-formed frame, unusable data
-            log.warning("%s: segment %d could not be computed: %s", self.name, f.seq, e)
-            await self._report(f"segment failed on {self.name!r}: its data does not fit this stage ({e})")
-            return
-        h = out.hidden
-        out_bytes = 24 * len(out.node_ids) + h.numel() * h.element_size()
-        hops = msg.hops + [[self.name, t_recv, t_start, t_end, time.time(), len(f.payload), out_bytes]]
-        res = SegmentMsg(out.node_ids, out.parent_ids, out.positions, hidden=h, hops=hops, t_sent=msg.t_sent)
-        frame = res.to_frame(f.request_id, f.seq)
-        await self._forward(frame)
+        for i, out in zip(runnable, outs):
+            f, msg, t_recv = batch[i]
+            if isinstance(out, FlowSpecError):
+                log.warning("%s: segment %d could not be computed (request %d): %s", self.name, f.seq,
+                            f.request_id, out)
+                why = f"its data does not fit this stage ({out})" if isinstance(out, ModelError) else str(out)
+                await self._report(f"segment failed on {self.name!r}: {why}", f.request_id)
+                continue
+            h = out.hidden
+            out_bytes = 24 * len(out.node_ids) + h.numel() * h.element_size()
+            hops = msg.hops + [[self.name, t_recv, t_start, t_end, time.time(), len(f.payload), out_bytes]]
+            res = SegmentMsg(out.node_ids, out.parent_ids, out.positions, hidden=h, hops=hops, t_sent=msg.t_sent)
+            await self._forward(res.to_frame(f.request_id, f.seq))
 
     async def _bench(self, sizes: list[int], reps: int, context: int) -> list[list[float]]:
         """Profiler: time segments of each size in the compute thread (the KV cache is reset)."""
@@ -172,6 +215,36 @@ class StageNode:
                 await s.send(f)
             except Exception as e:  # the reader of that link notices and reports
                 log.warning("%s: could not forward to %s: %s", self.name, s.label, e)
+
+
+BATCH_ROWS = 256  # a stage adds waiting segments to a pass until it holds this many rows
+
+
+class WorkQueue:
+    """Frames waiting for a stage's worker, in arrival order; the worker may peek ahead."""
+
+    def __init__(self) -> None:
+        self._items: deque[tuple[Frame, float] | None] = deque()
+        self._ready = asyncio.Event()
+
+    def put(self, item: tuple[Frame, float] | None) -> None:
+        self._items.append(item)
+        self._ready.set()
+
+    async def get(self) -> tuple[Frame, float] | None:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
+
+    def get_nowait(self) -> tuple[Frame, float]:
+        item = self._items.popleft()
+        assert item is not None
+        return item
+
+    def peek(self) -> tuple[Frame, float] | None:
+        """The next frame without taking it (None when nothing waits or the link closed)."""
+        return self._items[0] if self._items else None
 
 
 def _threads() -> int:

@@ -123,7 +123,14 @@ class Speculator:
         self._prompt_ids: set[int] = set()
         self._round_open = False  # chunked: a round is in the ring
         self._max_in_flight = 1 if strategy == "autoregressive" else max(1, tree.in_flight)
+        self.share = self._max_in_flight  # this request's share of the ring (see limit_in_flight)
         self.drafter.begin(self.prompt)
+
+    def limit_in_flight(self, n: int) -> None:
+        """At most n of this request's segments in the ring at once (its share when other
+        requests fill the ring too); the tree's own in_flight stays the upper bound. The
+        output does not depend on it: only how far ahead the request speculates."""
+        self.share = max(1, min(n, self._max_in_flight))
 
     # ----------------------------------------------------------------- driver API
     def start(self) -> list[Send]:
@@ -335,7 +342,7 @@ class Speculator:
                 sends.append(self._send(self._segment(unsent[a : a + self.p.segment])))
             self._round_open = True
             return sends
-        while self.in_flight < self._max_in_flight:
+        while self.in_flight < self.share:
             unsent = self.tree.unsent()
             if self.strategy == "pipedec":
                 if unsent:

@@ -33,6 +33,12 @@ class Drafter(ABC):
     def begin(self, prompt: list[int]) -> None:
         """A new request starts; forget the previous one."""
 
+    def spawn(self) -> "Drafter":
+        """A drafter for another request decoded at the same time: the same weights, its own
+        per-request state. Drafters that keep state between calls (caches) must override
+        this; a stateless one is its own spawn."""
+        return self
+
     def ready(self, view: DraftView, node: Node) -> bool:
         """Whether children of `node` can be proposed now (feature drafters wait for hidden states)."""
         return True

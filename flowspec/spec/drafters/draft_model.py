@@ -36,6 +36,9 @@ class DraftModelDrafter(Drafter):
              target_vocab: int | None = None) -> "DraftModelDrafter":
         return cls(LocalPipeline.load(folder, 1, dtype=dtype, max_context=max_context), target_vocab)
 
+    def spawn(self) -> "DraftModelDrafter":
+        return DraftModelDrafter(self.pipe.fork())
+
     def begin(self, prompt: list[int]) -> None:
         self.pipe.reset()
         self._committed, self._live, self._logits = [], set(), {}

@@ -239,6 +239,9 @@ class EagleDrafter(Drafter):
         self.cache = KVCache(1, c.num_kv_heads, c.head_dim, max_context, torch.float32)
         self.begin([])
 
+    def spawn(self) -> "EagleDrafter":
+        return EagleDrafter(self.head, self.cache.capacity)
+
     def begin(self, prompt: list[int]) -> None:
         self.cache.reset()
         self._chain_done = 0  # chain entries 1.._chain_done are committed in the head cache

@@ -1,0 +1,183 @@
+"""`flowspec bench --concurrency 1,2,4`: many requests on the ring at once.
+
+For every strategy and every level N, all prompts are decoded with N requests in flight
+at once (N client connections; each takes the next prompt when its answer is done). Per
+level: aggregate tokens/s (every generated token over the phase's wall time), its ratio to
+level 1 (the same ring serving the same prompts one after another; level 1 always runs), each request's own
+decode rate (median and the slowest relative to the median), time to first token as the
+client sees it (median, p95), and how busy every stage was over the phase (the union of
+its compute spans from all requests' traces: a pass that served several requests at once
+counts once). At temperature 0 it also counts the answers that equal the same prompt's
+answer at level 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+from ..config import Topology
+from ..errors import FlowSpecError
+from .options import BenchOptions
+from .run import request_for
+from .summary import _quantile
+
+ProgressFn = Callable[[str, int], None]
+
+
+def parse_levels(text: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4); every level an integer in 1..64."""
+    try:
+        levels = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise FlowSpecError(f"--concurrency {text!r}: give comma-separated integers, e.g. 1,2,4") from None
+    if not levels or not all(1 <= n <= 64 for n in levels):
+        raise FlowSpecError(f"--concurrency {text!r}: every level must be an integer in 1..64")
+    return tuple(sorted(set(levels) | {1}))  # 1 always runs: the baseline of every ratio
+
+
+async def run_levels(topo: Topology, key: bytes, opts: BenchOptions, levels: Sequence[int],
+                     progress: ProgressFn = lambda what, n: None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Warm up, then every (strategy, level) phase; (ring status, one record per phase)."""
+    from ..runtime.client import RingClient
+
+    c = await RingClient.connect(topo, key)
+    try:
+        status = await c.status()
+        for w in range(opts.warmup):
+            for s in opts.strategies:
+                progress(f"warm-up {w + 1}/{opts.warmup} {s}", 0)
+                await asyncio.wait_for(c.generate(request_for(opts, opts.prompts[0], s)), opts.request_timeout)
+    finally:
+        await c.close()
+    phases = []
+    for s in opts.strategies:
+        for n in levels:
+            phases.append(await _phase(topo, key, opts, s, n, progress))
+    return status, phases
+
+
+async def _phase(topo: Topology, key: bytes, opts: BenchOptions, strategy: str, n: int,
+                 progress: ProgressFn) -> dict[str, Any]:
+    from ..runtime.client import RingClient
+
+    todo = list(range(len(opts.prompts)))
+    records: list[dict[str, Any]] = []
+    clients = [await RingClient.connect(topo, key) for _ in range(min(n, len(todo)))]
+
+    async def worker(c: RingClient) -> None:
+        while todo:
+            i = todo.pop(0)
+            progress(f"{strategy} x{n}: prompt {i + 1}", 0)
+            t0 = time.time()
+            first: float | None = None
+            done: dict[str, Any] = {}
+            async for ev in c.stream(request_for(opts, opts.prompts[i], strategy)):
+                if ev.get("type") == "tokens" and first is None:
+                    first = time.time()
+                elif ev.get("type") == "done":
+                    done = ev
+            t1 = time.time()
+            records.append({"prompt_index": i, "t0": t0, "t1": t1, "ttft_s": (first or t1) - t0,
+                            "text": done.get("text", ""), "finish_reason": done.get("finish_reason"),
+                            "token_ids": list(done.get("token_ids", [])), "stats": done.get("stats", {})})
+            progress(f"{strategy} x{n}: prompt {i + 1}", 1)
+
+    t_start = time.time()
+    try:
+        await asyncio.wait_for(asyncio.gather(*[worker(c) for c in clients]),
+                               opts.request_timeout * max(1, len(opts.prompts)))
+    except asyncio.TimeoutError:
+        raise FlowSpecError(f"{strategy} with {n} requests at once took longer than the request timeout") from None
+    finally:
+        for c in clients:
+            await c.close()
+    records.sort(key=lambda r: r["prompt_index"])
+    return {"strategy": strategy, "concurrency": n, "t_start": t_start, "t_end": time.time(), "requests": records}
+
+
+def _union(spans: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def summarize_phase(phase: dict[str, Any], stages: Sequence[str]) -> dict[str, Any]:
+    recs = phase["requests"]
+    a, b = phase["t_start"], phase["t_end"]
+    wall = max(1e-9, b - a)
+    tokens = sum(len(r["token_ids"]) for r in recs)
+    rates = [float(r["stats"].get("tokens_per_s") or 0.0) for r in recs]
+    med = statistics.median(rates) if rates else 0.0
+    ttft = [r["ttft_s"] for r in recs]
+    spans: dict[str, list[tuple[float, float]]] = {s: [] for s in stages}
+    for r in recs:
+        for seg in (r["stats"].get("trace") or {}).get("segments", []):
+            for h in seg.get("hops", []):
+                spans.setdefault(str(h[0]), []).append((max(a, float(h[2])), min(b, float(h[3]))))
+    return {
+        "concurrency": phase["concurrency"], "requests": len(recs), "tokens": tokens, "wall_s": round(wall, 3),
+        "aggregate_tokens_per_s": round(tokens / wall, 2),
+        "request_tokens_per_s": {"median": round(med, 2), "min": round(min(rates), 2) if rates else None,
+                                 "min_over_median": round(min(rates) / med, 3) if rates and med else None},
+        "ttft_s": {"median": round(statistics.median(ttft), 3) if ttft else None,
+                   "p95": round(_quantile(ttft, 0.95) or 0.0, 3) if ttft else None},
+        "stage_busy": {s: round(_union([x for x in sp if x[1] > x[0]]) / wall, 3) for s, sp in spans.items()},
+    }
+
+
+def summarize_levels(phases: list[dict[str, Any]], stages: Sequence[str], temperature: float) -> dict[str, Any]:
+    """{strategy: {level: summary}}, with the ratio to level 1 and, at temperature 0, how
+    many answers equal their level-1 answer."""
+    out: dict[str, dict[str, Any]] = {}
+    alone: dict[tuple[str, int], list[int]] = {}
+    for ph in phases:
+        if ph["concurrency"] == 1:
+            for r in ph["requests"]:
+                alone[(ph["strategy"], r["prompt_index"])] = r["token_ids"]
+    for ph in phases:
+        d = summarize_phase(ph, stages)
+        base = next((q for q in phases if q["strategy"] == ph["strategy"] and q["concurrency"] == 1), None)
+        if base is not None:
+            b = summarize_phase(base, stages)["aggregate_tokens_per_s"]
+            d["x_sequential"] = round(d["aggregate_tokens_per_s"] / b, 3) if b else None
+            if temperature == 0:
+                same = sum(alone.get((ph["strategy"], r["prompt_index"])) == r["token_ids"] for r in ph["requests"])
+                d["same_as_alone"] = f"{same}/{len(ph['requests'])}"
+        out.setdefault(ph["strategy"], {})[str(ph["concurrency"])] = d
+    return out
+
+
+def level_records(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The requests of the level-1 phases in the layout of the plain bench's records."""
+    return [{"prompt_index": r["prompt_index"], "strategy": ph["strategy"], "text": r["text"],
+             "token_ids": r["token_ids"], "finish_reason": r["finish_reason"], "stats": r["stats"]}
+            for ph in phases if ph["concurrency"] == 1 for r in ph["requests"]]
+
+
+def print_levels(summary: dict[str, Any], console: Any, title: str) -> None:
+    from rich import box
+    from rich.table import Table
+
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False,
+              caption="agg: all generated tokens over the phase's wall time; x seq: over 1 at a time; per request: "
+                      "decode tok/s median (slowest / median); ttft: client-side time to first token; busy: "
+                      "stages in ring order over the phase")
+    for col in ("strategy", "N", "agg tok/s", "x seq", "per request", "ttft med / p95", "busy", "= alone"):
+        t.add_column(col, justify="left" if col in ("strategy", "busy") else "right", no_wrap=True)
+    for name, levels in summary.items():
+        for n, d in levels.items():
+            rq, tt = d["request_tokens_per_s"], d["ttft_s"]
+            slowest = "-" if rq["min_over_median"] is None else f"{rq['min_over_median']:.2f}"
+            t.add_row(name, n, f"{d['aggregate_tokens_per_s']:.1f}",
+                      "-" if d.get("x_sequential") is None else f"{d['x_sequential']:.2f}",
+                      f"{rq['median']:.1f} ({slowest})",
+                      f"{tt['median']:.2f} / {tt['p95']:.2f} s",
+                      " ".join(f"{v:.2f}" for v in d["stage_busy"].values()), d.get("same_as_alone", "-"))
+    console.print(t)

@@ -1,0 +1,215 @@
+"""The decode loop of one request at the source: a strategy driven over the ring.
+
+Many of these run at once, one per active request, each with its own request id, result
+queue, strategy state and drafter; they share the source's compute thread (drafting,
+verifying and detokenizing run there one step at a time, so the event loop never waits
+behind them) and the link to the first stage. A returning segment is answered first with
+what is already drafted ("send first, think later"); the tree grows while the ring works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+import torch
+
+from ..errors import RingError
+from ..model.stage import LMHead
+from ..model.tokenizer import Tokenizer
+from ..spec.drafters import Drafter
+from ..spec.strategies import Send, Speculator
+from ..telemetry import HopStats
+from .protocol import Frame, FrameType, SegmentMsg, UpdateMsg
+from .requests import GenRequest
+from .text import TextStream
+from .transport import FrameStream
+
+TRACE_MAX_SEGMENTS = 800  # segments a traced request records at most (DONE metadata stays < 1 MiB)
+RING_FAILED = -1  # request id of a result-queue item that says the ring failed (the item is the message)
+
+
+@dataclass
+class TokensEvent:
+    """New tokens of a running request, with their text and running statistics."""
+
+    ids: list[int]  # token ids produced since the previous event
+    text: str  # their text (held back while it could still become a stop string)
+    live: dict[str, Any]  # running statistics (tokens/s, acceptance, hops)
+
+
+@dataclass
+class DoneEvent:
+    """A request ended."""
+
+    token_ids: list[int]  # every generated token
+    text: str  # the final text (cut at a stop string)
+    finish_reason: str  # "stop" or "length"
+    stats: dict[str, Any] = field(default_factory=dict)  # the request's statistics
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": "done", "token_ids": self.token_ids, "text": self.text,
+                "finish_reason": self.finish_reason, "stats": self.stats}
+
+
+@dataclass
+class DecodeContext:
+    """What a request's decode loop uses of its source node."""
+
+    name: str  # the source's name (log lines)
+    head: LMHead  # the target's lm_head
+    tok: Tokenizer  # detokenizing, end-of-sequence ids
+    pool: concurrent.futures.ThreadPoolExecutor  # the compute thread
+    prefill_chunk: int  # prompt tokens per prefill segment
+    read_timeout: float  # seconds without any result before the request fails
+    downstream: Callable[[], FrameStream | None]  # the link to the first stage, now
+    error: Callable[[], str | None]  # why the ring is unusable, if it is
+    next_seq: Callable[[], int]  # sequence numbers of the frames the source sends
+
+
+class Decoding:
+    """One request on the ring: its id, its result queue and the strategy that drives it."""
+
+    def __init__(self, ctx: DecodeContext, req: GenRequest, rid: int, drafter: Drafter) -> None:
+        self.ctx, self.req, self.rid, self.drafter = ctx, req, rid, drafter
+        self.results: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()  # (request id or RING_FAILED, item)
+        self.share = 0  # segments it may have in flight (set by the scheduler; 0 = the tree's own)
+        self.spec: Speculator | None = None
+
+    async def run(self) -> AsyncIterator[TokensEvent | DoneEvent]:
+        ctx, req = self.ctx, self.req
+        down = ctx.downstream()
+        if down is None:
+            raise RingError(ctx.error() or "the source is not connected to the first stage")
+        loop = asyncio.get_running_loop()
+        spec = await loop.run_in_executor(  # the compute thread owns the drafter: made there, like every step
+            ctx.pool, lambda: Speculator(req.strategy, ctx.head, self.drafter, req.prompt_ids, req.max_new_tokens,
+                                         ctx.tok.eos_ids, req.sampling, req.tree, ctx.prefill_chunk))
+        self.spec = spec
+        self._apply_share()
+        text = TextStream(ctx.tok.decode, req.stop)
+        hops = HopStats(ctx.name)
+        t0 = time.perf_counter()
+        wall0 = time.time()
+        t_first: float | None = None
+        wait_s = 0.0
+        trace: dict[str, Any] | None = {"t0": wall0, "segments": [], "source": []} if req.trace else None
+        emitted = 0
+
+        def step(node_ids: list[int], hidden: torch.Tensor) -> tuple[list[Send], list[int], str]:
+            """In the compute thread: verify and send what is drafted; the new tokens and their text."""
+            self._apply_share()
+            sends = spec.respond(node_ids, hidden)
+            new = spec.output[emitted:]
+            return sends, new, text.push(new) if new else ""
+
+        def think() -> list[Send]:
+            self._apply_share()
+            return spec.think()
+
+        try:
+            await self._send(down, await loop.run_in_executor(ctx.pool, spec.start), reset=True)
+            while not spec.done and not text.stopped:
+                tw = time.perf_counter()
+                try:
+                    got_rid, item = await asyncio.wait_for(self.results.get(), ctx.read_timeout)
+                except asyncio.TimeoutError:
+                    raise RingError(f"no result came back around the ring for {ctx.read_timeout:.0f} s") from None
+                wait_s += time.perf_counter() - tw
+                if got_rid == RING_FAILED:
+                    raise RingError(str(item))
+                msg, t_back = item
+                hops.add(msg.hops, msg.t_sent, t_back)
+                hidden = msg.hidden if msg.hidden is not None else torch.empty(0)
+                t_work = time.time()
+                sends, new, delta = await loop.run_in_executor(ctx.pool, step, msg.node_ids, hidden)
+                if trace is not None and len(trace["segments"]) < TRACE_MAX_SEGMENTS:
+                    trace["segments"].append({"t_sent": msg.t_sent, "t_back": t_back, "rows": len(msg.node_ids),
+                                              "hops": msg.hops})
+                    trace["source"].append([t_work, time.time(), len(sends)])
+                if ctx.downstream() is not down:
+                    raise RingError(ctx.error() or "the link to the first stage was lost")
+                await self._send(down, sends)
+                live: dict[str, Any] | None = None
+                if new:  # read the statistics before the compute thread touches spec again
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                    emitted += len(new)
+                    live = live_stats(spec, hops, time.perf_counter() - t_first, time.time() - wall0)
+                # send first, think later: the tree grows while the ring works on what was sent
+                t_think = time.time()
+                thinking = loop.run_in_executor(ctx.pool, think)
+                if live is not None:
+                    yield TokensEvent(new, delta, live)
+                more = await thinking
+                if trace is not None and len(trace["source"]) < 2 * TRACE_MAX_SEGMENTS:
+                    trace["source"].append([t_think, time.time(), len(more)])  # the drafting span
+                if more:
+                    await self._send(down, more)
+        except RingError as e:
+            raise RingError(str(e), {"text": text.sent, "token_ids": list(spec.output[:emitted])}) from None
+        t_end = time.perf_counter()
+        finish = "stop" if text.stopped or (spec.output and spec.output[-1] in ctx.tok.eos_ids) else "length"
+        final = await loop.run_in_executor(ctx.pool, text.final_text)
+        st = spec.result_stats()
+        decode_s = t_end - (t_first or t_end)
+        n = len(spec.output)
+        stats: dict[str, Any] = dict(st)
+        stats.update({
+            "strategy": req.strategy, "prompt_tokens": len(req.prompt_ids),
+            "prefill_s": round((t_first or t_end) - t0, 4), "decode_s": round(decode_s, 4),
+            "total_s": round(t_end - t0, 4),
+            "tokens_per_s": round((n - 1) / decode_s, 2) if decode_s > 0 and n > 1 else 0.0,
+            "e2e_tokens_per_s": round(n / (t_end - t0), 2) if t_end > t0 else 0.0,
+            "source": {"draft_s": st["draft_s"], "verify_s": st["verify_s"], "wait_s": round(wait_s, 4)},
+            "hops": hops.summary(time.time() - wall0),
+        })
+        if trace is not None:
+            stats["trace"] = trace
+        yield DoneEvent(list(spec.output), final, finish, stats)
+
+    def _apply_share(self) -> None:
+        if self.spec is not None and self.share:
+            self.spec.limit_in_flight(self.share)
+
+    async def _send(self, down: FrameStream, sends: list[Send], reset: bool = False) -> None:
+        """Updates and segments onto the link to the first stage, in order (after a RESET
+        that opens the request's caches on every stage, for its first sends)."""
+        ctx, rid = self.ctx, self.rid
+        try:
+            if reset:
+                down.send_nowait(Frame(FrameType.RESET, rid, ctx.next_seq()))
+            for s in sends:
+                if s.commit or s.drop:
+                    down.send_nowait(UpdateMsg(s.commit, s.drop).to_frame(rid, ctx.next_seq()))
+                if s.segment is not None:
+                    seg = s.segment
+                    msg = SegmentMsg(seg.node_ids, seg.parent_ids, seg.positions, tokens=seg.tokens,
+                                     t_sent=time.time())
+                    down.send_nowait(msg.to_frame(rid, ctx.next_seq()))
+            await down.drain()
+        except (ConnectionError, OSError) as e:
+            raise RingError(f"lost the link to {down.label}: {e}") from None
+
+    def free(self) -> None:
+        """Tell every stage that this request's caches can go (best effort: a lost link frees them anyway)."""
+        down = self.ctx.downstream()
+        if down is None:
+            return
+        try:
+            down.send_nowait(Frame(FrameType.FREE, self.rid, self.ctx.next_seq()))
+        except (ConnectionError, OSError):
+            pass
+
+
+def live_stats(spec: Speculator, hops: HopStats, decode_s: float, wall_s: float) -> dict[str, Any]:
+    """Running statistics of a request, sent along with each tokens event."""
+    st = spec.result_stats()
+    n = len(spec.output)
+    return {"new_tokens": n, "tokens_per_s": round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else 0.0,
+            "mean_accepted": st["mean_accepted"], "verifications": st["verifications"],
+            "drafted": st["drafted"], "verified": st["verified"], "pruned": st["pruned"],
+            "hops": hops.summary(wall_s)}
