@@ -22,7 +22,7 @@ from ..config import Topology
 from ..errors import FlowSpecError
 from .options import BenchOptions
 from .run import request_for
-from .summary import _quantile
+from .summary import quantile
 
 ProgressFn = Callable[[str, int], None]
 
@@ -127,7 +127,7 @@ def summarize_phase(phase: dict[str, Any], stages: Sequence[str]) -> dict[str, A
         "request_tokens_per_s": {"median": round(med, 2), "min": round(min(rates), 2) if rates else None,
                                  "min_over_median": round(min(rates) / med, 3) if rates and med else None},
         "ttft_s": {"median": round(statistics.median(ttft), 3) if ttft else None,
-                   "p95": round(_quantile(ttft, 0.95) or 0.0, 3) if ttft else None},
+                   "p95": round(quantile(ttft, 0.95) or 0.0, 3) if ttft else None},
         "stage_busy": {s: round(_union([x for x in sp if x[1] > x[0]]) / wall, 3) for s, sp in spans.items()},
     }
 

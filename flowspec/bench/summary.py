@@ -48,7 +48,7 @@ def respond_gaps(stats: dict[str, Any]) -> list[float]:
     return gaps
 
 
-def _quantile(xs: list[float], q: float) -> float | None:
+def quantile(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
     xs = sorted(xs)
@@ -100,7 +100,7 @@ def summarize_strategy(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
             hop_wire[k] = hop_wire.get(k, 0.0) + float(v.get("wire_s", 0.0))
     per_req = [float(s.get("tokens_per_s", 0.0)) for s in st]
     gaps = [g for s in st for g in respond_gaps(s)]
-    med, p95 = _quantile(gaps, 0.5), _quantile(gaps, 0.95)
+    med, p95 = quantile(gaps, 0.5), quantile(gaps, 0.95)
     return {
         "requests": len(st),
         "new_tokens": new,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import AsyncIterator
 
 
@@ -73,19 +73,17 @@ class Admission:
         self._wake()
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """One request's place on the ring, for as long as the block runs."""
-        await self._enter(False)
+    async def _held(self, exclusive: bool) -> AsyncIterator[None]:
+        await self._enter(exclusive)
         try:
             yield
         finally:
-            self._leave(False)
+            self._leave(exclusive)
 
-    @asynccontextmanager
-    async def ring_to_itself(self) -> AsyncIterator[None]:
+    def slot(self) -> "AbstractAsyncContextManager[None]":
+        """One request's place on the ring, for as long as the block runs."""
+        return self._held(False)
+
+    def ring_to_itself(self) -> "AbstractAsyncContextManager[None]":
         """The whole ring (no request decodes meanwhile), e.g. for a profiler probe."""
-        await self._enter(True)
-        try:
-            yield
-        finally:
-            self._leave(True)
+        return self._held(True)
