@@ -271,6 +271,10 @@ def prometheus_text(ctx: ApiContext) -> str:
     metric("decode_seconds_total", "counter", "seconds spent decoding (first token to last)", [({}, m["decode_s"])])
     metric("verifications_total", "counter", "returned segments that advanced the accepted path",
            [({}, m["verifications"])])
+    sc = node.scorer.stats
+    metric("lm_head_passes_total", "counter", "lm_head passes at the source (returned segments share them)",
+           [({}, sc.passes)])
+    metric("lm_head_segments_total", "counter", "returned segments scored in those passes", [({}, sc.results)])
     metric("tokens_per_second", "gauge", "decode speed of the last request", [({}, last.get("tokens_per_s", 0.0))])
     avg = m["tokens"] / m["decode_s"] if m["decode_s"] > 0 else 0.0
     metric("tokens_per_second_average", "gauge", "generated tokens over decode seconds, all requests",

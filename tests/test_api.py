@@ -245,6 +245,8 @@ def test_health_models_metrics(api_ring: dict[str, Any]) -> None:
         {"id": api_ring["model"], "object": "model", "created": m["data"][0]["created"],  # type: ignore[index]
          "owned_by": "flowspec"}]}
     assert call("GET", url + "/metrics", key=None)[0] == 401
+    status, _ = call("POST", url + "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 4})
+    assert status == 200
     status, text = call("GET", url + "/metrics")
     assert status == 200 and isinstance(text, str)
     sample = re.compile(r'^flowspec_[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? -?[0-9.e+-]+$')
@@ -260,6 +262,9 @@ def test_health_models_metrics(api_ring: dict[str, Any]) -> None:
                  "flowspec_http_responses_total", "flowspec_ring_formed"):
         assert want in names, want
     assert 'flowspec_stage_busy_ratio{stage="stage2"}' in text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if not line.startswith("#")}
+    # the answer's segments were scored, in at most as many lm_head passes as segments
+    assert 0 < values["flowspec_lm_head_passes_total"] <= values["flowspec_lm_head_segments_total"]
     assert 'flowspec_link_latency_seconds{link="stage2->source"}' in text
 
 

@@ -3,7 +3,8 @@
 Many of these run at once, one per active request, each with its own request id, result
 queue, strategy state and drafter; they share the source's compute thread (drafting,
 verifying and detokenizing run there one step at a time, so the event loop never waits
-behind them) and the link to the first stage. A returning segment is answered first with
+behind them), its lm_head passes (``scoring.SharedHead``: the segments of every request
+that wait are scored together) and the link to the first stage. A returning segment is answered first with
 what is already drafted ("send first, think later"); the tree grows while the ring works.
 """
 
@@ -25,6 +26,7 @@ from ..spec.strategies import Send, Speculator
 from ..telemetry import HopStats
 from .protocol import Frame, FrameType, SegmentMsg, UpdateMsg
 from .requests import GenRequest
+from .scoring import SharedHead
 from .text import TextStream
 from .transport import FrameStream
 
@@ -61,6 +63,7 @@ class DecodeContext:
 
     name: str  # the source's name (log lines)
     head: LMHead  # the target's lm_head
+    scorer: SharedHead  # lm_head passes shared by every request's returned segments
     tok: Tokenizer  # detokenizing, end-of-sequence ids
     pool: concurrent.futures.ThreadPoolExecutor  # the compute thread
     prefill_chunk: int  # prompt tokens per prefill segment
@@ -99,10 +102,12 @@ class Decoding:
         trace: dict[str, Any] | None = {"t0": wall0, "segments": [], "source": []} if req.trace else None
         emitted = 0
 
-        def step(node_ids: list[int], hidden: torch.Tensor) -> tuple[list[Send], list[int], str]:
-            """In the compute thread: verify and send what is drafted; the new tokens and their text."""
+        def step(results: list[tuple[list[int], torch.Tensor]],
+                 scored: dict[int, torch.Tensor]) -> tuple[list[Send], list[int], str]:
+            """In the compute thread: verify the returned segments in order and send what is
+            drafted; the new tokens and their text."""
             self._apply_share()
-            sends = spec.respond(node_ids, hidden)
+            sends = [s for ids, hidden in results for s in spec.respond(ids, hidden, scored)]
             new = spec.output[emitted:]
             return sends, new, text.push(new) if new else ""
 
@@ -119,16 +124,23 @@ class Decoding:
                 except asyncio.TimeoutError:
                     raise RingError(f"no result came back around the ring for {ctx.read_timeout:.0f} s") from None
                 wait_s += time.perf_counter() - tw
-                if got_rid == RING_FAILED:
-                    raise RingError(str(item))
-                msg, t_back = item
-                hops.add(msg.hops, msg.t_sent, t_back)
-                hidden = msg.hidden if msg.hidden is not None else torch.empty(0)
+                items = [(got_rid, item)]
+                while not self.results.empty():  # every result that came back while the source was busy
+                    items.append(self.results.get_nowait())
+                results: list[tuple[list[int], torch.Tensor]] = []
+                for got_rid, item in items:
+                    if got_rid == RING_FAILED:
+                        raise RingError(str(item))
+                    msg, t_back = item
+                    hops.add(msg.hops, msg.t_sent, t_back)
+                    results.append((msg.node_ids, msg.hidden if msg.hidden is not None else torch.empty(0)))
+                    if trace is not None and len(trace["segments"]) < TRACE_MAX_SEGMENTS:
+                        trace["segments"].append({"t_sent": msg.t_sent, "t_back": t_back,
+                                                  "rows": len(msg.node_ids), "hops": msg.hops})
                 t_work = time.time()
-                sends, new, delta = await loop.run_in_executor(ctx.pool, step, msg.node_ids, hidden)
-                if trace is not None and len(trace["segments"]) < TRACE_MAX_SEGMENTS:
-                    trace["segments"].append({"t_sent": msg.t_sent, "t_back": t_back, "rows": len(msg.node_ids),
-                                              "hops": msg.hops})
+                # scored with the rows of every other request waiting, in one lm_head pass
+                sends, new, delta = await ctx.scorer.respond(spec, results, lambda sc: step(results, sc))
+                if trace is not None and len(trace["source"]) < 2 * TRACE_MAX_SEGMENTS:
                     trace["source"].append([t_work, time.time(), len(sends)])
                 if ctx.downstream() is not down:
                     raise RingError(ctx.error() or "the link to the first stage was lost")

@@ -24,6 +24,7 @@ from .links import RingLinks
 from .probes import ProbeDesk
 from .protocol import Frame, FrameType, ProtocolError, SegmentMsg
 from .requests import GenRequest, check_request, finish_request
+from .scoring import SharedHead
 from .tasks import start_supervised
 from .transport import FrameStream, PeerGone, hello_meta
 
@@ -58,9 +59,10 @@ class SourceNode:
                                           "verifications": 0}
         self.last_stats: dict[str, Any] = {}
         self.probes = ProbeDesk(name, topo.security.read_timeout_s)  # profiler probes (see probes.py)
-        self._ctx = DecodeContext(name, head, tokenizer, self._pool, topo.decoding.prefill_chunk,
-                                  topo.security.read_timeout_s, lambda: self.links.downstream,
-                                  lambda: self.error, self._next_seq)
+        self.scorer = SharedHead(head, self._pool)
+        self._ctx = DecodeContext(name, head, self.scorer, tokenizer, self._pool,
+                                  topo.decoding.prefill_chunk, topo.security.read_timeout_s,
+                                  lambda: self.links.downstream, lambda: self.error, self._next_seq)
         self._desk = ClientDesk(self)
 
     def _next_seq(self) -> int:

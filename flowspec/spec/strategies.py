@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -158,11 +158,23 @@ class Speculator:
         (the source node) calls the two halves itself, so the ring is fed before drafting."""
         return self.respond(node_ids, hidden) + self.think()
 
-    def respond(self, node_ids: Sequence[int], hidden: torch.Tensor) -> list[Send]:
+    def rows_to_score(self, node_ids: Sequence[int]) -> list[int]:
+        """Rows of a returned segment whose target logits are still unknown: what ``respond``
+        would run through the lm_head now. A driver with several results at hand (of this
+        request or of others) may score all their rows in one lm_head pass and hand the
+        logits to ``respond``; results still to come only lose rows, never gain any."""
+        if self.done:
+            return []
+        return [i for i, n in enumerate(node_ids) if n in self.tree and self.tree[n].logits is None]
+
+    def respond(self, node_ids: Sequence[int], hidden: torch.Tensor,
+                scored: Mapping[int, torch.Tensor] | None = None) -> list[Send]:
         """First half of on_result: verify, prune, and send what is already drafted.
 
         flowspec answers a returning segment from the nodes drafted ahead ("send first,
-        think later"); the other strategies plan here as well (their ``think`` is empty)."""
+        think later"); the other strategies plan here as well (their ``think`` is empty).
+        `scored` maps node ids to target logits computed beforehand (see ``rows_to_score``);
+        rows it lacks go through the lm_head here."""
         self.in_flight -= 1
         if self.done:
             return []
@@ -171,12 +183,14 @@ class Speculator:
             for i, n in enumerate(node_ids):
                 if n in self._prompt_ids:
                     self._hidden[n] = hidden[i]
-        rows = [i for i, n in enumerate(node_ids) if n in self.tree and self.tree[n].logits is None]
+        rows = self.rows_to_score(node_ids)
         if rows:
-            logits = self.head(hidden[rows])
-            for j, i in enumerate(rows):
+            known = scored or {}
+            missing = [i for i in rows if node_ids[i] not in known]
+            fresh = dict(zip(missing, self.head(hidden[missing]))) if missing else {}
+            for i in rows:
                 node = self.tree[node_ids[i]]
-                node.logits = logits[j]
+                node.logits = fresh[i] if i in fresh else known[node_ids[i]]
                 if self.drafter.needs_hidden:
                     node.hidden = hidden[i]
         advanced = self._verify()
