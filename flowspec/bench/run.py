@@ -9,13 +9,20 @@ from typing import Any, Callable
 from ..config import Topology
 from ..errors import FlowSpecError
 from .options import BenchOptions
+from .prompts import split_variant
 
 log = logging.getLogger(__name__)
 
 
 def request_for(opts: BenchOptions, prompt: str, strategy: str) -> dict[str, Any]:
-    return {"prompt": prompt, "max_new_tokens": opts.max_new_tokens, "strategy": strategy,
-            "temperature": opts.temperature, "seed": opts.seed, "trace": True}
+    """The request for one prompt; `strategy` is a --strategies label (a variant carries its
+    own tree settings)."""
+    name, tree = split_variant(strategy)
+    req = {"prompt": prompt, "max_new_tokens": opts.max_new_tokens, "strategy": name,
+           "temperature": opts.temperature, "seed": opts.seed, "trace": True}
+    if tree:
+        req["tree"] = tree
+    return req
 
 
 def schedule(opts: BenchOptions) -> list[tuple[int, str]]:

@@ -10,6 +10,7 @@ names its field.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -18,7 +19,7 @@ from ..config import Topology
 from ..errors import RequestError
 from ..model.tokenizer import Tokenizer
 from ..spec.sampling import SEED_MAX, SEED_MIN, SamplingParams
-from ..spec.strategies import STRATEGIES, TreeParams
+from ..spec.params import STRATEGIES, TREE_LIMITS, TreeParams
 
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4  # stop strings per request
@@ -47,6 +48,7 @@ class Plan:
     sampling: SamplingParams  # checked sampling settings
     stop: list[str]  # stop strings
     trace: bool  # the profiler's trace flag
+    tree: dict[str, int] = field(default_factory=dict)  # this request's changes to the topology's tree
 
 
 def text_problem(text: str) -> str | None:
@@ -133,15 +135,28 @@ def check_request(topo: Topology, tok: Tokenizer, vocab: int, meta: dict[str, An
     if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop) or len(stop) > MAX_STOPS:
         raise RequestError(f"stop must be a string or a list of up to {MAX_STOPS} non-empty strings", "stop")
     stop = [_text(x, f"stop[{i}]") for i, x in enumerate(stop)]
-    return Plan(encode, max_new, strategy, sampling, stop, meta.get("trace") is True)
+    return Plan(encode, max_new, strategy, sampling, stop, meta.get("trace") is True, _tree(meta.get("tree")))
+
+
+def _tree(v: Any) -> dict[str, int]:
+    """A request's own draft-tree settings (``{"in_flight": 6, "segment": 16}``), checked."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise RequestError(f"tree must be an object with some of {', '.join(TREE_LIMITS)}, not {v!r}", "tree")
+    bad = [k for k in v if k not in TREE_LIMITS]
+    if bad:
+        raise RequestError(f"tree: unknown field {bad[0]!r}; choose from {', '.join(TREE_LIMITS)}", "tree")
+    return {k: _num({f"tree.{k}": x}, f"tree.{k}", None, int, *TREE_LIMITS[k]) for k, x in v.items()}
 
 
 def finish_request(topo: Topology, plan: Plan, ids: list[int]) -> GenRequest:
     """The request with its tokens, once they fit max_context with the new tokens and the tree."""
     ctx = topo.model.max_context
     t = topo.decoding.tree
-    in_flight = topo.in_flight
-    tree = TreeParams(t.depth, t.top_k, t.total, t.segment, t.expand, in_flight)
+    tree = dataclasses.replace(TreeParams(t.depth, t.top_k, t.total, t.segment, t.expand, topo.in_flight),
+                               **plan.tree)
+    in_flight = tree.in_flight
     reserve = tree.total + tree.segment * (in_flight + 1) if plan.strategy != "autoregressive" else 2
     if len(ids) + plan.max_new_tokens + reserve > ctx:
         raise RequestError(

@@ -251,15 +251,14 @@ class SourceNode:
 
     def _rebalance(self) -> None:
         """Share the ring among the active requests: with k of them, each may keep about
-        1/k of the tree's in_flight segments in the ring (at least one); alone, a request
+        1/k of its tree's in_flight segments in the ring (at least one); alone, a request
         gets all of them. More speculation per request pays little once the others keep
         every stage busy, and it costs them the rows it wastes."""
         k = len(self._active)
         if not k:
             return
-        share = max(1, -(-self.topo.in_flight // k))
         for run in self._active.values():
-            run.share = share
+            run.share = max(1, -(-run.req.tree.in_flight // k))
 
     def _count(self, ev: DoneEvent) -> None:
         st = ev.stats

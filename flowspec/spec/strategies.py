@@ -26,23 +26,10 @@ import torch
 
 from ..model.stage import Segment
 from .drafters.base import Drafter, DraftView, NoDrafter
+from .params import STRATEGIES, TREE_LIMITS, TreeParams  # noqa: F401 -- STRATEGIES, TREE_LIMITS re-exported
 from .sampling import SamplingParams
 from .tree import DraftTree, Node
 from .verify import accept_deterministic
-
-STRATEGIES = ("autoregressive", "chunked", "pipedec", "flowspec")
-
-
-@dataclass(frozen=True)
-class TreeParams:
-    """Shape of the draft tree and of the stream of segments."""
-
-    depth: int = 5  # levels below the root a draft may reach
-    top_k: int = 8  # children per node, and width of each drafted level
-    total: int = 64  # nodes in a round's tree (chunked) / live unverified nodes (flowspec)
-    segment: int = 16  # nodes per segment
-    expand: int = 32  # nodes added per dynamic expansion (flowspec)
-    in_flight: int = 3  # segments in the ring at once (pipedec, flowspec)
 
 
 @dataclass
