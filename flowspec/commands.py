@@ -43,7 +43,7 @@ def build_node(topo: Topology, name: str) -> Any:
     import torch
 
     from .model.config import ModelConfig
-    from .model.loader import resolve_model
+    from .model.loader import model_fingerprint, resolve_model
     from .model.stage import LMHead, Stage, parse_dtype
 
     me = topo.node(name)
@@ -53,6 +53,7 @@ def build_node(topo: Topology, name: str) -> Any:
     dtype = topo.model.dtype
     layer_bytes = cfg.layer_params() * torch.empty((), dtype=parse_dtype(dtype)).element_size()
     ranges = topo.resolve_layers(cfg.num_layers, layer_bytes)
+    fingerprint = model_fingerprint(str(topo.model.target), cfg)
     if me.is_source:
         from .model.tokenizer import Tokenizer
         from .spec.drafters import make_drafter
@@ -61,7 +62,7 @@ def build_node(topo: Topology, name: str) -> Any:
         drafter = make_drafter(topo.model.drafter.kind, topo.model.drafter.path, cfg.vocab_size, dtype,
                                topo.model.max_context, target_folder=folder)
         head = LMHead.load(folder, dtype=dtype, cfg=cfg)
-        return SourceNode(topo, name, key, Tokenizer(folder), head, drafter, cfg.fingerprint(),
+        return SourceNode(topo, name, key, Tokenizer(folder), head, drafter, fingerprint,
                           cfg.num_layers, str(topo.model.target))
     from .runtime.stage_node import StageNode
 
@@ -69,7 +70,7 @@ def build_node(topo: Topology, name: str) -> Any:
     stage = Stage.load(folder, a, b, dtype=dtype, max_context=topo.model.max_context, cfg=cfg)
     log.info("%s: layers %d-%d loaded (%d parameters, %.1f MB)", name, a, b - 1, stage.num_params(),
              stage.weight_bytes() / 1e6)
-    return StageNode(topo, name, key, stage, cfg.fingerprint())
+    return StageNode(topo, name, key, stage, fingerprint)
 
 
 def cmd_node(args: argparse.Namespace) -> int:

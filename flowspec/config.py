@@ -56,11 +56,11 @@ _KEY_HINT = "python -c 'import secrets; print(secrets.token_hex(32))'"
 _TOP_KEYS = ("cluster", "model", "nodes", "api", "decoding", "security", "testbed")
 _MODEL_KEYS = ("target", "drafter", "dtype", "max_context", "num_layers")
 _NODE_KEYS = ("name", "host", "port", "role", "layers", "memory_gb", "speed")
-_API_KEYS = ("host", "port", "api_key_env", "api_key_file", "queue_size")
+_API_KEYS = ("host", "port", "api_key_env", "api_key_file", "queue_size", "allow_unauthenticated")
 _DECODING_KEYS = ("strategy", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "tree",
                   "prefill_chunk", "max_active")
 _TREE_KEYS = ("depth", "top_k", "total", "segment", "expand", "in_flight")
-_SECURITY_KEYS = ("key_env", "key_file", "max_frame_mb", "read_timeout_s", "heartbeat_s", "dead_after_s")
+_SECURITY_KEYS = ("key_env", "key_file", "encrypt", "max_frame_mb", "read_timeout_s", "heartbeat_s", "dead_after_s")
 _TESTBED_KEYS = ("link", "links", "cpu_quota", "cpu_period_ms", "threads", "cpus")
 _LINK_KEYS = ("latency_ms", "jitter_ms", "bandwidth_mbit", "stall_prob", "stall_ms")
 
@@ -128,6 +128,7 @@ class ApiSpec:
     api_key_env: str | None = None  # env var holding the Bearer key, or None
     api_key_file: str | None = None  # absolute path of a file holding the Bearer key, or None
     queue_size: int = 16  # waiting requests before answering 429 (>= 1)
+    allow_unauthenticated: bool = False  # serve a non-loopback host without a key (refused otherwise)
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ class SecuritySpec:
 
     key_env: str = DEFAULT_KEY_ENV  # env var holding the cluster key
     key_file: str | None = None  # absolute path of a file holding the key; wins over key_env
+    encrypt: bool = True  # seal every frame with ChaCha20-Poly1305; False: authenticate frames only
     max_frame_mb: float = 64.0  # largest accepted frame, MiB (> 0)
     read_timeout_s: float = 30.0  # a peer silent for longer is dead (> heartbeat_s)
     heartbeat_s: float = 1.0  # heartbeat interval (> 0)
@@ -514,6 +516,11 @@ class _Parser:
             raise self.error(path, f"must be {allowed}, not {v!r}")
         return v.strip()
 
+    def flag(self, v: Any, path: str) -> bool:
+        if not isinstance(v, bool):
+            raise self.error(path, f"must be true or false, not {v!r}")
+        return v
+
     def choice(self, v: Any, path: str, choices: Sequence[str], what: str) -> str:
         if not isinstance(v, str) or v not in choices:
             hint = _suggest(v, choices) if isinstance(v, str) else ""
@@ -694,12 +701,20 @@ class _Parser:
             if same_host and n.port == port:
                 raise self.error("api.port", f"{port} is already the ring port of {n.label}; "
                                  "the HTTP API needs a port of its own")
+        key_env = self.env_name(d.get("api_key_env"), "api.api_key_env", nullable=True)
+        key_file = self.file_path(d.get("api_key_file"), "api.api_key_file")
+        open_ok = self.flag(d.get("allow_unauthenticated", dflt.allow_unauthenticated),
+                            "api.allow_unauthenticated")
+        if key_env is None and key_file is None and not open_ok and not _is_loopback(host):
+            raise self.error("api.host", f"{host} serves the HTTP API beyond this machine without a key: "
+                             "anyone on the network could use the ring; set api.api_key_env (or "
+                             "api.api_key_file) to a Bearer key, bind 127.0.0.1, or set "
+                             "api.allow_unauthenticated: true if the network is yours alone")
         return ApiSpec(
-            host=host, port=port,
-            api_key_env=self.env_name(d.get("api_key_env"), "api.api_key_env", nullable=True),
-            api_key_file=self.file_path(d.get("api_key_file"), "api.api_key_file"),
+            host=host, port=port, api_key_env=key_env, api_key_file=key_file,
             queue_size=self.number(d.get("queue_size", dflt.queue_size), "api.queue_size",
                                    integer=True, lo=1),
+            allow_unauthenticated=open_ok,
         )
 
     def decoding(self, v: Any) -> DecodingSpec:
@@ -761,6 +776,7 @@ class _Parser:
         return SecuritySpec(
             key_env=key_env,
             key_file=self.file_path(d.get("key_file"), f"{p}.key_file"),
+            encrypt=self.flag(d.get("encrypt", dflt.encrypt), f"{p}.encrypt"),
             max_frame_mb=self.number(d.get("max_frame_mb", dflt.max_frame_mb), f"{p}.max_frame_mb",
                                      lo=0, lo_open=True),
             read_timeout_s=read_to,
@@ -1019,6 +1035,16 @@ def _range_text(r: tuple[int, int]) -> str:
 def _layers_text(r: tuple[int, int]) -> str:
     """"layer 5" or "layers 5-9"."""
     return f"layer{'' if r[1] - r[0] == 1 else 's'} {_range_text(r)}"
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether a bind address keeps a server on this machine (localhost, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
 
 
 def _is_wildcard(host: str) -> bool:

@@ -253,11 +253,12 @@ def impersonate(ring: LocalRing, model: Path, as_node: str,
     fingerprint) and run `talk(stream)`; the real `as_node` is stopped meanwhile, or it would
     reconnect at once and take its link back."""
     from flowspec.model.config import ModelConfig
+    from flowspec.model.loader import model_fingerprint
     from flowspec.runtime.protocol import Frame, FrameType
     from flowspec.runtime.transport import client_auth, hello_meta, open_stream
 
     topo = ring.topo
-    fingerprint = ModelConfig.from_file(str(model / "config.json")).fingerprint()
+    fingerprint = model_fingerprint(str(model), ModelConfig.from_file(str(model / "config.json")))
     succ = topo.successor(as_node)
     host, port = succ.address
 

@@ -492,3 +492,24 @@ def test_is_local_host() -> None:
         assert is_local_host(h), h
     for h in ("192.0.2.55", "203.0.113.9", "2001:db8::77"):
         assert not is_local_host(h), h
+
+
+def test_api_beyond_loopback_needs_a_key_or_an_explicit_opt_out(write: Callable[[Any], Path]) -> None:
+    for host in ("0.0.0.0", "192.168.1.20", "source-box"):
+        msg = load_error(write, base(api={"host": host, "port": 8000}))
+        assert f"api.host: {host} serves the HTTP API beyond this machine without a key" in msg
+        assert "api.api_key_env" in msg and "allow_unauthenticated: true" in msg
+    for api in ({"host": "0.0.0.0", "port": 8000, "api_key_env": "MY_API_KEY"},
+                {"host": "0.0.0.0", "port": 8000, "allow_unauthenticated": True},
+                {"host": "127.0.0.1", "port": 8000}, {"host": "localhost", "port": 8000}):
+        t = Topology.load(write(base(api=api)))
+        assert t.api.host == api["host"]
+        assert t.api.allow_unauthenticated is api.get("allow_unauthenticated", False)
+    msg = load_error(write, base(api={"host": "127.0.0.1", "allow_unauthenticated": "yes"}))
+    assert "api.allow_unauthenticated: must be true or false, not 'yes'" in msg
+
+
+def test_encrypt_flag(write: Callable[[Any], Path]) -> None:
+    assert Topology.load(write(base())).security.encrypt is True
+    assert Topology.load(write(base(security={"encrypt": False}))).security.encrypt is False
+    assert "security.encrypt: must be true or false, not 1" in load_error(write, base(security={"encrypt": 1}))

@@ -75,6 +75,56 @@ def resolve_model(name: str) -> Path:
     )
 
 
+def weight_files(name: str) -> list[Path]:
+    """The files whose bytes are the model's weights: the GGUF file a model was converted from
+    (its identity does not depend on the converting library's version), else the folder's
+    ``*.safetensors``."""
+    if name == DEFAULT_MODEL:
+        return [default_gguf_path()]
+    path = Path(name).expanduser()
+    if path.is_file():
+        return [path]
+    return sorted(path.glob("*.safetensors"))
+
+
+def weights_digest(name: str) -> str:
+    """SHA-256 over the model's weight files (names and bytes), so that two checkpoints of one
+    architecture never form a ring together. About 1 s per GB; remembered per file (path,
+    size, mtime) under the cache folder, so a node hashes a file once."""
+    h = hashlib.sha256()
+    for f in weight_files(name):
+        h.update(f.name.encode() + b"\0" + _file_digest(f).encode() + b"\0")
+    return h.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    memo = cache_root() / "digests" / (hashlib.sha256(ident.encode()).hexdigest()[:20] + ".sha256")
+    try:
+        return memo.read_text().strip()
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    digest = h.hexdigest()
+    try:  # best effort: a read-only cache only costs the hash again next time
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(digest + "\n")
+        os.replace(tmp, memo)
+    except OSError:
+        pass
+    return digest
+
+
+def model_fingerprint(name: str, cfg: ModelConfig) -> str:
+    """What nodes compare at the handshake: the architecture and the weights."""
+    return hashlib.sha256(f"{cfg.fingerprint()}|{weights_digest(name)}".encode()).hexdigest()[:16]
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ class RingClient:
         host, port = src.address
         s = await open_stream(host, port, topo.security.max_frame_bytes, 3600.0, f"source {src.name!r}", timeout)
         try:
-            await client_auth(s, key, timeout)
+            await client_auth(s, key, timeout, encrypt=topo.security.encrypt)
             await s.send(Frame(FrameType.HELLO, meta=hello_meta(topo.cluster, "", "client", "client", None)))
             f = await s.recv(timeout)
             if f.type == FrameType.REJECT:

@@ -38,6 +38,7 @@ class RingLinks:
         self.pred = topo.predecessor(name)
         sec = topo.security
         self.max_frame = sec.max_frame_bytes
+        self.encrypt = sec.encrypt
         self.read_timeout = sec.read_timeout_s
         self.heartbeat = sec.heartbeat_s
         self.dead_after = sec.dead_after_s
@@ -93,7 +94,7 @@ class RingLinks:
     async def _accept_inner(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         s = FrameStream(reader, writer, self.max_frame, self.read_timeout, "peer")
         try:
-            await server_auth(s, self.key)
+            await server_auth(s, self.key, encrypt=self.encrypt)
             f = await s.recv(5.0)
             if f.type != FrameType.HELLO:
                 raise ProtocolError("expected HELLO after authentication")
@@ -150,7 +151,7 @@ class RingLinks:
         while not self.closing:
             try:
                 s = await open_stream(host, port, self.max_frame, self.read_timeout, self.succ.name)
-                await client_auth(s, self.key)
+                await client_auth(s, self.key, encrypt=self.encrypt)
                 await s.send(Frame(FrameType.HELLO, meta=self.hello))
                 f = await s.recv(5.0)
                 if f.type == FrameType.REJECT:

@@ -29,7 +29,7 @@ import torch
 from ..errors import FlowSpecError
 
 MAGIC = b"FS"
-VERSION = 1
+VERSION = 2  # 2: every frame after the handshake is sealed (seal.py)
 HEADER = struct.Struct("!2sBBIIIII")
 HEADER_SIZE = HEADER.size  # 24
 MAX_META = 1 << 20  # metadata is small; 1 MiB is generous

@@ -23,6 +23,7 @@ from .decode import RING_FAILED, DecodeContext, Decoding, DoneEvent, TokensEvent
 from .links import RingLinks
 from .probes import ProbeDesk
 from .protocol import Frame, FrameType, ProtocolError, SegmentMsg
+from .seal import TamperedFrame
 from .requests import GenRequest, check_request, finish_request
 from .scoring import SharedHead
 from .tasks import start_supervised
@@ -167,7 +168,7 @@ class SourceNode:
 
     def _on_error(self, f: Frame) -> None:
         node, msg = f.meta.get("node", "?"), str(f.meta.get("message", "unknown error"))
-        if "unreachable" in msg:
+        if "unreachable" in msg or f.meta.get("broken") is True:
             self._fail(msg)
             return
         log.warning("%s: %r reports: %s", self.name, node, msg)  # also when no request is there to fail
@@ -196,6 +197,8 @@ class SourceNode:
                     await self.probes.on_upstream(s, f)
                 else:
                     raise ProtocolError(f"unexpected {f.type.name} frame from the last stage")
+        except TamperedFrame as e:
+            self._fail(f"the source closed its link from {s.label!r}: {e}")
         except (ProtocolError, PeerGone) as e:
             log.warning("%s: link from %s: %s", self.name, s.label, e)
 

@@ -16,6 +16,7 @@ from ..model.stage import Segment, Stage
 from .protocol import Frame, FrameType, ProtocolError, SegmentMsg, UpdateMsg
 from .links import RingLinks
 from .probes import ECHO, ProbeDesk, bench_stage
+from .seal import TamperedFrame
 from .transport import FrameStream, PeerGone, hello_meta
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,11 @@ class StageNode:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ errors
-    async def _report(self, message: str, rid: int = 0, direction: str = "fwd") -> None:
+    async def _report(self, message: str, rid: int = 0, direction: str = "fwd", broken: bool = False) -> None:
         """Send an error toward the source (about request `rid`, 0: the ring): forward if we
-        can, else back upstream."""
+        can, else back upstream. `broken`: the ring itself is broken (a link is closing)."""
         f = Frame(FrameType.ERROR, rid, meta={"node": self.name, "message": message,
-                                                         "dir": direction})
+                                                         "dir": direction, "broken": broken})
         target = self.links.downstream if direction == "fwd" else self.links.upstream
         if target is None and direction == "fwd":
             f.meta["dir"], target = "back", self.links.upstream
@@ -89,6 +90,9 @@ class StageNode:
                     continue
                 if f.type != FrameType.HEARTBEAT:
                     work.put((f, time.time()))
+        except TamperedFrame as e:  # tell the source why the ring broke, before the link drops
+            log.error("%s: closing the link from %s: %s", self.name, s.label, e)
+            await self._report(f"{self.name!r} closed its link from {s.label!r}: {e}", broken=True)
         except ProtocolError as e:
             log.warning("%s: closing the link from %s: %s", self.name, s.label, e)
         except PeerGone as e:

@@ -1,4 +1,5 @@
-"""Framed streams over TCP: limits, timeouts, byte counts and mutual HMAC authentication."""
+"""Framed streams over TCP: limits, timeouts, byte counts, mutual HMAC authentication, and
+after it every frame sealed with per-session keys (seal.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from ..errors import FlowSpecError
 from .protocol import HEADER_SIZE, PRE_AUTH_MAX, VERSION, Frame, FrameType, ProtocolError, parse_header, parse_meta
+from .seal import LENGTH, LENGTH_SIZE, TAG, LinkCipher
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class FrameStream:
         self.read_timeout = read_timeout  # seconds a read may wait for the next frame
         self.label = label  # for log messages: which peer this is
         self.authenticated = False
+        self.cipher: LinkCipher | None = None  # set once the handshake succeeds: every later frame is sealed
         self.bytes_in = 0
         self.bytes_out = 0
         self.last_seen = time.monotonic()  # when the last frame arrived
@@ -72,6 +75,8 @@ class FrameStream:
         would raise RuntimeError, asyncio would drop the bytes silently)."""
         if self.writer.is_closing():
             raise ConnectionResetError(f"the link to {self.label} is closed")
+        if self.cipher is not None:  # sealed here, synchronously: nonces follow the order of bytes
+            data = self.cipher.seal(data)
         try:
             self.writer.write(data)
         except RuntimeError as e:
@@ -88,6 +93,8 @@ class FrameStream:
         limit = self.max_frame if self.authenticated else PRE_AUTH_MAX
         t = self.read_timeout if timeout is None else timeout
         try:
+            if self.cipher is not None:
+                return await self._recv_sealed(limit, t)
             head = await asyncio.wait_for(self.reader.readexactly(HEADER_SIZE), t)
             ftype, rid, seq, mlen, plen = parse_header(head, limit)
             body = await asyncio.wait_for(self.reader.readexactly(mlen + plen), t)
@@ -99,9 +106,29 @@ class FrameStream:
             raise PeerGone(f"{self.label} sent nothing for {t:.0f} s") from None
         except (ConnectionError, OSError) as e:
             raise PeerGone(f"{self.label}: {e}") from None
-        self.bytes_in += HEADER_SIZE + len(body)
-        self.last_seen = time.monotonic()
+        self._arrived(HEADER_SIZE + len(body))
         return Frame(ftype, rid, seq, parse_meta(body[:mlen]), bytes(body[mlen:]))
+
+    async def _recv_sealed(self, limit: int, t: float) -> Frame:
+        assert self.cipher is not None
+        head = await asyncio.wait_for(self.reader.readexactly(LENGTH_SIZE), t)
+        (n,) = LENGTH.unpack(head)
+        if n > limit + TAG or n < HEADER_SIZE + TAG:
+            raise ProtocolError(f"sealed frame of {n} bytes is outside the limits "
+                                f"({HEADER_SIZE + TAG}..{limit + TAG})")
+        body = await asyncio.wait_for(self.reader.readexactly(n), t)
+        data = self.cipher.open(head, body, self.label)
+        ftype, rid, seq, mlen, plen = parse_header(data[:HEADER_SIZE], limit)
+        if len(data) != HEADER_SIZE + mlen + plen:
+            raise ProtocolError(f"sealed frame of {len(data)} bytes does not match its header "
+                                f"({HEADER_SIZE + mlen + plen})")
+        self._arrived(LENGTH_SIZE + n)
+        return Frame(ftype, rid, seq, parse_meta(data[HEADER_SIZE:HEADER_SIZE + mlen]),
+                     bytes(data[HEADER_SIZE + mlen:]))
+
+    def _arrived(self, n: int) -> None:
+        self.bytes_in += n
+        self.last_seen = time.monotonic()
 
     async def close(self) -> None:
         try:
@@ -115,33 +142,54 @@ def _mac(key: bytes, *parts: bytes) -> bytes:
     return hmac.new(key, b"|".join(parts), hashlib.sha256).digest()
 
 
-async def server_auth(s: FrameStream, key: bytes, timeout: float = 5.0) -> None:
-    """Accepting side: challenge the client, check its proof, prove ourselves."""
+async def server_auth(s: FrameStream, key: bytes, timeout: float = 5.0, encrypt: bool = True) -> None:
+    """Accepting side: challenge the client, check its proof, prove ourselves; then seal."""
     ns = os.urandom(NONCE)
-    await s.send(Frame(FrameType.CHALLENGE, payload=ns))
+    await s.send(Frame(FrameType.CHALLENGE, meta={"encrypt": encrypt}, payload=ns))
     f = await s.recv(timeout)
+    if f.type == FrameType.REJECT:
+        raise AuthError(f"{s.peer} gave up the handshake: {f.meta.get('reason', 'no reason given')}")
     if f.type != FrameType.AUTH or len(f.payload) != NONCE + 32:
         raise AuthError(f"{s.peer} did not answer the challenge")
     nc, proof = f.payload[:NONCE], f.payload[NONCE:]
-    if not hmac.compare_digest(proof, _mac(key, b"client", ns, nc)):
+    if not hmac.compare_digest(proof, _mac(key, b"client", ns, nc, _mode(encrypt))):
         raise AuthError(f"{s.peer} failed authentication: wrong cluster key")
-    await s.send(Frame(FrameType.AUTH_OK, payload=_mac(key, b"server", nc, ns)))
+    await s.send(Frame(FrameType.AUTH_OK, payload=_mac(key, b"server", nc, ns, _mode(encrypt))))
     s.authenticated = True
+    s.cipher = LinkCipher(key, ns, nc, is_client=False, encrypt=encrypt)
 
 
-async def client_auth(s: FrameStream, key: bytes, timeout: float = 5.0) -> None:
-    """Connecting side: answer the challenge, check the server's proof."""
+async def client_auth(s: FrameStream, key: bytes, timeout: float = 5.0, encrypt: bool = True) -> None:
+    """Connecting side: answer the challenge, check the server's proof; then seal.
+
+    Both proofs cover the protection mode, so a challenge altered on the way (say, to turn
+    encryption off) fails authentication; an honest disagreement gets a clear message."""
     f = await s.recv(timeout)
     if f.type != FrameType.CHALLENGE or len(f.payload) != NONCE:
         raise AuthError(f"{s.label} at {s.peer} did not send a FlowSpec challenge")
+    theirs = f.meta.get("encrypt")
+    if theirs is not None and theirs != encrypt:
+        reason = (f"security.encrypt is {str(encrypt).lower()} here but {str(theirs).lower()} on "
+                  f"{s.label}; start every node and client from the same topology")
+        try:
+            await s.send(Frame(FrameType.REJECT, meta={"reason": reason}))
+        except Exception:  # the peer may be gone already
+            pass
+        raise HandshakeError(reason)
     ns, nc = f.payload, os.urandom(NONCE)
-    await s.send(Frame(FrameType.AUTH, payload=nc + _mac(key, b"client", ns, nc)))
+    await s.send(Frame(FrameType.AUTH, payload=nc + _mac(key, b"client", ns, nc, _mode(encrypt))))
     f = await s.recv(timeout)
     if f.type == FrameType.REJECT:
         raise AuthError(f"{s.label} refused us: {f.meta.get('reason', 'wrong cluster key')}")
-    if f.type != FrameType.AUTH_OK or not hmac.compare_digest(f.payload, _mac(key, b"server", nc, ns)):
+    if f.type != FrameType.AUTH_OK or not hmac.compare_digest(f.payload, _mac(key, b"server", nc, ns,
+                                                                             _mode(encrypt))):
         raise AuthError(f"{s.label} at {s.peer} failed authentication: wrong cluster key")
     s.authenticated = True
+    s.cipher = LinkCipher(key, ns, nc, is_client=True, encrypt=encrypt)
+
+
+def _mode(encrypt: bool) -> bytes:
+    return b"encrypt" if encrypt else b"authenticate"
 
 
 def hello_meta(cluster: str, fingerprint: str, name: str, role: str, layers: tuple[int, int] | None,
@@ -153,7 +201,7 @@ def hello_meta(cluster: str, fingerprint: str, name: str, role: str, layers: tup
 def check_hello(mine: dict[str, Any], theirs: dict[str, Any]) -> None:
     """Both ends of a link must agree on cluster and model; the message names both nodes."""
     a, b = mine.get("name"), theirs.get("name")
-    for field, what in (("cluster", "cluster name"), ("fingerprint", "model fingerprint (config hash)")):
+    for field, what in (("cluster", "cluster name"), ("fingerprint", "model fingerprint (architecture and weights)")):
         if theirs.get(field) != mine.get(field) and theirs.get("role") != "client":
             raise HandshakeError(
                 f"{what} mismatch: node {a!r} has {mine.get(field)!r} but node {b!r} has "
