@@ -46,7 +46,16 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20  # bytes a request body may have
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "audio", "prediction")
+# OpenAI fields FlowSpec cannot honour, with the values that ask for nothing (sent by many
+# clients as defaults): any other value is answered 400 naming the field, never ignored
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "tools": (None, [], {}), "functions": (None, [], {}), "tool_choice": (None, "none"),
+    "function_call": (None, "none"), "parallel_tool_calls": (None, True, False),
+    "audio": (None,), "prediction": (None,), "modalities": (None, ["text"]),
+    "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
+    "logprobs": (None, False), "top_logprobs": (None, 0), "best_of": (None, 1), "suffix": (None, ""),
+}
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
                500: "server_error", 503: "service_unavailable"}
@@ -324,9 +333,11 @@ def parse_chat(body: Any, ctx: ApiContext) -> ChatCall:
         if not ctx.knows_model(model):
             raise ApiError(404, f"the model {model!r} is not served here; this server serves "
                            f"{ctx.model_id!r} (see GET /v1/models)", "model_not_found", "model")
-    for k in UNSUPPORTED:
-        if body.get(k) not in (None, [], {}):
-            raise ApiError(400, f"{k} is not supported by FlowSpec", param=k)
+    for k, neutral in UNSUPPORTED.items():
+        v = body.get(k)
+        if not any(v == n and type(v) is not bool or v is n for n in neutral):
+            raise ApiError(400, f"{k} is not supported by FlowSpec (got {_short(v)}); leave it out"
+                           + (f" or send {_short(neutral[1])}" if len(neutral) > 1 else ""), param=k)
     n = body.get("n")
     if n is not None and n != 1:
         raise ApiError(400, f"n must be 1 (one answer per request), not {_short(n)}", param="n")

@@ -140,6 +140,29 @@ def test_parse_chat_rejects(body: Any, status: int, needle: str) -> None:
     assert e.value.status == status and needle in e.value.message
 
 
+X = [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
+    ("response_format", {"type": "json_object"}), ("logit_bias", {"50256": -100}), ("presence_penalty", 0.5),
+    ("frequency_penalty", -1), ("frequency_penalty", False), ("logprobs", True), ("top_logprobs", 3),
+    ("modalities", ["text", "audio"]), ("audio", {"voice": "x"}), ("best_of", 2), ("repetition_penalty", 1.2),
+])
+def test_fields_that_cannot_be_honoured_are_named_never_ignored(field: str, value: Any) -> None:
+    with pytest.raises(ApiError) as e:
+        parse_chat({"messages": X, field: value}, _Ctx())  # type: ignore[arg-type]
+    assert e.value.status == 400 and e.value.param == field
+    assert e.value.message.startswith(f"{field} is not supported by FlowSpec")
+
+
+def test_neutral_values_of_unsupported_fields_pass() -> None:
+    body = {"messages": X, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+            "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False,
+            "top_logprobs": 0, "modalities": ["text"], "parallel_tool_calls": True, "n": 1, "best_of": 1}
+    assert parse_chat(body, _Ctx()).meta == {"messages": X}  # type: ignore[arg-type]
+
+
 def test_parse_chat_maps_openai_fields() -> None:
     call_ = parse_chat({"model": "default", "messages": [
         {"role": "developer", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
