@@ -269,6 +269,8 @@ def prometheus_text(ctx: ApiContext) -> str:
     metric("ring_formed", "gauge", "1 when the ring is formed and verified", [({}, float(node.ready.is_set()))])
     metric("requests_total", "counter", "generation requests completed on the ring", [({}, m["requests"])])
     metric("request_errors_total", "counter", "generation requests that failed on the ring", [({}, m["errors"])])
+    metric("requests_held_total", "counter", "times a request was held while the ring was broken, to resume",
+           [({}, m["held"])])
     metric("requests_active", "gauge", "requests decoding on the ring now", [({}, node.active)])
     metric("requests_waiting", "gauge", "requests waiting for a place on the ring (or being tokenized)",
            [({}, node.queued)])

@@ -58,7 +58,7 @@ _MODEL_KEYS = ("target", "drafter", "dtype", "max_context", "num_layers")
 _NODE_KEYS = ("name", "host", "port", "role", "layers", "memory_gb", "speed")
 _API_KEYS = ("host", "port", "api_key_env", "api_key_file", "queue_size", "allow_unauthenticated")
 _DECODING_KEYS = ("strategy", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "tree",
-                  "prefill_chunk", "max_active")
+                  "prefill_chunk", "max_active", "resume_window_s")
 _TREE_KEYS = ("depth", "top_k", "total", "segment", "expand", "in_flight")
 _SECURITY_KEYS = ("key_env", "key_file", "encrypt", "max_frame_mb", "read_timeout_s", "heartbeat_s", "dead_after_s")
 _TESTBED_KEYS = ("link", "links", "cpu_quota", "cpu_period_ms", "threads", "cpus")
@@ -156,6 +156,7 @@ class DecodingSpec:
     tree: TreeSpec = field(default_factory=TreeSpec)  # speculative tree shape
     prefill_chunk: int = 256  # prompt tokens per prefill segment (>= 1)
     max_active: int = 4  # requests decoding on the ring at once, 1..64 (every stage holds a KV cache for each)
+    resume_window_s: float = 60.0  # a broken ring holds its requests this long, then fails them (0: at once)
 
 
 @dataclass(frozen=True)
@@ -735,6 +736,8 @@ class _Parser:
                                       "decoding.prefill_chunk", integer=True, lo=1),
             max_active=self.number(d.get("max_active", dflt.max_active), "decoding.max_active",
                                    integer=True, lo=1, hi=64),
+            resume_window_s=self.number(d.get("resume_window_s", dflt.resume_window_s),
+                                        "decoding.resume_window_s", lo=0, hi=86400),
         )
 
     def tree(self, v: Any) -> TreeSpec:

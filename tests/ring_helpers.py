@@ -76,7 +76,8 @@ def write_topology(folder: Path, n_nodes: int, target: str | Path, *, name: str 
         "model": {"target": str(target), "drafter": drafter, "dtype": dtype, "max_context": max_context},
         "nodes": nodes,
         "api": {"host": "127.0.0.1", "port": ports[-1]},
-        "decoding": {"strategy": strategy, "temperature": 0.0, **(decoding or {})},
+        # resume_window_s 0: a broken ring fails its requests at once (tests of resuming set it)
+        "decoding": {"strategy": strategy, "temperature": 0.0, "resume_window_s": 0, **(decoding or {})},
         "security": {"key_env": KEY_ENV, **(security or {})},
     }
     folder.mkdir(parents=True, exist_ok=True)

@@ -513,3 +513,10 @@ def test_encrypt_flag(write: Callable[[Any], Path]) -> None:
     assert Topology.load(write(base())).security.encrypt is True
     assert Topology.load(write(base(security={"encrypt": False}))).security.encrypt is False
     assert "security.encrypt: must be true or false, not 1" in load_error(write, base(security={"encrypt": 1}))
+
+
+def test_resume_window(write: Callable[[Any], Path]) -> None:
+    assert Topology.load(write(base())).decoding.resume_window_s == 60.0
+    assert Topology.load(write(base(decoding={"resume_window_s": 0}))).decoding.resume_window_s == 0
+    msg = load_error(write, base(decoding={"resume_window_s": -1}))
+    assert "decoding.resume_window_s: must be a number in [0, 86400], not -1" in msg

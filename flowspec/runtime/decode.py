@@ -76,8 +76,13 @@ class DecodeContext:
 class Decoding:
     """One request on the ring: its id, its result queue and the strategy that drives it."""
 
-    def __init__(self, ctx: DecodeContext, req: GenRequest, rid: int, drafter: Drafter) -> None:
+    def __init__(self, ctx: DecodeContext, req: GenRequest, rid: int, drafter: Drafter,
+                 prior: list[int] | None = None) -> None:
         self.ctx, self.req, self.rid, self.drafter = ctx, req, rid, drafter
+        # tokens this request produced (and sent) before the ring broke: decoding resumes after
+        # them, with them as part of the prompt (sampling stays identical: its randomness
+        # depends on the absolute position only)
+        self.prior = list(prior or [])
         self.results: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()  # (request id or RING_FAILED, item)
         self.share = 0  # segments it may have in flight (set by the scheduler; 0 = the tree's own)
         self.spec: Speculator | None = None
@@ -88,12 +93,16 @@ class Decoding:
         if down is None:
             raise RingError(ctx.error() or "the source is not connected to the first stage")
         loop = asyncio.get_running_loop()
+        prior = self.prior
         spec = await loop.run_in_executor(  # the compute thread owns the drafter: made there, like every step
-            ctx.pool, lambda: Speculator(req.strategy, ctx.head, self.drafter, req.prompt_ids, req.max_new_tokens,
-                                         ctx.tok.eos_ids, req.sampling, req.tree, ctx.prefill_chunk))
+            ctx.pool, lambda: Speculator(req.strategy, ctx.head, self.drafter, req.prompt_ids + prior,
+                                         req.max_new_tokens - len(prior), ctx.tok.eos_ids, req.sampling, req.tree,
+                                         ctx.prefill_chunk))
         self.spec = spec
         self._apply_share()
         text = TextStream(ctx.tok.decode, req.stop)
+        if prior:  # the text already sent (or held back) stays exactly as it was
+            await loop.run_in_executor(ctx.pool, text.push, prior)
         hops = HopStats(ctx.name)
         t0 = time.perf_counter()
         wall0 = time.time()
@@ -162,13 +171,14 @@ class Decoding:
                 if more:
                     await self._send(down, more)
         except RingError as e:
-            raise RingError(str(e), {"text": text.sent, "token_ids": list(spec.output[:emitted])}) from None
+            raise RingError(str(e), {"text": text.sent, "token_ids": prior + spec.output[:emitted]}) from None
         t_end = time.perf_counter()
-        finish = "stop" if text.stopped or (spec.output and spec.output[-1] in ctx.tok.eos_ids) else "length"
+        output = prior + spec.output
+        finish = "stop" if text.stopped or (output and output[-1] in ctx.tok.eos_ids) else "length"
         final = await loop.run_in_executor(ctx.pool, text.final_text)
         st = spec.result_stats()
         decode_s = t_end - (t_first or t_end)
-        n = len(spec.output)
+        n = len(spec.output)  # of this run (the rates are this run's)
         stats: dict[str, Any] = dict(st)
         stats.update({
             "strategy": req.strategy, "prompt_tokens": len(req.prompt_ids),
@@ -181,7 +191,7 @@ class Decoding:
         })
         if trace is not None:
             stats["trace"] = trace
-        yield DoneEvent(list(spec.output), final, finish, stats)
+        yield DoneEvent(output, final, finish, stats)
 
     def _apply_share(self) -> None:
         if self.spec is not None and self.share:

@@ -57,7 +57,7 @@ class SourceNode:
         self._tok_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-tokenize")
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-compute")
         self.metrics: dict[str, float] = {"requests": 0, "tokens": 0, "errors": 0, "decode_s": 0.0,
-                                          "verifications": 0}
+                                          "verifications": 0, "held": 0}
         self.last_stats: dict[str, Any] = {}
         self.probes = ProbeDesk(name, topo.security.read_timeout_s)  # profiler probes (see probes.py)
         self.scorer = SharedHead(head, self._pool)
@@ -221,26 +221,66 @@ class SourceNode:
     async def generate(self, req: GenRequest) -> AsyncIterator[TokensEvent | DoneEvent]:
         """Run one request on the ring, alongside the others that are active; yields
         TokensEvent as tokens come, then one DoneEvent. Waits (first come, first served)
-        while decoding.max_active requests are active."""
+        while decoding.max_active requests are active.
+
+        When the ring breaks under it (a node dies, stalls or drops a link), the request is
+        held: every token it produced is kept, and once the ring is whole again (within
+        decoding.resume_window_s) it resumes under a fresh request id, replaying prompt and
+        output through every stage (a stage that survived may hold a cache that no longer
+        matches its neighbours', so no stage's cache is trusted: replay costs one prefill),
+        and the client sees every token once."""
         async with self.admission.slot():
             if not self.ready.is_set():
                 raise RingError(self.error or "the ring is not formed yet; start every node of the topology")
-            run = Decoding(self._ctx, req, self._new_rid(), self._take_drafter())
-            self._active[run.rid] = run
-            self._rebalance()
+            drafter = self._take_drafter()
+            prior: list[int] = []
+            resumes = 0
             try:
-                async for ev in run.run():
-                    if isinstance(ev, DoneEvent):
-                        self._count(ev)
-                    yield ev
+                while True:
+                    run = Decoding(self._ctx, req, self._new_rid(), drafter, prior)
+                    self._active[run.rid] = run
+                    self._rebalance()
+                    try:
+                        async for ev in run.run():
+                            if isinstance(ev, DoneEvent):
+                                ev.stats["resumed"] = resumes
+                                self._count(ev)
+                            yield ev
+                        return
+                    except RingError as e:
+                        if self.ready.is_set() or self.topo.decoding.resume_window_s <= 0:
+                            raise  # the request itself failed, or resuming is off
+                        prior = list((e.partial or {}).get("token_ids") or prior)
+                        if len(prior) >= req.max_new_tokens:
+                            raise
+                        await self._hold(run, e, len(prior))
+                        resumes += 1
+                    finally:
+                        del self._active[run.rid]
+                        run.free()
+                        self._rebalance()
             except RingError:
                 self.metrics["errors"] += 1
                 raise
             finally:
-                del self._active[run.rid]
-                run.free()
-                self._idle_drafters.append(run.drafter)
-                self._rebalance()
+                self._idle_drafters.append(drafter)
+
+    async def _hold(self, run: Decoding, e: RingError, kept: int) -> None:
+        """Wait for the ring to be whole again (or raise the error, with how to go on)."""
+        window = self.topo.decoding.resume_window_s
+        log.warning("%s: request %d is held with %d tokens: %s; waiting up to %g s for the ring "
+                    "to be whole again", self.name, run.rid, kept, e, window)
+        self.metrics["held"] += 1
+        try:
+            await asyncio.wait_for(self.ready.wait(), window)
+        except asyncio.TimeoutError:
+            raise RingError(
+                f"{e}; the ring was not whole again within the resume window ({window:g} s, "
+                f"decoding.resume_window_s): {self.error or 'a node is missing'}. The {kept} tokens produced "
+                "so far are in this error; to go on, restart the missing node and send the conversation "
+                "with the partial answer again", e.partial) from None
+        log.info("%s: the ring is whole again; request %d resumes after %d tokens", self.name, run.rid, kept)
+        run.free()  # the old id's caches, on the stages that kept them
 
     def _new_rid(self) -> int:
         """A request id no active request has (0 is the ring's own, for errors about no request)."""

@@ -1,0 +1,124 @@
+"""A request survives a node failure: the answer resumes when the ring is whole again.
+
+Real `flowspec node` processes on loopback (tiny model, float32). A stage is stopped in
+the middle of an answer, then killed and started again by hand, or stopped and continued;
+the streamed answer must complete, every token exactly once, equal to the uninterrupted
+answer (greedy and seeded sampling). Past the resume window the request ends with a clear
+error that keeps what was produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowspec.config import Topology
+from flowspec.errors import FlowSpecError, RingError
+from flowspec.runtime.client import RingClient
+
+from ring_helpers import generate, running_ring, tiny_tok_model, write_topology  # noqa: F401
+
+FAST = {"heartbeat_s": 0.2, "dead_after_s": 1.0, "read_timeout_s": 5.0}  # a dead node is noticed in ~1 s
+PROMPT = [1, 504, 3458, 282, 4649, 314, 30, 198, 28, 216]
+
+
+def request(strategy: str, temperature: float, n: int = 120) -> dict[str, Any]:
+    r: dict[str, Any] = {"prompt_ids": PROMPT, "max_new_tokens": n, "temperature": temperature,
+                         "strategy": strategy}
+    if temperature:
+        r["seed"] = 7
+    return r
+
+
+async def stream_with_failure(topo: Topology, key: bytes, req: dict[str, Any], fail: Any) -> dict[str, Any]:
+    """Stream `req`; after the first tokens, call `fail()` (it stops and restarts a node).
+    Returns the done event with the streamed ids, or raises what the stream raised."""
+    c = await RingClient.connect(topo, key)
+    streamed: list[int] = []
+    try:
+        async for ev in c.stream(req):
+            if ev["type"] == "tokens":
+                if not streamed:
+                    await asyncio.get_running_loop().run_in_executor(None, fail)
+                streamed += ev["ids"]
+            else:
+                return {**ev, "streamed": streamed}
+    except RingError as e:
+        e.streamed = streamed  # type: ignore[attr-defined]
+        raise
+    finally:
+        await c.close()
+    raise AssertionError("the stream ended without a done event")
+
+
+def node(ring: Any, name: str) -> Any:
+    return next(p for p in ring.procs if p.name == name and p.proc.poll() is None)
+
+
+@pytest.mark.parametrize("strategy,temperature,how", [
+    ("autoregressive", 0.0, "kill"), ("flowspec", 0.0, "kill"), ("flowspec", 0.8, "kill"),
+    ("pipedec", 0.0, "stop"),
+])
+def test_the_answer_resumes_after_a_stage_fails(tmp_path: Path, tiny_tok_model: Path, strategy: str,
+                                                temperature: float, how: str) -> None:
+    path = write_topology(tmp_path, 3, tiny_tok_model, drafter="lookup", security=FAST,
+                          decoding={"resume_window_s": 60})
+    topo = Topology.load(str(path))
+    with running_ring(path) as ring:
+        req = request(strategy, temperature)
+        truth = generate(topo, ring.key, req)["token_ids"]
+        assert len(truth) >= 40, "the tiny model stopped early; the test needs a long answer"
+        events: dict[str, float] = {}
+
+        def fail() -> None:
+            p = node(ring, "stage1")
+            os.kill(p.proc.pid, signal.SIGSTOP)  # frozen: the answer cannot finish meanwhile
+            events["stopped"] = time.monotonic()
+            time.sleep(2.0)  # past dead_after_s: the source holds the request
+            if how == "kill":
+                os.kill(p.proc.pid, signal.SIGKILL)
+                p.proc.wait(5)
+                ring.procs.remove(p)
+                ring.spawn("stage1", str(path), append=True)
+            else:
+                os.kill(p.proc.pid, signal.SIGCONT)
+
+        done = asyncio.run(stream_with_failure(topo, ring.key, req, fail))
+        assert done["token_ids"] == truth  # equal to the uninterrupted answer
+        assert done["streamed"] == truth  # and every token streamed exactly once
+        assert done["stats"]["resumed"] >= 1
+        log = (ring.log_dir / "source.log").read_text()
+        assert "is held with" in log and "resumes after" in log, log[-2000:]
+
+
+def test_past_the_resume_window_the_error_keeps_the_partial_answer(tmp_path: Path, tiny_tok_model: Path) -> None:
+    path = write_topology(tmp_path, 3, tiny_tok_model, drafter="lookup", security=FAST,
+                          decoding={"resume_window_s": 2})
+    topo = Topology.load(str(path))
+    with running_ring(path) as ring:
+        req = request("autoregressive", 0.0)
+        truth = generate(topo, ring.key, req)["token_ids"]
+        p = node(ring, "stage2")
+
+        def fail() -> None:
+            os.kill(p.proc.pid, signal.SIGKILL)
+            p.proc.wait(5)
+
+        t0 = time.monotonic()
+        with pytest.raises(FlowSpecError) as ei:
+            asyncio.run(stream_with_failure(topo, ring.key, req, fail))
+        took = time.monotonic() - t0
+        msg = str(ei.value)
+        assert "resume window (2 s, decoding.resume_window_s)" in msg and "stage2" in msg, msg
+        assert "restart the missing node" in msg
+        partial = list((getattr(ei.value, "partial", None) or {}).get("token_ids") or [])
+        assert partial and partial == truth[:len(partial)]
+        assert partial == getattr(ei.value, "streamed", partial)[:len(partial)]
+        assert took < 30
+        ring.procs.remove(p)
