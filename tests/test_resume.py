@@ -12,17 +12,22 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from flowspec.config import Topology
 from flowspec.errors import FlowSpecError, RingError
 from flowspec.runtime.client import RingClient
 
-from ring_helpers import generate, running_ring, tiny_tok_model, write_topology  # noqa: F401
+from ring_helpers import (generate, kill_leftovers, new_key, node_env, running_ring, tiny_tok_model,  # noqa: F401
+                          wait_gone, write_topology)
 
 FAST = {"heartbeat_s": 0.2, "dead_after_s": 1.0, "read_timeout_s": 5.0}  # a dead node is noticed in ~1 s
 PROMPT = [1, 504, 3458, 282, 4649, 314, 30, 198, 28, 216]
@@ -122,3 +127,44 @@ def test_past_the_resume_window_the_error_keeps_the_partial_answer(tmp_path: Pat
         assert partial == getattr(ei.value, "streamed", partial)[:len(partial)]
         assert took < 30
         ring.procs.remove(p)
+
+
+def test_up_restarts_a_killed_stage_and_the_held_answer_resumes(tmp_path: Path, tiny_tok_model: Path) -> None:
+    """`flowspec up` supervises: the stage it restarts after a SIGKILL lets the answer finish."""
+    path = write_topology(tmp_path, 3, tiny_tok_model, drafter="lookup", security=FAST,
+                          decoding={"resume_window_s": 60})
+    key = new_key()
+    err = open(tmp_path / "up.err", "w")
+    up = subprocess.Popen([sys.executable, "-m", "flowspec.cli", "up", str(path), "--threads", "1", "--dtype",
+                           "float32", "--timeout", "90"], stdout=subprocess.PIPE, stderr=err, text=True,
+                          env=dict(node_env(key), COLUMNS="200"), cwd=tmp_path, start_new_session=True)
+    out: list[str] = []
+    threading.Thread(target=lambda: out.extend(iter(up.stdout.readline, "")), daemon=True).start()  # type: ignore[union-attr]
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not any("ring formed" in line for line in out) and time.monotonic() < deadline and up.poll() is None:
+            time.sleep(0.2)
+        assert any("ring formed" in line for line in out), "".join(out) + (tmp_path / "up.err").read_text()[-3000:]
+        topo = Topology.load(str(path))
+        req = request("flowspec", 0.0)
+        truth = generate(topo, key.encode(), req)["token_ids"]
+        victim = next(c for c in psutil.Process(up.pid).children(recursive=True) if "stage2" in c.cmdline())
+
+        def fail() -> None:
+            victim.suspend()  # mid-answer for sure, then gone
+            time.sleep(1.5)
+            victim.kill()
+
+        done = asyncio.run(stream_with_failure(topo, key.encode(), req, fail))
+        assert done["token_ids"] == truth and done["streamed"] == truth
+        assert done["stats"]["resumed"] >= 1
+        assert any("node 'stage2' restarted" in line for line in out), "".join(out)
+        children = [c.pid for c in psutil.Process(up.pid).children(recursive=True)]
+        up.send_signal(signal.SIGTERM)
+        up.wait(20)
+        assert up.returncode == 0
+        assert wait_gone(children, 5.0) == [], "node processes outlived `flowspec up`"
+    finally:
+        kill_leftovers(up, children)
+        err.close()
