@@ -11,8 +11,9 @@ Endpoints (``api`` section of the topology: host, port, optional Bearer key, que
 * ``GET /health``: the ring's status per node; 200 when the ring is formed, else 503.
 * ``GET /metrics``: Prometheus text format.
 
-The ring decodes one request at a time; requests wait in the source's queue, and one
-that finds ``api.queue_size`` requests waiting is answered 429. Every failure is a JSON
+Up to ``decoding.max_active`` requests decode on the ring at once; more wait in the
+source's queue, and one that finds ``api.queue_size`` requests waiting is answered 429.
+Request bodies are checked in api_request.py. Every failure is a JSON
 ``{"error": {"message", "type", "code"}}`` with a 4xx/5xx status; nothing a client sends
 stops the server. With a key configured, every endpoint but ``/health`` needs
 ``Authorization: Bearer KEY``; ``/health`` answers without it, but then only
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 
-from .config import STRATEGIES
+from .api_request import ERROR_TYPES, ApiError, ChatCall, parse_chat
 from .errors import FlowSpecError, RequestError, RingError
 from .runtime.decode import DoneEvent, TokensEvent
 
@@ -45,30 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20  # bytes a request body may have
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-# OpenAI fields FlowSpec cannot honour, with the values that ask for nothing (sent by many
-# clients as defaults): any other value is answered 400 naming the field, never ignored
-UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "tools": (None, [], {}), "functions": (None, [], {}), "tool_choice": (None, "none"),
-    "function_call": (None, "none"), "parallel_tool_calls": (None, True, False),
-    "audio": (None,), "prediction": (None,), "modalities": (None, ["text"]),
-    "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
-    "logprobs": (None, False), "top_logprobs": (None, 0), "best_of": (None, 1), "suffix": (None, ""),
-}
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               500: "server_error", 503: "service_unavailable"}
-
-
-class ApiError(Exception):
-    """An HTTP error answered as OpenAI-style JSON."""
-
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-        self.partial: dict[str, Any] | None = None  # a failed answer's text so far
-        self.retry_after: int | None = None  # seconds a client should wait before trying again (429)
 
 
 @dataclass
@@ -314,118 +291,6 @@ def _num(v: float) -> str:
 
 
 # ------------------------------------------------------------------------ completions
-@dataclass
-class ChatCall:
-    """A validated chat completion request."""
-
-    meta: dict[str, Any]  # the request for SourceNode.prepare
-    stream: bool  # answer with server-sent events
-    include_usage: bool  # stream: send a last chunk with the usage
-    stop: list[str]  # stop strings (the streamed text never shows one)
-
-
-def parse_chat(body: Any, ctx: ApiContext) -> ChatCall:
-    """Check an OpenAI chat completion body; ApiError(400/404) names the bad field."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    model = body.get("model")
-    if model is not None:
-        if not isinstance(model, str):
-            raise ApiError(400, f"model must be a string, not {_short(model)}", param="model")
-        if not ctx.knows_model(model):
-            raise ApiError(404, f"the model {model!r} is not served here; this server serves "
-                           f"{ctx.model_id!r} (see GET /v1/models)", "model_not_found", "model")
-    for k, neutral in UNSUPPORTED.items():
-        v = body.get(k)
-        if not any(v == n and type(v) is not bool or v is n for n in neutral):
-            raise ApiError(400, f"{k} is not supported by FlowSpec (got {_short(v)}); leave it out"
-                           + (f" or send {_short(neutral[1])}" if len(neutral) > 1 else ""), param=k)
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise ApiError(400, f"n must be 1 (one answer per request), not {_short(n)}", param="n")
-    meta: dict[str, Any] = {"messages": _messages(body.get("messages"))}
-    mt = body.get("max_completion_tokens", body.get("max_tokens"))
-    if mt is not None:
-        name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
-            raise ApiError(400, f"{name} must be an integer >= 1, not {_short(mt)}", param=name)
-        meta["max_new_tokens"] = mt
-    for k, lo, hi in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
-        v = body.get(k)
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi \
-                or (k == "top_p" and v == 0):
-            raise ApiError(400, f"{k} must be a number in {'(' if k == 'top_p' else '['}{lo:g}, {hi:g}], "
-                           f"not {_short(v)}", param=k)
-        meta[k] = float(v)
-    for k, lo in (("seed", None), ("top_k", 0)):
-        v = body.get(k)
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
-            raise ApiError(400, f"{k} must be an integer{f' >= {lo}' if lo is not None else ''}, not {_short(v)}",
-                           param=k)
-        meta[k] = v
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or len(stop) > 4
-                             or not all(isinstance(s, str) and s for s in stop)):
-        raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", param="stop")
-    if stop:
-        meta["stop"] = stop
-    strategy = body.get("strategy")
-    if strategy is not None:
-        if strategy not in STRATEGIES:
-            raise ApiError(400, f"unknown strategy {_short(strategy)}; choose one of {', '.join(STRATEGIES)}",
-                           param="strategy")
-        meta["strategy"] = strategy
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise ApiError(400, f"stream must be true or false, not {_short(stream)}", param="stream")
-    opts = body.get("stream_options") or {}
-    if not isinstance(opts, dict):
-        raise ApiError(400, "stream_options must be an object", param="stream_options")
-    return ChatCall(meta, stream, bool(opts.get("include_usage")) and stream, list(stop or []))
-
-
-def _messages(msgs: Any) -> list[dict[str, str]]:
-    if msgs is None:
-        raise ApiError(400, "messages is required: a non-empty list of {role, content}", param="messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise ApiError(400, "messages must be a non-empty list of {role, content}", param="messages")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise ApiError(400, f"messages[{i}] must be an object with role and content", param="messages")
-        role = m.get("role")
-        if role not in ROLES:
-            raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, not {_short(role)}",
-                           param="messages")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: only text is understood
-            texts = []
-            for p in content:
-                if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
-                    raise ApiError(400, f"messages[{i}].content: only text parts are supported",
-                                   param="messages")
-                texts.append(p["text"])
-            content = "".join(texts)
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string, not {_short(content)}",
-                           param="messages")
-        out.append({"role": ROLES[role], "content": content})
-    return out
-
-
-def _short(v: Any) -> str:
-    text = json.dumps(v) if not isinstance(v, str) else repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     try:

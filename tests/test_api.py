@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from flowspec.api import parse_chat, ApiError
+from flowspec.api_request import ApiError, parse_chat
 from flowspec.runtime.text import TextStream
 from ring_helpers import running_ring, tiny_tok_model, write_topology  # noqa: F401 (fixture)
 

@@ -168,7 +168,7 @@ class SourceNode:
 
     def _on_error(self, f: Frame) -> None:
         node, msg = f.meta.get("node", "?"), str(f.meta.get("message", "unknown error"))
-        if "unreachable" in msg or f.meta.get("broken") is True:
+        if f.meta.get("broken") is True:  # the ring itself broke: every request is held or fails
             self._fail(msg)
             return
         log.warning("%s: %r reports: %s", self.name, node, msg)  # also when no request is there to fail

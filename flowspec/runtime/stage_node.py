@@ -64,7 +64,7 @@ class StageNode:
     async def _peer_dead(self, who: str, reason: str) -> None:
         msg = f"node {who!r} is unreachable from {self.name!r}: {reason}"
         # a dead successor can only be reported back upstream; a dead predecessor forward
-        await self._report(msg, 0, "back" if who == self.links.succ.name else "fwd")
+        await self._report(msg, 0, "back" if who == self.links.succ.name else "fwd", broken=True)
 
     async def _from_downstream(self, f: Frame) -> None:
         if self.probes.on_reply(f):
