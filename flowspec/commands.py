@@ -52,7 +52,8 @@ def build_node(topo: Topology, name: str) -> Any:
     cfg = ModelConfig.from_file(str(folder / "config.json"))
     dtype = topo.model.dtype
     layer_bytes = cfg.layer_params() * torch.empty((), dtype=parse_dtype(dtype)).element_size()
-    ranges = topo.resolve_layers(cfg.num_layers, layer_bytes)
+    # with decoding.verify: last_stage the last stage holds the lm_head too (as many weights as this many layers)
+    ranges = topo.resolve_layers(cfg.num_layers, layer_bytes, cfg.vocab_size * cfg.hidden_size / cfg.layer_params())
     fingerprint = model_fingerprint(str(topo.model.target), cfg)
     if me.is_source:
         from .model.tokenizer import Tokenizer
@@ -70,7 +71,11 @@ def build_node(topo: Topology, name: str) -> Any:
     stage = Stage.load(folder, a, b, dtype=dtype, max_context=topo.model.max_context, cfg=cfg)
     log.info("%s: layers %d-%d loaded (%d parameters, %.1f MB)", name, a, b - 1, stage.num_params(),
              stage.weight_bytes() / 1e6)
-    return StageNode(topo, name, key, stage, fingerprint)
+    head = None
+    if topo.decoding.verify == "last_stage" and topo.stages[-1].name == name:
+        head = LMHead.load(folder, dtype=dtype, cfg=cfg)
+        log.info("%s: the lm_head loaded (decoding.verify: last_stage): this stage chooses the tokens", name)
+    return StageNode(topo, name, key, stage, fingerprint, head)
 
 
 def cmd_node(args: argparse.Namespace) -> int:

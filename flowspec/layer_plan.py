@@ -8,7 +8,7 @@ Every problem is a TopologyError naming the file and the node.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from .errors import TopologyError
 
@@ -21,12 +21,19 @@ GIB = 1 << 30  # memory_gb counts GiB
 
 
 def plan_layers(origin: str, stages: Sequence[NodeSpec], num_layers: int | None,
-                 layer_bytes: int | None) -> dict[str, tuple[int, int]]:
+                 layer_bytes: int | None, extra: Mapping[str, float] | None = None,
+                 extra_work: Mapping[str, float] | None = None) -> dict[str, tuple[int, int]]:
     """Check the stages' layers in ring order; with num_layers, split auto stages and return all ranges.
 
     Without num_layers only what the file alone decides is checked (order, overlaps, gaps
-    between explicit ranges, room for auto stages) and an empty dict is returned.
+    between explicit ranges, room for auto stages) and an empty dict is returned. `extra`:
+    weights a stage holds besides its layers, in layers (the lm_head on the last stage when
+    it chooses the tokens), checked against its memory_gb; `extra_work`: the time that stage
+    spends on them per segment, in layers (defaults to `extra`): an auto split gives it
+    fewer layers.
     """
+    extra = extra or {}
+    extra_work = extra if extra_work is None else extra_work
     rule = (f"layers must cover 0-{num_layers - 1} exactly once in ring order" if num_layers is not None
             else "layers must cover every layer of the model exactly once, in ring order starting "
                  "at layer 0 on the first stage after the source")
@@ -96,11 +103,11 @@ def plan_layers(origin: str, stages: Sequence[NodeSpec], num_layers: int | None,
     out: dict[str, tuple[int, int]] = {}
     for n in explicit:
         if layer_bytes is not None:
-            _check_memory(origin, n, n.layers[1] - n.layers[0], layer_bytes)  # type: ignore[index]
+            _check_memory(origin, n, n.layers[1] - n.layers[0], layer_bytes, extra.get(n.name, 0.0))  # type: ignore
         out[n.name] = n.layers  # type: ignore[assignment]
     for start, end, group in runs:
         at = start
-        for m, c in zip(group, _split(origin, start, end, group, layer_bytes)):
+        for m, c in zip(group, _split(origin, start, end, group, layer_bytes, extra, extra_work)):
             out[m.name] = (at, at + c)
             at += c
     out = {n.name: out[n.name] for n in stages}  # ring order
@@ -108,30 +115,34 @@ def plan_layers(origin: str, stages: Sequence[NodeSpec], num_layers: int | None,
     return out
 
 
-def _capacity(origin: str, n: NodeSpec, layer_bytes: int | None) -> int | None:
+def _capacity(origin: str, n: NodeSpec, layer_bytes: int | None, extra: float = 0.0) -> int | None:
     if layer_bytes is None or n.memory_gb is None:
         return None
-    cap = int(n.memory_gb * GIB // layer_bytes)
+    cap = int((n.memory_gb * GIB - extra * layer_bytes) // layer_bytes)
     if cap < 1:
+        also = f" besides the lm_head ({extra * layer_bytes / (1 << 20):.0f} MiB)" if extra else ""
         raise TopologyError(f"{origin}: nodes[{n.index}].memory_gb: {n.memory_gb:g} GiB holds no layer of "
-                            f"{layer_bytes / (1 << 20):.1f} MiB; give it more memory_gb or remove the node")
+                            f"{layer_bytes / (1 << 20):.1f} MiB{also}; give it more memory_gb or remove the node")
     return cap
 
 
-def _check_memory(origin: str, n: NodeSpec, count: int, layer_bytes: int) -> None:
-    cap = _capacity(origin, n, layer_bytes)
+def _check_memory(origin: str, n: NodeSpec, count: int, layer_bytes: int, extra: float = 0.0) -> None:
+    cap = _capacity(origin, n, layer_bytes, extra)
     if cap is not None and count > cap:
+        also = " and the lm_head" if extra else ""
         raise TopologyError(
-            f"{origin}: nodes[{n.index}].layers: layers {range_text(n.layers)} need "  # type: ignore[arg-type]
-            f"{count * layer_bytes / GIB:.2f} GiB but memory_gb is {n.memory_gb:g} (room for {cap} "
+            f"{origin}: nodes[{n.index}].layers: layers {range_text(n.layers)}{also} need "  # type: ignore
+            f"{(count + extra) * layer_bytes / GIB:.2f} GiB but memory_gb is {n.memory_gb:g} (room for {cap} "
             "layers); give this stage fewer layers or raise memory_gb"
         )
 
 
-def _split(origin: str, start: int, end: int, group: list[NodeSpec], layer_bytes: int | None) -> list[int]:
-    """Layers per auto stage for [start, end): proportional to speed, at least 1, within memory."""
+def _split(origin: str, start: int, end: int, group: list[NodeSpec], layer_bytes: int | None,
+           extra: Mapping[str, float], extra_work: Mapping[str, float]) -> list[int]:
+    """Layers per auto stage for [start, end): proportional to speed (counting the work a
+    stage holds besides its layers), at least 1, within memory."""
     total = end - start
-    caps = [_capacity(origin, n, layer_bytes) for n in group]
+    caps = [_capacity(origin, n, layer_bytes, extra.get(n.name, 0.0)) for n in group]
     room = sum(c for c in caps if c is not None) if all(c is not None for c in caps) else None
     if room is not None and room < total:
         names = ", ".join(f"{n.label} ({n.memory_gb:g} GiB)" for n in group)
@@ -144,7 +155,7 @@ def _split(origin: str, start: int, end: int, group: list[NodeSpec], layer_bytes
     for _ in range(total - len(group)):
         # the stage that would finish its share soonest with one more layer takes it
         best = min((i for i in range(len(group)) if caps[i] is None or counts[i] < caps[i]),  # type: ignore
-                   key=lambda i: ((counts[i] + 1) / group[i].speed, i))
+                   key=lambda i: ((counts[i] + 1 + extra_work.get(group[i].name, 0.0)) / group[i].speed, i))
         counts[best] += 1
     return counts
 

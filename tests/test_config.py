@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from flowspec.config import DrafterSpec, LinkSpec, Topology, is_local_host
+from flowspec.config.topology import LM_HEAD_WORK
 from flowspec.errors import FlowSpecError, TopologyError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,6 +133,36 @@ def test_auto_split_by_speed_and_memory() -> None:
     d["nodes"][2]["memory_gb"] = d["nodes"][3]["memory_gb"] = 1
     with pytest.raises(TopologyError, match=r"memory_gb.*holds only 7 of these 40 layers"):
         Topology.from_dict(d).resolve_layers(40, layer_bytes=1 << 30)
+
+
+def test_verify_at_the_last_stage_counts_its_lm_head() -> None:
+    """decoding.verify: last_stage -- the last stage also holds the lm_head, so an auto split
+    gives it fewer layers (LM_HEAD_WORK of the lm_head's size, as it runs over the scored rows
+    only), and its memory must hold all of it; the source's split is unchanged."""
+    d = base()
+    for n in d["nodes"][1:]:
+        n["layers"] = "auto"
+    assert Topology.from_dict(d).decoding.verify == "source"
+    assert Topology.from_dict(d).resolve_layers(30, None, 8.0) == {
+        "stage1": (0, 10), "stage2": (10, 20), "stage3": (20, 30)}
+    d["decoding"] = {"verify": "last_stage"}
+    topo = Topology.from_dict(d)
+    assert topo.decoding.verify == "last_stage"
+    assert LM_HEAD_WORK == 0.4  # 8 layers of weights cost a stage 3.2 layers of work
+    assert topo.resolve_layers(30, None, 8.0) == {"stage1": (0, 11), "stage2": (11, 22), "stage3": (22, 30)}
+    d["nodes"][3]["memory_gb"] = 8.5  # 8 GiB of lm_head leaves room for no 1 GiB layer
+    with pytest.raises(TopologyError, match=r"nodes\[3\]\.memory_gb: 8.5 GiB holds no layer of 1024.0 MiB "
+                                            r"besides the lm_head \(8192 MiB\)"):
+        Topology.from_dict(d).resolve_layers(30, 1 << 30, 8.0)
+    d["nodes"][3]["memory_gb"] = 10
+    d["nodes"][3]["layers"] = "26-29"
+    d["nodes"][2]["layers"] = "13-25"
+    d["nodes"][1]["layers"] = "0-12"
+    with pytest.raises(TopologyError, match=r"layers 26-29 and the lm_head need 12.00 GiB but memory_gb is 10"):
+        Topology.from_dict(d).resolve_layers(30, 1 << 30, 8.0)
+    d["decoding"] = {"verify": "stage"}
+    with pytest.raises(TopologyError, match=r"decoding\.verify: unknown place 'stage'.*allowed: source, last_stage"):
+        Topology.from_dict(d)
 
 
 def test_auto_between_explicit_ranges() -> None:

@@ -64,7 +64,7 @@ class Request:
                 self.pipe.apply_update(s.commit, s.drop)
             if s.segment is not None:
                 out = self.pipe.run_stages(s.segment)
-                self.results.append((out.node_ids, out.hidden))
+                self.results.append((out.node_ids, out.hidden, None))
 
 
 def burst_step(reqs: list[Request], rng: random.Random, head: CountingHead) -> None:
@@ -78,7 +78,7 @@ def burst_step(reqs: list[Request], rng: random.Random, head: CountingHead) -> N
         taken.append((r, [r.results.popleft() for _ in range(min(k, len(r.results)))]))
     parts, owners = [], []
     for r, results in taken:
-        for ids, hidden in results:
+        for ids, hidden, _ in results:
             rows = r.spec.rows_to_score(ids)
             if rows:
                 parts.append(hidden[rows])
@@ -91,7 +91,7 @@ def burst_step(reqs: list[Request], rng: random.Random, head: CountingHead) -> N
             scored[id(r)].update(zip(ids, logits[a : a + len(ids)]))
             a += len(ids)
     for r, results in taken:
-        for ids, hidden in results:
+        for ids, hidden, _ in results:
             r.deliver(r.spec.respond(ids, hidden, scored[id(r)]))
         r.deliver(r.spec.think())
 
@@ -122,13 +122,13 @@ def test_rows_to_score_only_shrinks_and_is_empty_when_done(pipe) -> None:
     r = Request(pipe, "flowspec", list(PROMPTS[0]), LookupDrafter(), head)
     waiting = list(r.results)
     r.results.clear()
-    before = [set(r.spec.rows_to_score(ids)) for ids, _ in waiting]
+    before = [set(r.spec.rows_to_score(ids)) for ids, _, _ in waiting]
     scored: dict[int, torch.Tensor] = {}
-    first_ids, first_hidden = waiting[0]
+    first_ids, first_hidden, _ = waiting[0]
     rows = r.spec.rows_to_score(first_ids)
     scored.update(zip([first_ids[i] for i in rows], pipe.head(first_hidden[rows])))
     r.deliver(r.spec.respond(first_ids, first_hidden, scored))
-    after = [set(r.spec.rows_to_score(ids)) for ids, _ in waiting[1:]]
+    after = [set(r.spec.rows_to_score(ids)) for ids, _, _ in waiting[1:]]
     for b, a in zip(before[1:], after):
         assert a <= b
     assert head.passes == 0  # respond used the logits it was given
@@ -152,7 +152,7 @@ def test_shared_head_on_a_compute_thread(pipe) -> None:
             assert results, "nothing in flight"
 
             def then(sc: dict[int, torch.Tensor], results=results) -> None:
-                for ids, hidden in results:
+                for ids, hidden, _ in results:
                     r.deliver(r.spec.respond(ids, hidden, sc))
 
             await shared.respond(r.spec, results, then)

@@ -198,10 +198,10 @@ def check_caches(spec: Speculator, pipe: LocalPipeline) -> None:
 
 def run(env: Env, model: str, stages: int, strategy: str, prompt: Sequence[int], n: int,
         drafter: Drafter | None, eos: Sequence[int] = (), sampling: SamplingParams = SamplingParams(),
-        tree: TreeParams = TreeParams(), chunk: int = 256) -> dict:
+        tree: TreeParams = TreeParams(), chunk: int = 256, verify: str = "source") -> dict:
     pipe = env.pipe(model, stages)
     spec = Speculator(strategy, pipe.head, drafter, list(prompt), n, eos, sampling, tree, chunk)
-    res = run_local(spec, pipe)
+    res = run_local(spec, pipe, verify)
     assert res["token_ids"] == spec.output and spec.done
     check_stats(res, strategy, len(prompt), chunk)
     check_caches(spec, pipe)
@@ -247,6 +247,49 @@ def test_greedy_equals_single_process(env, strategy, kind, ring) -> None:
         assert s["tau"] > 2
     if kind in ("lookup", "ties") and model == "mistral":
         assert s["accepted_drafts"] > 0  # the loop in the continuation is found
+
+
+LAST = [(s, d, RINGS[(i + 2 * j) % len(RINGS)]) for i, s in enumerate(STRATEGIES)
+        for j, d in enumerate(("lookup", "oracle", "wrong", "draft_self"))]
+
+
+@pytest.mark.parametrize("strategy,kind,ring", LAST, ids=[f"{s}-{d}-{m}{k}" for s, d, (m, k) in LAST])
+def test_last_stage_verification_equals_single_process(env, strategy, kind, ring) -> None:
+    """decoding.verify: last_stage -- the tokens chosen after the last stage, not at the source."""
+    model, stages = ring
+    res = run(env, model, stages, strategy, PROMPT, N, env.drafter(kind, model, PROMPT, N), verify="last_stage")
+    assert res["token_ids"] == env.greedy(model, PROMPT, N)
+    if kind == "oracle" and strategy != "autoregressive":
+        assert res["stats"]["accepted_drafts"] > N // 3
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_last_stage_verification_needs_no_lm_head_at_the_source(env, strategy) -> None:
+    """Every row the source verifies came with its token: the source's lm_head never runs,
+    prompt rows before the root are not scored, and a long prompt prefills in chunks."""
+    pipe = env.pipe("mistral", 3)
+
+    def no_head(hidden: torch.Tensor) -> torch.Tensor:
+        raise AssertionError(f"the source's lm_head ran on {hidden.shape[0]} rows")
+
+    spec = Speculator(strategy, no_head, env.drafter("oracle", "mistral", PROMPT, N), list(PROMPT), N,
+                      (), SamplingParams(), TreeParams(), 4)
+    scored: list[int] = []
+    real = pipe.head
+
+    def counting(hidden: torch.Tensor) -> torch.Tensor:
+        scored.append(hidden.shape[0])
+        return real(hidden)
+
+    pipe.head = counting  # the lm_head the local ring's "last stage" uses
+    try:
+        res = run_local(spec, pipe, "last_stage")
+    finally:
+        pipe.head = real
+    assert res["token_ids"] == env.greedy("mistral", PROMPT, N)
+    st = res["stats"]
+    # drafted rows and one root per token at most: no prompt row but the root's was scored
+    assert st["new_tokens"] <= sum(scored) <= st["verified"] + st["new_tokens"] + 1
 
 
 @pytest.mark.parametrize("ring", RINGS, ids=[f"{m}{k}" for m, k in RINGS])
@@ -454,6 +497,20 @@ def test_sampling_equals_autoregressive(env, strategy, kind, sampling) -> None:
         assert res["stats"]["accepted_drafts"] > n // 2
     if kind == "wrong":
         assert res["stats"]["accepted_drafts"] == 0
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_last_stage_sampling_equals_autoregressive(env, strategy) -> None:
+    """Seeded sampling with the tokens drawn after the last stage: the same text as plain
+    autoregressive sampling at the source, for every seed (so the same distribution)."""
+    n = 24
+    for i, sampling in enumerate(SAMPLINGS):
+        kind = ("oracle", "random", "lookup")[i % 3]
+        expected = env.autoregressive("mistral", PROMPT, n, sampling)
+        res = run(env, "mistral", 3, strategy, PROMPT, n, env.drafter(kind, "mistral", PROMPT, n, sampling),
+                  sampling=sampling, tree=TreeParams(depth=4, top_k=4, total=32, segment=8, expand=16),
+                  verify="last_stage")
+        assert res["token_ids"] == expected, (strategy, kind, sampling)
 
 
 @pytest.mark.parametrize("strategy", SPEC)

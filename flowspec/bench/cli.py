@@ -155,7 +155,8 @@ def add_bench_command(sub: Any) -> None:
                    help=f"comma-separated subset of {','.join(STRATEGIES)} (default: all); a name may "
                         "carry its own draft-tree settings to compare variants side by side, e.g. "
                         "flowspec,flowspec:in_flight=6:segment=16 (keys: depth, top_k, total, segment, "
-                        "expand, in_flight)")
+                        "expand, in_flight; and verify=source|last_stage on a ring formed with "
+                        "decoding.verify: last_stage)")
     b.add_argument("--prompts", default=MTBENCH, help="'mt-bench' (first turns) or a JSONL file")
     b.add_argument("--field", default=None, help="JSONL field holding the prompt (default: prompt)")
     b.add_argument("--limit", type=int, default=0, help="use the first K prompts (0: all)")

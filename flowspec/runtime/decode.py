@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
@@ -29,6 +30,8 @@ from .requests import GenRequest
 from .scoring import SharedHead
 from .text import TextStream
 from .transport import FrameStream
+
+log = logging.getLogger(__name__)
 
 TRACE_MAX_SEGMENTS = 800  # segments a traced request records at most (DONE metadata stays < 1 MiB)
 RING_FAILED = -1  # request id of a result-queue item that says the ring failed (the item is the message)
@@ -86,6 +89,7 @@ class Decoding:
         self.results: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()  # (request id or RING_FAILED, item)
         self.share = 0  # segments it may have in flight (set by the scheduler; 0 = the tree's own)
         self.spec: Speculator | None = None
+        self._unchosen = False  # a segment came back without the tokens asked of the last stage
 
     async def run(self) -> AsyncIterator[TokensEvent | DoneEvent]:
         ctx, req = self.ctx, self.req
@@ -111,12 +115,12 @@ class Decoding:
         trace: dict[str, Any] | None = {"t0": wall0, "segments": [], "source": []} if req.trace else None
         emitted = 0
 
-        def step(results: list[tuple[list[int], torch.Tensor]],
+        def step(results: list[tuple[list[int], torch.Tensor, list[int] | None]],
                  scored: dict[int, torch.Tensor]) -> tuple[list[Send], list[int], str]:
             """In the compute thread: verify the returned segments in order and send what is
             drafted; the new tokens and their text."""
             self._apply_share()
-            sends = [s for ids, hidden in results for s in spec.respond(ids, hidden, scored)]
+            sends = [s for ids, hidden, targets in results for s in spec.respond(ids, hidden, scored, targets)]
             new = spec.output[emitted:]
             return sends, new, text.push(new) if new else ""
 
@@ -136,13 +140,19 @@ class Decoding:
                 items = [(got_rid, item)]
                 while not self.results.empty():  # every result that came back while the source was busy
                     items.append(self.results.get_nowait())
-                results: list[tuple[list[int], torch.Tensor]] = []
+                results: list[tuple[list[int], torch.Tensor, list[int] | None]] = []
                 for got_rid, item in items:
                     if got_rid == RING_FAILED:
                         raise RingError(str(item))
                     msg, t_back = item
                     hops.add(msg.hops, msg.t_sent, t_back)
-                    results.append((msg.node_ids, msg.hidden if msg.hidden is not None else torch.empty(0)))
+                    if msg.score is not None and not self._unchosen:  # it asked the last stage, which did not
+                        self._unchosen = True
+                        log.warning("%s: the last stage did not choose the tokens of request %d (its topology "
+                                    "lacks decoding.verify: last_stage?); the source verifies them", ctx.name,
+                                    self.rid)
+                    results.append((msg.node_ids, msg.hidden if msg.hidden is not None else torch.empty(0),
+                                    msg.targets))
                     if trace is not None and len(trace["segments"]) < TRACE_MAX_SEGMENTS:
                         trace["segments"].append({"t_sent": msg.t_sent, "t_back": t_back,
                                                   "rows": len(msg.node_ids), "hops": msg.hops})
@@ -210,11 +220,18 @@ class Decoding:
                 if s.segment is not None:
                     seg = s.segment
                     msg = SegmentMsg(seg.node_ids, seg.parent_ids, seg.positions, tokens=seg.tokens,
-                                     t_sent=time.time())
+                                     t_sent=time.time(), score=self._score(seg.score_from))
                     down.send_nowait(msg.to_frame(rid, ctx.next_seq()))
             await down.drain()
         except (ConnectionError, OSError) as e:
             raise RingError(f"lost the link to {down.label}: {e}") from None
+
+    def _score(self, first: int | None) -> dict[str, Any] | None:
+        """What a segment asks of the last stage when it chooses the tokens (decoding.verify)."""
+        if self.req.verify != "last_stage" or first is None:
+            return None
+        sp = self.req.sampling
+        return {"from": first, "t": sp.temperature, "p": sp.top_p, "k": sp.top_k, "s": sp.seed}
 
     def free(self) -> None:
         """Tell every stage that this request's caches can go (best effort: a lost link frees them anyway)."""

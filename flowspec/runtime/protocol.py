@@ -174,6 +174,10 @@ class SegmentMsg:
     hidden: torch.Tensor | None = None  # [n, hidden]
     hops: list[list[Any]] = field(default_factory=list)  # per-stage timing records
     t_sent: float = 0.0  # when the source sent it (source clock)
+    # the last stage chooses the target's token after rows[from:] (decoding.verify:
+    # last_stage): {"from": row, "t": temperature, "p": top_p, "k": top_k, "s": seed}
+    score: dict[str, Any] | None = None
+    targets: list[int] | None = None  # on the way back: the token after each row, -1 = not chosen
 
     def to_frame(self, request_id: int, seq: int) -> Frame:
         n = len(self.node_ids)
@@ -182,6 +186,12 @@ class SegmentMsg:
         t = self.tokens if self.tokens is not None else self.hidden
         meta: dict[str, Any] = {"n": n, "kind": "tokens" if self.tokens is not None else "hidden",
                                 "hops": self.hops, "t0": self.t_sent}
+        if self.score is not None:
+            meta["score"] = self.score
+        if self.targets is not None:
+            if len(self.targets) != n:
+                raise ProtocolError("segment: one target token per row")
+            meta["targets"] = self.targets
         body = ids_bytes(self.node_ids, self.parent_ids, self.positions)
         if t is not None:
             t = t.to(torch.int64) if self.tokens is not None else t
@@ -207,7 +217,8 @@ class SegmentMsg:
         t0 = m.get("t0") or 0.0
         if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not -1e18 < t0 < 1e18:
             raise ProtocolError("segment: bad send time")
-        msg = cls(ids, parents, positions, hops=hops, t_sent=float(t0))
+        msg = cls(ids, parents, positions, hops=hops, t_sent=float(t0), score=_score(m.get("score"), n),
+                  targets=_targets(m.get("targets"), n))
         if "dtype" in m:
             t = tensor_from(rest, m["dtype"], m.get("shape"))
             if t.dim() == 0 or t.shape[0] != n:
@@ -225,6 +236,31 @@ class SegmentMsg:
         elif len(rest):
             raise ProtocolError("segment: trailing bytes")
         return msg
+
+
+def _int(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _score(v: Any, n: int) -> dict[str, Any] | None:
+    """A segment's scoring request, checked (see SegmentMsg.score)."""
+    if v is None:
+        return None
+    ok = (isinstance(v, dict) and set(v) == {"from", "t", "p", "k", "s"} and _int(v["from"], 0, max(n - 1, 0))
+          and all(isinstance(v[x], (int, float)) and not isinstance(v[x], bool) and math.isfinite(v[x])
+                  for x in ("t", "p")) and 0 <= v["t"] <= 1e6 and 0 < v["p"] <= 1
+          and _int(v["k"], 0, 1 << 31) and _int(v["s"], -(1 << 63), (1 << 63) - 1))
+    if not ok:
+        raise ProtocolError(f"segment: bad scoring request {str(v)[:120]}")
+    return v
+
+
+def _targets(v: Any, n: int) -> list[int] | None:
+    if v is None:
+        return None
+    if not isinstance(v, list) or len(v) != n or not all(_int(t, -1, 1 << 31) for t in v):
+        raise ProtocolError("segment: target tokens must be one integer >= -1 per row")
+    return v
 
 
 @dataclass

@@ -19,7 +19,7 @@ from ..config import Topology
 from ..errors import RequestError
 from ..model.tokenizer import Tokenizer
 from ..spec.sampling import SEED_MAX, SEED_MIN, SamplingParams
-from ..spec.params import STRATEGIES, TREE_LIMITS, TreeParams
+from ..spec.params import STRATEGIES, TREE_LIMITS, VERIFY_AT, TreeParams
 
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4  # stop strings per request
@@ -36,6 +36,7 @@ class GenRequest:
     tree: TreeParams  # draft tree shape
     stop: list[str] = field(default_factory=list)  # strings that end the answer (not included)
     trace: bool = False  # record every segment's timings into stats["trace"] (the profiler)
+    verify: str = "source"  # where the target's tokens are chosen: "source" | "last_stage" (VERIFY_AT)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Plan:
     stop: list[str]  # stop strings
     trace: bool  # the profiler's trace flag
     tree: dict[str, int] = field(default_factory=dict)  # this request's changes to the topology's tree
+    verify: str = "source"  # where its tokens are chosen (checked against the topology)
 
 
 def text_problem(text: str) -> str | None:
@@ -135,7 +137,15 @@ def check_request(topo: Topology, tok: Tokenizer, vocab: int, meta: dict[str, An
     if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop) or len(stop) > MAX_STOPS:
         raise RequestError(f"stop must be a string or a list of up to {MAX_STOPS} non-empty strings", "stop")
     stop = [_text(x, f"stop[{i}]") for i, x in enumerate(stop)]
-    return Plan(encode, max_new, strategy, sampling, stop, meta.get("trace") is True, _tree(meta.get("tree")))
+    verify = meta.get("verify") or d.verify
+    if verify not in VERIFY_AT:
+        raise RequestError(f"unknown verify {verify!r}; choose one of {', '.join(VERIFY_AT)}", "verify")
+    if verify == "last_stage" and d.verify != "last_stage":
+        raise RequestError("verify: last_stage needs decoding.verify: last_stage in the topology (then the "
+                           "last stage loads the lm_head); restart the ring with it, or verify at the source",
+                           "verify")
+    return Plan(encode, max_new, strategy, sampling, stop, meta.get("trace") is True, _tree(meta.get("tree")),
+                verify)
 
 
 def _tree(v: Any) -> dict[str, int]:
@@ -163,4 +173,5 @@ def finish_request(topo: Topology, plan: Plan, ids: list[int]) -> GenRequest:
             f"the prompt has {len(ids)} tokens; with {plan.max_new_tokens} new tokens and room for the draft tree "
             f"({reserve}) that exceeds max_context {ctx}; shorten the prompt, lower max_tokens, or raise "
             "model.max_context in the topology", "messages")
-    return GenRequest(ids, plan.max_new_tokens, plan.strategy, plan.sampling, tree, plan.stop, plan.trace)
+    return GenRequest(ids, plan.max_new_tokens, plan.strategy, plan.sampling, tree, plan.stop, plan.trace,
+                      plan.verify)

@@ -25,7 +25,8 @@ import torch
 from ..spec.strategies import Speculator
 
 T = TypeVar("T")
-Result = tuple[Sequence[int], torch.Tensor]  # (node ids, final hidden states) of one returned segment
+# (node ids, final hidden states, tokens the last stage chose or None) of one returned segment
+Result = tuple[Sequence[int], torch.Tensor, Sequence[int] | None]
 
 
 @dataclass
@@ -107,8 +108,8 @@ class SharedHead:
         owners: list[tuple[int, list[int]]] = []  # (job index, node ids) per scored part
         parts: list[torch.Tensor] = []
         for j, job in enumerate(jobs):
-            for ids, hidden in job.results:
-                rows = job.spec.rows_to_score(ids)
+            for ids, hidden, targets in job.results:
+                rows = job.spec.rows_to_score(ids, targets)
                 if rows:
                     parts.append(hidden[rows])
                     owners.append((j, [ids[r] for r in rows]))

@@ -9,10 +9,14 @@ import time
 from collections import deque
 from typing import Any
 
+import torch
+
 from ..config import Topology
 from ..errors import FlowSpecError, ModelError
 from ..model.kvcache import CachePool
-from ..model.stage import Segment, Stage
+from ..model.stage import LMHead, Segment, Stage
+from ..spec.sampling import SamplingParams
+from ..spec.verify import target_tokens
 from .protocol import Frame, FrameType, ProtocolError, SegmentMsg, UpdateMsg
 from .links import RingLinks
 from .probes import ECHO, ProbeDesk, bench_stage
@@ -25,8 +29,10 @@ log = logging.getLogger(__name__)
 class StageNode:
     """Holds layers [start, end) of the target and serves them in the ring."""
 
-    def __init__(self, topo: Topology, name: str, key: bytes, stage: Stage, fingerprint: str) -> None:
+    def __init__(self, topo: Topology, name: str, key: bytes, stage: Stage, fingerprint: str,
+                 head: LMHead | None = None) -> None:
         self.topo, self.name, self.stage = topo, name, stage
+        self.head = head  # the target's lm_head: the last stage chooses the tokens (decoding.verify)
         self.layers = (stage.start, stage.end)
         self.succ_is_source = topo.successor(name).is_source
         hello = hello_meta(topo.cluster, fingerprint, name, "stage", self.layers)
@@ -149,7 +155,7 @@ class StageNode:
                 ring.append({"name": self.name, "address": f"{host}:{port}",
                              "layers": list(self.layers), "weight_bytes": self.stage.weight_bytes(),
                              "params": self.stage.num_params(), "threads": _threads(),
-                             "caches": self.caches.size})
+                             "caches": self.caches.size, "lm_head": self.head is not None})
                 await self._forward(Frame(FrameType.FORM, f.request_id, f.seq, dict(f.meta, ring=ring)))
             elif f.type == FrameType.PROBE:
                 await self._forward(await self.probes.on_ring_probe(
@@ -177,20 +183,23 @@ class StageNode:
         if not items:
             return
 
-        def compute() -> tuple[list[Any], float, float]:
+        msgs = [batch[i][1] for i in runnable]
+
+        def compute() -> tuple[list[Any], list[list[int] | None], float, float]:
             t0 = time.time()
             outs = self.stage.forward_many(items)
-            return outs, t0, time.time()
+            chosen = self._choose(msgs, outs) if self.head is not None else [None] * len(outs)
+            return outs, chosen, t0, time.time()
 
         try:
-            outs, t_start, t_end = await loop.run_in_executor(self._pool, compute)
+            outs, chosen, t_start, t_end = await loop.run_in_executor(self._pool, compute)
         except (RuntimeError, ValueError, IndexError, TypeError) as e:  # well-formed frames, unusable data
             log.warning("%s: %d segment(s) could not be computed: %s", self.name, len(items), e)
             for i in runnable:
                 await self._report(f"segment failed on {self.name!r}: its data does not fit this stage ({e})",
                                    batch[i][0].request_id)
             return
-        for i, out in zip(runnable, outs):
+        for i, out, targets in zip(runnable, outs, chosen):
             f, msg, t_recv = batch[i]
             if isinstance(out, FlowSpecError):
                 log.warning("%s: segment %d could not be computed (request %d): %s", self.name, f.seq,
@@ -201,8 +210,42 @@ class StageNode:
             h = out.hidden
             out_bytes = 24 * len(out.node_ids) + h.numel() * h.element_size()
             hops = msg.hops + [[self.name, t_recv, t_start, t_end, time.time(), len(f.payload), out_bytes]]
-            res = SegmentMsg(out.node_ids, out.parent_ids, out.positions, hidden=h, hops=hops, t_sent=msg.t_sent)
+            res = SegmentMsg(out.node_ids, out.parent_ids, out.positions, hidden=h, hops=hops, t_sent=msg.t_sent,
+                             score=msg.score if targets is None else None, targets=targets)
             await self._forward(res.to_frame(f.request_id, f.seq))
+
+    def _choose(self, msgs: list[SegmentMsg], outs: list[Any]) -> list[list[int] | None]:
+        """In the compute thread, at the last stage: the target's token after each row a
+        segment asks for (its ``score``), all segments of the pass in one lm_head pass."""
+        assert self.head is not None
+        parts: list[tuple[int, list[int]]] = []  # (segment index, rows)
+        for j, (msg, out) in enumerate(zip(msgs, outs)):
+            if msg.score is None or isinstance(out, FlowSpecError):
+                continue
+            want = set(msg.node_ids[msg.score["from"]:])
+            rows = [r for r, n in enumerate(out.node_ids) if n in want]
+            if rows:
+                parts.append((j, rows))
+        chosen: list[list[int] | None] = [None] * len(outs)
+        for j, _ in enumerate(msgs):
+            if msgs[j].score is not None and not isinstance(outs[j], FlowSpecError):
+                chosen[j] = [-1] * len(outs[j].node_ids)
+        if not parts:
+            return chosen
+        logits = self.head(torch.cat([outs[j].hidden[rows] for j, rows in parts]))
+        a = 0
+        for j, rows in parts:
+            sc = msgs[j].score
+            assert sc is not None
+            params = SamplingParams(float(sc["t"]), float(sc["p"]), int(sc["k"]), int(sc["s"]))
+            out = outs[j]
+            toks = target_tokens(logits[a : a + len(rows)], [out.positions[r] for r in rows], params)
+            a += len(rows)
+            row_targets = chosen[j]
+            assert row_targets is not None
+            for r, t in zip(rows, toks):
+                row_targets[r] = t
+        return chosen
 
     async def _bench(self, sizes: list[int], reps: int, context: int) -> list[list[float]]:
         """Profiler: time segments of each size in the compute thread (the KV cache is reset)."""
@@ -252,6 +295,4 @@ class WorkQueue:
 
 
 def _threads() -> int:
-    import torch
-
     return torch.get_num_threads()

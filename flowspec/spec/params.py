@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 STRATEGIES = ("autoregressive", "chunked", "pipedec", "flowspec")
+# Where the target's token after each returned row is chosen: at the source (it holds the
+# lm_head) or at the last stage (which then returns token ids with the hidden states).
+VERIFY_AT = ("source", "last_stage")
 
 
 @dataclass(frozen=True)

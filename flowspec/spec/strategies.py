@@ -14,6 +14,9 @@ reacts only to results, in order, a run is deterministic whatever the timing.
 * ``flowspec``: segments ordered by draft score, step-wise verification as each one
   returns, in-band pruning, and dynamic expansion from the new frontier so the ring never
   runs dry.
+
+The ``Speculator`` holds what they share; each strategy's own choices (what to draft,
+what a segment carries, when to verify) are its schedule in ``schedules.py``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ..model.stage import Segment
 from .drafters.base import Drafter, DraftView, NoDrafter
 from .params import STRATEGIES, TREE_LIMITS, TreeParams  # noqa: F401 -- STRATEGIES, TREE_LIMITS re-exported
 from .sampling import SamplingParams
+from .schedules import SCHEDULES
 from .tree import DraftTree, Node
 from .verify import accept_deterministic
 
@@ -54,6 +58,7 @@ class Stats:
     pruned: int = 0  # drafted nodes discarded (sent or not)
     pruned_sent: int = 0  # of which had been sent (wasted ring work)
     accepted_drafts: int = 0  # drafted nodes accepted
+    chosen_at_last_stage: int = 0  # rows whose target token the last stage chose (decoding.verify)
     draft_s: float = 0.0  # source time spent drafting
     verify_s: float = 0.0  # source time spent in the lm_head and acceptance
 
@@ -88,8 +93,9 @@ class Speculator:
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         self.strategy = strategy
+        self.schedule = SCHEDULES[strategy]()  # what this strategy drafts, sends and verifies when
         self.head = head
-        self.drafter: Drafter = NoDrafter() if strategy == "autoregressive" or drafter is None else drafter
+        self.drafter: Drafter = drafter if self.schedule.drafts and drafter is not None else NoDrafter()
         self.prompt = list(prompt)
         self.max_new_tokens = max_new_tokens
         self.eos = set(eos_ids)
@@ -108,8 +114,7 @@ class Speculator:
         self._chain_tokens: list[int] = []
         self._hidden: dict[int, torch.Tensor] = {}  # target features of accepted nodes (feature drafters)
         self._prompt_ids: set[int] = set()
-        self._round_open = False  # chunked: a round is in the ring
-        self._max_in_flight = 1 if strategy == "autoregressive" else max(1, tree.in_flight)
+        self._max_in_flight = self.schedule.max_in_flight(tree)
         self.share = self._max_in_flight  # this request's share of the ring (see limit_in_flight)
         self.drafter.begin(self.prompt)
 
@@ -132,36 +137,43 @@ class Speculator:
         for a in range(0, len(ids), self.prefill_chunk):
             chunk = ids[a : a + self.prefill_chunk]
             seg = Segment(chunk, [i - 1 if i > ids[0] else -1 for i in chunk], list(range(a, a + len(chunk))),
-                          tokens=torch.tensor(self.prompt[a : a + len(chunk)]))
+                          tokens=torch.tensor(self.prompt[a : a + len(chunk)]),
+                          score_from=len(chunk) - 1 if a + len(chunk) == len(ids) else None)  # the root's row
             sends.append(self._send(seg))
         self.tree[self.tree.root].sent = True
         self._plan()
         return sends + self._fill()
 
-    def on_result(self, node_ids: Sequence[int], hidden: torch.Tensor) -> list[Send]:
+    def on_result(self, node_ids: Sequence[int], hidden: torch.Tensor,
+                  targets: Sequence[int] | None = None) -> list[Send]:
         """A segment came back from the last stage: verify, prune, expand, send more.
 
         The same as ``respond()`` followed by ``think()``; a driver that can send in between
         (the source node) calls the two halves itself, so the ring is fed before drafting."""
-        return self.respond(node_ids, hidden) + self.think()
+        return self.respond(node_ids, hidden, targets=targets) + self.think()
 
-    def rows_to_score(self, node_ids: Sequence[int]) -> list[int]:
-        """Rows of a returned segment whose target logits are still unknown: what ``respond``
-        would run through the lm_head now. A driver with several results at hand (of this
-        request or of others) may score all their rows in one lm_head pass and hand the
-        logits to ``respond``; results still to come only lose rows, never gain any."""
+    def rows_to_score(self, node_ids: Sequence[int], targets: Sequence[int] | None = None) -> list[int]:
+        """Rows of a returned segment whose target token is still unknown: what ``respond``
+        would run through the lm_head now (rows whose token the last stage chose, `targets`
+        >= 0, need none). A driver with several results at hand (of this request or of
+        others) may score all their rows in one lm_head pass and hand the logits to
+        ``respond``; results still to come only lose rows, never gain any."""
         if self.done:
             return []
-        return [i for i, n in enumerate(node_ids) if n in self.tree and self.tree[n].logits is None]
+        tree = self.tree
+        return [i for i, n in enumerate(node_ids) if n in tree and not tree[n].known()
+                and (targets is None or targets[i] < 0)]
 
     def respond(self, node_ids: Sequence[int], hidden: torch.Tensor,
-                scored: Mapping[int, torch.Tensor] | None = None) -> list[Send]:
+                scored: Mapping[int, torch.Tensor] | None = None,
+                targets: Sequence[int] | None = None) -> list[Send]:
         """First half of on_result: verify, prune, and send what is already drafted.
 
         flowspec answers a returning segment from the nodes drafted ahead ("send first,
         think later"); the other strategies plan here as well (their ``think`` is empty).
-        `scored` maps node ids to target logits computed beforehand (see ``rows_to_score``);
-        rows it lacks go through the lm_head here."""
+        `targets`: the target's token after each row where the last stage chose it (-1
+        elsewhere); `scored` maps node ids to target logits computed beforehand (see
+        ``rows_to_score``); rows with neither go through the lm_head here."""
         self.in_flight -= 1
         if self.done:
             return []
@@ -170,6 +182,16 @@ class Speculator:
             for i, n in enumerate(node_ids):
                 if n in self._prompt_ids:
                     self._hidden[n] = hidden[i]
+        if targets is not None:
+            if len(targets) != len(node_ids):
+                raise ValueError(f"{len(targets)} target tokens came back for {len(node_ids)} rows")
+            for i, n in enumerate(node_ids):
+                if targets[i] >= 0 and n in self.tree and not self.tree[n].known():
+                    node = self.tree[n]
+                    node.target = int(targets[i])
+                    self.stats.chosen_at_last_stage += 1
+                    if self.drafter.needs_hidden:
+                        node.hidden = hidden[i]
         rows = self.rows_to_score(node_ids)
         if rows:
             known = scored or {}
@@ -186,9 +208,8 @@ class Speculator:
             self.stats.verifications += 1
         if self.done:
             return []
-        if self.strategy == "chunked" and self.in_flight == 0:
-            self._round_open = False
-        if self.strategy == "flowspec":
+        self.schedule.returned(self)
+        if self.schedule.sends_first:
             return self._fill(plan=False)
         self._plan()
         return self._fill()
@@ -196,7 +217,7 @@ class Speculator:
     def think(self) -> list[Send]:
         """Second half of on_result: expand the tree from the new frontier (drafting) and send
         what fits into the ring; what does not fit waits, drafted, for the next ``respond``."""
-        if self.done or self.strategy != "flowspec":
+        if self.done or not self.schedule.sends_first:
             return []
         self._plan()
         return self._fill()
@@ -205,13 +226,16 @@ class Speculator:
     def _verify(self) -> bool:
         """Walk from the root along accepted children while the target's logits are known."""
         advanced = False
-        if self.strategy == "chunked" and self.in_flight > 0:
-            return False  # Chunk-PP verifies a round only when all its chunks are back
+        if not self.schedule.may_verify(self):
+            return False  # e.g. Chunk-PP verifies a round only when all its chunks are back
         while not self.done:
             root = self.tree[self.tree.root]
-            if root.logits is None:
+            if root.target is not None:  # chosen at the last stage, by the same rule
+                tok, child = root.target, root.children.get(root.target)
+            elif root.logits is not None:
+                tok, child = accept_deterministic(root.logits, root.children, self.sampling, root.position + 1)
+            else:
                 break
-            tok, child = accept_deterministic(root.logits, root.children, self.sampling, root.position + 1)
             advanced = True
             self.output.append(tok)
             if child is not None:
@@ -299,64 +323,13 @@ class Speculator:
         return added
 
     def _plan(self) -> None:
-        """Decide which nodes exist before filling the ring."""
-        if self.done or self.strategy == "autoregressive":
-            return
-        unsent = sum(1 for n in self.tree if not n.sent)
-        live = len(self.tree) - 1
-        if self.strategy == "chunked":
-            if self._round_open or self.tree[self.tree.root].logits is not None:
-                return
-            self._grow(self.p.total, self.p.top_k, self.p.depth)
-        elif self.strategy == "pipedec":
-            # one new level per step, each of width top_k, from the deepest live level
-            if unsent == 0 and live < self.p.total:
-                deepest = max(self.tree.depth(n.id) for n in self.tree)
-                level = [n for n in self.tree if self.tree.depth(n.id) == deepest and not n.expanded]
-                if deepest < self.p.depth:
-                    level.sort(key=Node.sort_key)
-                    self.stats.drafted += len(
-                        self._keep_level(self._draft_level(level[: self.p.top_k], self.p.top_k)))
-        else:  # flowspec
-            if unsent < self.p.segment and live < self.p.total:
-                self._grow(min(self.p.expand, self.p.total - live), self.p.top_k, self.p.depth)
+        """Decide which nodes exist before filling the ring (the schedule's choice)."""
+        if not self.done:
+            self.schedule.plan(self)
 
-    def _keep_level(self, new: list[Node]) -> list[Node]:
-        for n in new[self.p.top_k :]:
-            del self.tree[n.parent].children[n.token]
-            del self.tree.nodes[n.id]
-        return new[: self.p.top_k]
-
-    # ----------------------------------------------------------------- sending
     def _fill(self, plan: bool = True) -> list[Send]:
         """Segments of unsent nodes while the ring has room; plan=False sends only what is drafted."""
-        sends: list[Send] = []
-        if self.done:
-            return sends
-        if self.strategy == "chunked":
-            if self._round_open:
-                return sends
-            unsent = self.tree.unsent()
-            if not unsent:
-                return sends
-            for a in range(0, len(unsent), self.p.segment):
-                sends.append(self._send(self._segment(unsent[a : a + self.p.segment])))
-            self._round_open = True
-            return sends
-        while self.in_flight < self.share:
-            unsent = self.tree.unsent()
-            if self.strategy == "pipedec":
-                if unsent:
-                    depth = self.tree.depth(unsent[0].id)
-                    unsent = [n for n in unsent if self.tree.depth(n.id) <= depth + (1 if depth == 0 else 0)]
-            else:
-                unsent = unsent[: self.p.segment]
-            if not unsent:
-                break
-            sends.append(self._send(self._segment(unsent)))
-            if plan:
-                self._plan()
-        return sends
+        return self.schedule.fill(self, plan)
 
     def _segment(self, nodes: list[Node]) -> Segment:
         for n in nodes:
@@ -364,7 +337,7 @@ class Speculator:
             if n.id != self.tree.root:
                 self.stats.verified += 1
         return Segment([n.id for n in nodes], [n.parent for n in nodes], [n.position for n in nodes],
-                       tokens=torch.tensor([n.token for n in nodes]))
+                       tokens=torch.tensor([n.token for n in nodes]), score_from=0)
 
     def _send(self, seg: Segment) -> Send:
         """The update goes first, so it may only commit nodes of segments sent earlier."""
@@ -388,3 +361,4 @@ class Speculator:
 
     def result_stats(self) -> dict[str, float]:
         return self.stats.as_dict()
+

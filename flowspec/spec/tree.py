@@ -25,10 +25,15 @@ class Node:
     sent: bool = False  # has been sent into the ring
     expanded: bool = False  # the drafter has proposed its children
     logits: torch.Tensor | None = None  # the target's logits after this node, once back
+    target: int | None = None  # the target's token after this node, when the last stage chose it
     hidden: torch.Tensor | None = None  # the target's final hidden state, once back
 
     def sort_key(self) -> tuple[float, int, int]:
         return (-self.score, self.position, self.id)
+
+    def known(self) -> bool:
+        """Whether the target's token after this node is known (its logits, or the token itself)."""
+        return self.logits is not None or self.target is not None
 
 
 class DraftTree:

@@ -15,7 +15,7 @@ Two rules, both exactly lossless:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -28,6 +28,26 @@ def accept_deterministic(
     """(token, accepted child id or None) for the target's choice at `position`."""
     x = choose_token(logits, params, position)
     return x, children.get(x)
+
+
+def target_tokens(logits: torch.Tensor, positions: Sequence[int], params: SamplingParams) -> list[int]:
+    """The target's token after each row: rows of `logits` [n, vocab] are the target's logits
+    after the tokens at `positions`, so row i decides position positions[i] + 1 (argmax, or
+    the seeded draw there: the choice ``accept_deterministic`` makes, wherever it runs)."""
+    if params.greedy:
+        return torch.argmax(logits, dim=-1).tolist()
+    return [choose_token(row, params, p + 1) for row, p in zip(logits, positions)]
+
+
+def choose_rows(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, positions: Sequence[int],
+                rows: Sequence[int], params: SamplingParams) -> list[int]:
+    """What a last stage that verifies returns beside the hidden states: the target's token
+    after each of `rows` (one lm_head pass over them), -1 for every other row."""
+    out = [-1] * len(positions)
+    if rows:
+        for r, t in zip(rows, target_tokens(head(hidden[list(rows)]), [positions[r] for r in rows], params)):
+            out[r] = t
+    return out
 
 
 def accept_multi_candidate(

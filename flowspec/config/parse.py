@@ -1,0 +1,439 @@
+"""Validation of a parsed topology: plain data (from YAML or a dict) into a Topology.
+
+:class:`_Parser` checks every field of every section and raises
+:class:`~flowspec.errors.TopologyError` naming the file, the field path
+(``nodes[2].layers``) and what is allowed. The layer ranges are checked as far as possible
+without the model (see :mod:`flowspec.layer_plan`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from ..errors import TopologyError
+from ..layer_plan import plan_layers as _plan_layers
+from ..spec.params import STRATEGIES, VERIFY_AT
+from .hosts import _host_key, _is_loopback, _is_wildcard
+from .messages import _join, _kind, _suggest
+from .schema import (
+    CPU_PERIOD_MS_RANGE, DEFAULT_TARGET, DRAFTER_KINDS, DTYPES, MAX_CPU_QUOTA, ROLES, ApiSpec,
+    DecodingSpec, DrafterSpec, LinkSpec, ModelSpec, NodeSpec, SecuritySpec, TestbedSpec, TreeSpec,
+)
+
+if TYPE_CHECKING:
+    from .topology import Topology
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_CLUSTER_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_LAYERS_RE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+_TOP_KEYS = ("cluster", "model", "nodes", "api", "decoding", "security", "testbed")
+_MODEL_KEYS = ("target", "drafter", "dtype", "max_context", "num_layers")
+_NODE_KEYS = ("name", "host", "port", "role", "layers", "memory_gb", "speed")
+_API_KEYS = ("host", "port", "api_key_env", "api_key_file", "queue_size", "allow_unauthenticated")
+_DECODING_KEYS = ("strategy", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "tree",
+                  "prefill_chunk", "max_active", "resume_window_s", "verify")
+_TREE_KEYS = ("depth", "top_k", "total", "segment", "expand", "in_flight")
+_SECURITY_KEYS = ("key_env", "key_file", "encrypt", "max_frame_mb", "read_timeout_s", "heartbeat_s", "dead_after_s")
+_TESTBED_KEYS = ("link", "links", "cpu_quota", "cpu_period_ms", "threads", "cpus")
+_LINK_KEYS = ("latency_ms", "jitter_ms", "bandwidth_mbit", "stall_prob", "stall_ms")
+
+
+# ----------------------------------------------------------------------------- parsing
+class _Parser:
+    """Turns plain data into a Topology; every method raises TopologyError with a field path."""
+
+    def __init__(self, origin: str, base_dir: str) -> None:
+        self.origin = origin
+        self.base_dir = base_dir
+
+    # ------------------------------------------------------------------ helpers
+    def error(self, path: str, msg: str) -> TopologyError:
+        return TopologyError(f"{self.origin}: {path}: {msg}" if path else f"{self.origin}: {msg}")
+
+    def mapping(self, v: Any, path: str, allowed: Sequence[str], required: Sequence[str] = (),
+                what: str = "") -> dict[str, Any]:
+        if not isinstance(v, dict):
+            raise self.error(path or "top level", f"must be a mapping with keys {', '.join(allowed)}"
+                             f", not {_kind(v)}")
+        for k in v:
+            if k not in allowed:
+                key = str(k)
+                raise self.error(_join(path, key), f"unknown key{_suggest(key, allowed)} "
+                                 f"(allowed{what}: {', '.join(allowed)})")
+        for k in required:
+            if k not in v:
+                raise self.error(_join(path, k), f"missing; required{what}: {', '.join(required)}")
+        return v
+
+    def number(self, v: Any, path: str, *, integer: bool = False, lo: float | None = None,
+               hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
+               nullable: str | None = None) -> Any:
+        """A number within bounds; nullable, when given, says what null means (and allows it)."""
+        kind = "an integer" if integer else "a number"
+        if lo is not None and hi is not None:
+            if integer:
+                allowed = f"{kind} from {lo:g} to {hi:g}"
+            else:
+                allowed = f"{kind} in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        elif lo is not None:
+            allowed = f"{kind} {'>' if lo_open else '>='} {lo:g}"
+        else:
+            allowed = kind
+        if nullable:
+            allowed += f", or null ({nullable})"
+        if v is None:
+            if nullable:
+                return None
+            raise self.error(path, f"must be {allowed}, not null")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+            raise self.error(path, f"must be {allowed}, not {v!r}")
+        if not math.isfinite(v):
+            raise self.error(path, f"must be {allowed}, not {v!r}")
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            raise self.error(path, f"must be {allowed}, not {v!r}")
+        if hi is not None and (v > hi or (hi_open and v == hi)):
+            raise self.error(path, f"must be {allowed}, not {v!r}")
+        return int(v) if integer else float(v)
+
+    def string(self, v: Any, path: str, allowed: str, pattern: re.Pattern[str] | None = None) -> str:
+        if not isinstance(v, str) or not v.strip() or (pattern is not None and not pattern.match(v)):
+            raise self.error(path, f"must be {allowed}, not {v!r}")
+        return v.strip()
+
+    def flag(self, v: Any, path: str) -> bool:
+        if not isinstance(v, bool):
+            raise self.error(path, f"must be true or false, not {v!r}")
+        return v
+
+    def choice(self, v: Any, path: str, choices: Sequence[str], what: str) -> str:
+        if not isinstance(v, str) or v not in choices:
+            hint = _suggest(v, choices) if isinstance(v, str) else ""
+            raise self.error(path, f"unknown {what} {v!r}{hint}; allowed: {', '.join(choices)}")
+        return v
+
+    def env_name(self, v: Any, path: str, nullable: bool) -> str | None:
+        if v is None and nullable:
+            return None
+        return self.string(v, path, "the name of an environment variable ([A-Za-z_][A-Za-z0-9_]*)"
+                           + (", or null" if nullable else ""), _ENV_RE)
+
+    def file_path(self, v: Any, path: str) -> str | None:
+        if v is None:
+            return None
+        s = self.string(v, path, f"a file path (relative to {self.base_dir}), or null")
+        return self.resolve(s)
+
+    def resolve(self, p: str) -> str:
+        q = Path(p).expanduser()
+        if not q.is_absolute():
+            q = Path(self.base_dir) / q
+        return os.path.normpath(str(q))
+
+    def host(self, v: Any, path: str, wildcard_ok: bool) -> str:
+        allowed = "a hostname or an IP address"
+        if not isinstance(v, str):
+            raise self.error(path, f"must be {allowed}, not {v!r}")
+        h = v.strip()
+        try:
+            ip = ipaddress.ip_address(h)
+        except ValueError:
+            ip = None
+        if ip is not None:
+            if ip.is_unspecified and not wildcard_ok:
+                raise self.error(path, f"{h} is a bind-all address, not one the other nodes can connect "
+                                 "to; give this node's reachable hostname or IP")
+            return h
+        labels = h.rstrip(".").split(".")
+        if not h or len(h) > 253 or not all(_HOST_LABEL_RE.match(lb) for lb in labels):
+            raise self.error(path, f"must be {allowed}, not {v!r}")
+        return h
+
+    # ------------------------------------------------------------------ sections
+    def topology(self, d: Any) -> Topology:
+        from .topology import Topology  # at call time: topology.py imports this module
+        if d is None:
+            raise self.error("", "the file is empty; a topology needs cluster, model and nodes")
+        d = self.mapping(d, "", _TOP_KEYS, ("cluster", "model", "nodes"))
+        cluster = self.string(d["cluster"], "cluster", "a name of letters, digits, '.', '_' or '-'",
+                              _CLUSTER_RE)
+        model = self.model(d["model"])
+        nodes = self.nodes(d["nodes"])
+        api = self.api(d.get("api"), nodes)
+        decoding = self.decoding(d.get("decoding"))
+        security = self.security(d.get("security"))
+        testbed = self.testbed(d.get("testbed"), nodes) if d.get("testbed") is not None else None
+        topo = Topology(cluster=cluster, model=model, nodes=nodes, api=api, decoding=decoding,
+                        security=security, testbed=testbed, origin=self.origin, base_dir=self.base_dir)
+        # check the layer ranges as far as possible without the model
+        _plan_layers(self.origin, topo.stages, model.num_layers, None)
+        return topo
+
+    def model(self, v: Any) -> ModelSpec:
+        d = self.mapping(v, "model", _MODEL_KEYS)
+        target = d.get("target", DEFAULT_TARGET)
+        target = self.string(target, "model.target",
+                             f"{DEFAULT_TARGET!r}, a model folder or a .gguf file")
+        if target != DEFAULT_TARGET:
+            target = self.resolve(target)
+        drafter = self.drafter(d.get("drafter", "lookup"))
+        dtype = self.choice(d.get("dtype", "bfloat16"), "model.dtype", DTYPES, "dtype")
+        max_context = self.number(d.get("max_context", 2048), "model.max_context", integer=True, lo=64)
+        num_layers = self.number(d.get("num_layers"), "model.num_layers", integer=True, lo=1,
+                                 nullable="read from the model")
+        return ModelSpec(target=target, drafter=drafter, dtype=dtype, max_context=max_context,
+                         num_layers=num_layers)
+
+    def drafter(self, v: Any) -> DrafterSpec:
+        allowed = "none, lookup, eagle, eagle:PATH, model:PATH"
+        if not isinstance(v, str) or not v.strip():
+            raise self.error("model.drafter", f"must be one of {allowed}, not {v!r}")
+        kind, sep, rest = v.strip().partition(":")
+        kind, rest = kind.strip(), rest.strip()
+        if kind not in DRAFTER_KINDS:
+            raise self.error("model.drafter", f"unknown drafter {v!r}{_suggest(kind, DRAFTER_KINDS)}; "
+                             f"allowed: {allowed}")
+        if kind in ("none", "lookup"):
+            if sep:
+                raise self.error("model.drafter", f"{kind!r} takes no path; allowed: {allowed}")
+            return DrafterSpec(kind)
+        if not rest:
+            if kind == "eagle" and not sep:
+                return DrafterSpec("eagle")  # the bundled head
+            raise self.error("model.drafter", f"{v!r} needs a path after ':'; allowed: {allowed}")
+        return DrafterSpec(kind, self.resolve(rest))
+
+    def nodes(self, v: Any) -> tuple[NodeSpec, ...]:
+        if not isinstance(v, list) or not v:
+            raise self.error("nodes", "must be a list of nodes in ring order (one source, at least one "
+                             f"stage), not {_kind(v)}")
+        out: list[NodeSpec] = []
+        names: dict[str, int] = {}
+        addresses: dict[tuple[str, int], int] = {}
+        source_at: int | None = None
+        for i, item in enumerate(v):
+            p = f"nodes[{i}]"
+            d = self.mapping(item, p, _NODE_KEYS, ("name", "host", "port", "role"), " in a node")
+            name = self.string(d["name"], f"{p}.name", "a name of letters, digits, '_' or '-'", _NAME_RE)
+            if name in names:
+                j = names[name]
+                raise self.error(f"{p}.name", f"{name!r} is already the name of nodes[{j}]; "
+                                 "node names must be unique")
+            names[name] = i
+            host = self.host(d["host"], f"{p}.host", wildcard_ok=False)
+            port = self.number(d["port"], f"{p}.port", integer=True, lo=1, hi=65535)
+            addr = (_host_key(host), port)
+            if addr in addresses:
+                j = addresses[addr]
+                raise self.error(f"{p}.port", f"{host}:{port} is already used by nodes[{j}] "
+                                 f"({out[j].name}); each node needs its own (host, port)")
+            addresses[addr] = i
+            role = self.choice(d["role"], f"{p}.role", ROLES, "role")
+            if role == "source":
+                if source_at is not None:
+                    raise self.error(f"{p}.role", f"a second source: nodes[{source_at}] "
+                                     f"({out[source_at].name}) is already the source; exactly one node "
+                                     "has role: source, every other one role: stage")
+                source_at = i
+                for k in ("layers", "memory_gb", "speed"):
+                    if k in d:
+                        raise self.error(f"{p}.{k}", "only stage nodes hold layers; the source runs "
+                                         "the embedding, drafter and lm_head (remove this key)")
+                out.append(NodeSpec(name=name, host=host, port=port, role=role, index=i))
+                continue
+            layers = self.layers(d.get("layers", "auto"), f"{p}.layers")
+            memory = self.number(d.get("memory_gb"), f"{p}.memory_gb", lo=0, lo_open=True,
+                                 nullable="unlimited")
+            speed = self.number(d.get("speed", 1.0), f"{p}.speed", lo=0, lo_open=True)
+            out.append(NodeSpec(name=name, host=host, port=port, role=role, layers=layers,
+                                memory_gb=memory, speed=speed, index=i))
+        if source_at is None:
+            raise self.error("nodes", "no node has role: source; exactly one node must be the source "
+                             "(it runs the drafter and the HTTP API)")
+        if len(out) < 2:
+            raise self.error("nodes", "no stage node; at least one node needs role: stage (stages "
+                             "hold the model's layers)")
+        return tuple(out)
+
+    def layers(self, v: Any, path: str) -> tuple[int, int] | str:
+        allowed = 'an inclusive range "A-B", a single layer A, or "auto"'
+        if isinstance(v, bool):
+            raise self.error(path, f"must be {allowed}, not {v!r}")
+        if isinstance(v, int):
+            if v < 0:
+                raise self.error(path, f"must be {allowed} (layers count from 0), not {v!r}")
+            return (v, v + 1)
+        if isinstance(v, str):
+            if v.strip() == "auto":
+                return "auto"
+            m = _LAYERS_RE.match(v)
+            if m:
+                a = int(m.group(1))
+                b = int(m.group(2)) if m.group(2) is not None else a
+                if b < a:
+                    raise self.error(path, f"{v!r} ends before it starts; write the lower layer first, "
+                                     f"e.g. \"{b}-{a}\"")
+                return (a, b + 1)
+        raise self.error(path, f"must be {allowed}, not {v!r}")
+
+    def api(self, v: Any, nodes: tuple[NodeSpec, ...]) -> ApiSpec:
+        d = self.mapping({} if v is None else v, "api", _API_KEYS)
+        dflt = ApiSpec()
+        host = self.host(d.get("host", dflt.host), "api.host", wildcard_ok=True)
+        port = self.number(d.get("port", dflt.port), "api.port", integer=True, lo=1, hi=65535)
+        src = next(n for n in nodes if n.is_source)
+        for n in nodes:
+            same_host = _host_key(n.host) == _host_key(host) or (n is src and _is_wildcard(host))
+            if same_host and n.port == port:
+                raise self.error("api.port", f"{port} is already the ring port of {n.label}; "
+                                 "the HTTP API needs a port of its own")
+        key_env = self.env_name(d.get("api_key_env"), "api.api_key_env", nullable=True)
+        key_file = self.file_path(d.get("api_key_file"), "api.api_key_file")
+        open_ok = self.flag(d.get("allow_unauthenticated", dflt.allow_unauthenticated),
+                            "api.allow_unauthenticated")
+        if key_env is None and key_file is None and not open_ok and not _is_loopback(host):
+            raise self.error("api.host", f"{host} serves the HTTP API beyond this machine without a key: "
+                             "anyone on the network could use the ring; set api.api_key_env (or "
+                             "api.api_key_file) to a Bearer key, bind 127.0.0.1, or set "
+                             "api.allow_unauthenticated: true if the network is yours alone")
+        return ApiSpec(
+            host=host, port=port, api_key_env=key_env, api_key_file=key_file,
+            queue_size=self.number(d.get("queue_size", dflt.queue_size), "api.queue_size",
+                                   integer=True, lo=1),
+            allow_unauthenticated=open_ok,
+        )
+
+    def decoding(self, v: Any) -> DecodingSpec:
+        d = self.mapping({} if v is None else v, "decoding", _DECODING_KEYS)
+        dflt = DecodingSpec()
+        return DecodingSpec(
+            strategy=self.choice(d.get("strategy", dflt.strategy), "decoding.strategy", STRATEGIES,
+                                 "strategy"),
+            max_new_tokens=self.number(d.get("max_new_tokens", dflt.max_new_tokens),
+                                       "decoding.max_new_tokens", integer=True, lo=1),
+            temperature=self.number(d.get("temperature", dflt.temperature), "decoding.temperature",
+                                    lo=0),
+            top_p=self.number(d.get("top_p", dflt.top_p), "decoding.top_p", lo=0, hi=1, lo_open=True),
+            top_k=self.number(d.get("top_k", dflt.top_k), "decoding.top_k", integer=True, lo=0),
+            seed=self.number(d.get("seed"), "decoding.seed", integer=True, nullable="random"),
+            tree=self.tree(d.get("tree")),
+            prefill_chunk=self.number(d.get("prefill_chunk", dflt.prefill_chunk),
+                                      "decoding.prefill_chunk", integer=True, lo=1),
+            max_active=self.number(d.get("max_active", dflt.max_active), "decoding.max_active",
+                                   integer=True, lo=1, hi=64),
+            resume_window_s=self.number(d.get("resume_window_s", dflt.resume_window_s),
+                                        "decoding.resume_window_s", lo=0, hi=86400),
+            verify=self.choice(d.get("verify", dflt.verify), "decoding.verify", VERIFY_AT, "place"),
+        )
+
+    def tree(self, v: Any) -> TreeSpec:
+        d = self.mapping({} if v is None else v, "decoding.tree", _TREE_KEYS)
+        dflt = TreeSpec()
+        p = "decoding.tree"
+        in_flight = d.get("in_flight", dflt.in_flight)
+        if in_flight != "auto":
+            if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
+                raise self.error(f"{p}.in_flight", "must be an integer >= 1 or \"auto\" (= number of "
+                                 f"stages), not {in_flight!r}")
+        return TreeSpec(
+            depth=self.number(d.get("depth", dflt.depth), f"{p}.depth", integer=True, lo=1, hi=32),
+            top_k=self.number(d.get("top_k", dflt.top_k), f"{p}.top_k", integer=True, lo=1, hi=64),
+            total=self.number(d.get("total", dflt.total), f"{p}.total", integer=True, lo=1),
+            segment=self.number(d.get("segment", dflt.segment), f"{p}.segment", integer=True, lo=1,
+                                hi=512),
+            expand=self.number(d.get("expand", dflt.expand), f"{p}.expand", integer=True, lo=1),
+            in_flight=in_flight,
+        )
+
+    def security(self, v: Any) -> SecuritySpec:
+        d = self.mapping({} if v is None else v, "security", _SECURITY_KEYS)
+        dflt = SecuritySpec()
+        p = "security"
+        hb = self.number(d.get("heartbeat_s", dflt.heartbeat_s), f"{p}.heartbeat_s", lo=0, lo_open=True)
+        dead = self.number(d.get("dead_after_s", dflt.dead_after_s), f"{p}.dead_after_s", lo=0,
+                           lo_open=True)
+        if dead <= hb:
+            raise self.error(f"{p}.dead_after_s", f"{dead:g} s must be greater than heartbeat_s "
+                             f"({hb:g} s), or a live peer is declared dead between two heartbeats")
+        read_to = self.number(d.get("read_timeout_s", dflt.read_timeout_s), f"{p}.read_timeout_s",
+                              lo=0, lo_open=True)
+        if read_to <= hb:
+            raise self.error(f"{p}.read_timeout_s", f"{read_to:g} s must be greater than heartbeat_s "
+                             f"({hb:g} s), or an idle but live peer times out")
+        key_env = self.string(d.get("key_env", dflt.key_env), f"{p}.key_env",
+                              "the name of an environment variable ([A-Za-z_][A-Za-z0-9_]*)", _ENV_RE)
+        return SecuritySpec(
+            key_env=key_env,
+            key_file=self.file_path(d.get("key_file"), f"{p}.key_file"),
+            encrypt=self.flag(d.get("encrypt", dflt.encrypt), f"{p}.encrypt"),
+            max_frame_mb=self.number(d.get("max_frame_mb", dflt.max_frame_mb), f"{p}.max_frame_mb",
+                                     lo=0, lo_open=True),
+            read_timeout_s=read_to,
+            heartbeat_s=hb,
+            dead_after_s=dead,
+        )
+
+    def link(self, v: Any, path: str, base: LinkSpec) -> LinkSpec:
+        d = self.mapping(v, path, _LINK_KEYS, (), " in a link")
+        return LinkSpec(
+            latency_ms=self.number(d.get("latency_ms", base.latency_ms), f"{path}.latency_ms", lo=0),
+            jitter_ms=self.number(d.get("jitter_ms", base.jitter_ms), f"{path}.jitter_ms", lo=0),
+            bandwidth_mbit=self.number(d.get("bandwidth_mbit", base.bandwidth_mbit),
+                                       f"{path}.bandwidth_mbit", lo=0, lo_open=True, nullable="unlimited"),
+            stall_prob=self.number(d.get("stall_prob", base.stall_prob), f"{path}.stall_prob", lo=0, hi=1,
+                                   hi_open=True),
+            stall_ms=self.number(d.get("stall_ms", base.stall_ms), f"{path}.stall_ms", lo=0),
+        )
+
+    def testbed(self, v: Any, nodes: tuple[NodeSpec, ...]) -> TestbedSpec:
+        d = self.mapping(v, "testbed", _TESTBED_KEYS)
+        raw_link = d.get("link")
+        link = self.link({} if raw_link is None else raw_link, "testbed.link", LinkSpec())
+        names = [n.name for n in nodes]
+        edges = [(n.name, nodes[(n.index + 1) % len(nodes)].name) for n in nodes]
+        edge_text = ", ".join(f"{a}->{b}" for a, b in edges)
+        links: dict[tuple[str, str], LinkSpec] = {}
+        raw_links = {} if d.get("links") is None else d["links"]
+        if not isinstance(raw_links, dict):
+            raise self.error("testbed.links", f"must be a mapping \"A->B\": link, not {_kind(raw_links)}")
+        for k, lv in raw_links.items():
+            p = f"testbed.links[{str(k)!r}]"
+            a, arrow, b = str(k).partition("->")
+            a, b = a.strip(), b.strip()
+            if not arrow or not a or not b:
+                raise self.error(p, f"keys are written \"A->B\" with node names; the ring edges are "
+                                 f"{edge_text}")
+            for end in (a, b):
+                if end not in names:
+                    raise self.error(p, f"no node named {end!r}{_suggest(end, names)}; the ring edges "
+                                     f"are {edge_text}")
+            if (a, b) not in edges:
+                raise self.error(p, f"{a}->{b} is not a ring edge (each node sends only to the next "
+                                 f"one); the ring edges are {edge_text}")
+            links[(a, b)] = self.link(lv if lv is not None else {}, p, link)
+        cpus: dict[str, float | None] = {}
+        raw_cpus = {} if d.get("cpus") is None else d["cpus"]
+        if not isinstance(raw_cpus, dict):
+            raise self.error("testbed.cpus", f"must be a mapping node name: cpu_quota, not {_kind(raw_cpus)}")
+        for k, cv in raw_cpus.items():
+            p = f"testbed.cpus.{k}"
+            if k not in names:
+                raise self.error(p, f"no node named {str(k)!r}{_suggest(str(k), names)}; "
+                                 f"nodes: {', '.join(names)}")
+            cpus[k] = self.number(cv, p, lo=0, hi=MAX_CPU_QUOTA, lo_open=True, nullable="uncapped")
+        return TestbedSpec(
+            link=link, links=links,
+            cpu_quota=self.number(d.get("cpu_quota"), "testbed.cpu_quota", lo=0, hi=MAX_CPU_QUOTA,
+                                  lo_open=True, nullable="uncapped"),
+            threads=self.number(d.get("threads", 1), "testbed.threads", integer=True, lo=1),
+            cpus=cpus,
+            cpu_period_ms=self.number(d.get("cpu_period_ms"), "testbed.cpu_period_ms", lo=CPU_PERIOD_MS_RANGE[0],
+                                      hi=CPU_PERIOD_MS_RANGE[1], nullable="the testbed's default"),
+        )

@@ -1,0 +1,159 @@
+"""The sections of a topology file as frozen dataclasses, and the values they allow.
+
+Each dataclass is one section of the YAML file (``model``, ``nodes[i]``, ``api``,
+``decoding``, ``security``, ``testbed``); :class:`~flowspec.config.topology.Topology`
+holds them. Nothing here validates: :mod:`flowspec.config.parse` builds these from
+plain data and checks every field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROLES = ("source", "stage")
+DTYPES = ("bfloat16", "float32")
+DRAFTER_KINDS = ("none", "lookup", "eagle", "model")
+DEFAULT_TARGET = "default"  # SmolLM2-135M-Instruct, see flowspec.model.loader
+DEFAULT_KEY_ENV = "FLOWSPEC_CLUSTER_KEY"
+MIN_KEY_BYTES = 16
+MAX_CPU_QUOTA = 16.0
+CPU_PERIOD_MS_RANGE = (1.0, 1000.0)  # the kernel's bounds of a CFS period
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class DrafterSpec:
+    """Where draft tokens come from; written ``kind`` or ``kind:PATH`` in YAML."""
+
+    kind: str  # "none" | "lookup" (prompt n-gram lookup) | "eagle" (feature head) | "model" (small LM)
+    path: str | None = None  # absolute path for eagle:PATH / model:PATH; None = bundled head / no file
+
+    def __str__(self) -> str:
+        return self.kind if self.path is None else f"{self.kind}:{self.path}"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model every node serves a part of."""
+
+    target: str  # "default", or an absolute model folder / .gguf path
+    drafter: DrafterSpec  # the source's drafter
+    dtype: str  # "bfloat16" | "float32"
+    max_context: int  # KV-cache slots per stage (>= 64)
+    num_layers: int | None = None  # decoder layers, when known without reading the model
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One device of the ring."""
+
+    name: str  # unique, [A-Za-z0-9_-]+
+    host: str  # hostname or IP the other nodes connect to
+    port: int  # 1..65535
+    role: str  # "source" (drafter, sampling, HTTP API) | "stage" (holds decoder layers)
+    layers: tuple[int, int] | str | None = None  # stages: half-open (start, end) or "auto"; source: None
+    memory_gb: float | None = None  # stages: GiB available for weights when splitting `auto`; None = unlimited
+    speed: float = 1.0  # stages: relative compute speed when splitting `auto` (> 0)
+    index: int = field(default=0, compare=False)  # position in the file's node list (for messages)
+
+    @property
+    def is_source(self) -> bool:
+        return self.role == "source"
+
+    @property
+    def is_auto(self) -> bool:
+        return self.layers == "auto"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    @property
+    def label(self) -> str:
+        """``nodes[2] (stage2)``: how messages name the node."""
+        return f"nodes[{self.index}] ({self.name})"
+
+
+@dataclass(frozen=True)
+class ApiSpec:
+    """The HTTP API served by the source."""
+
+    host: str = "127.0.0.1"  # address to bind
+    port: int = 8000  # 1..65535
+    api_key_env: str | None = None  # env var holding the Bearer key, or None
+    api_key_file: str | None = None  # absolute path of a file holding the Bearer key, or None
+    queue_size: int = 16  # waiting requests before answering 429 (>= 1)
+    allow_unauthenticated: bool = False  # serve a non-loopback host without a key (refused otherwise)
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """Shape of the speculative token tree."""
+
+    depth: int = 5  # levels drafted per expansion, 1..32
+    top_k: int = 8  # children kept per node, 1..64
+    total: int = 64  # nodes kept in the tree (>= 1)
+    segment: int = 16  # nodes per segment sent into the ring, 1..512
+    expand: int = 32  # nodes added per dynamic expansion (>= 1)
+    in_flight: int | str = "auto"  # segments in flight: int >= 1 or "auto" (= number of stages)
+
+
+@dataclass(frozen=True)
+class DecodingSpec:
+    """How tokens are generated (defaults for requests that do not say otherwise)."""
+
+    strategy: str = "flowspec"  # autoregressive | chunked | pipedec | flowspec
+    max_new_tokens: int = 128  # >= 1
+    temperature: float = 0.0  # >= 0; 0 = greedy
+    top_p: float = 1.0  # in (0, 1]
+    top_k: int = 0  # >= 0; 0 = off
+    seed: int | None = None  # sampling seed, None = random
+    tree: TreeSpec = field(default_factory=TreeSpec)  # speculative tree shape
+    prefill_chunk: int = 256  # prompt tokens per prefill segment (>= 1)
+    max_active: int = 4  # requests decoding on the ring at once, 1..64 (every stage holds a KV cache for each)
+    resume_window_s: float = 60.0  # a broken ring holds its requests this long, then fails them (0: at once)
+    verify: str = "source"  # where the target's tokens are chosen: "source" (its lm_head) | "last_stage"
+
+
+@dataclass(frozen=True)
+class SecuritySpec:
+    """Authentication and liveness of the ring's links."""
+
+    key_env: str = DEFAULT_KEY_ENV  # env var holding the cluster key
+    key_file: str | None = None  # absolute path of a file holding the key; wins over key_env
+    encrypt: bool = True  # seal every frame with ChaCha20-Poly1305; False: authenticate frames only
+    max_frame_mb: float = 64.0  # largest accepted frame, MiB (> 0)
+    read_timeout_s: float = 30.0  # a peer silent for longer is dead (> heartbeat_s)
+    heartbeat_s: float = 1.0  # heartbeat interval (> 0)
+    dead_after_s: float = 5.0  # no heartbeat for this long = dead (> heartbeat_s)
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return int(self.max_frame_mb * (1 << 20))
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """An emulated network link from one node to the next."""
+
+    latency_ms: float = 2.0  # one-way delay (>= 0)
+    jitter_ms: float = 0.0  # random extra delay, up to this much (>= 0)
+    bandwidth_mbit: float | None = 100.0  # Mbit/s (> 0), None = unlimited
+    stall_prob: float = 0.0  # probability in [0, 1) that a chunk stalls
+    stall_ms: float = 0.0  # duration of a stall (>= 0)
+
+
+@dataclass(frozen=True)
+class TestbedSpec:
+    """Emulated edge conditions: slow links and CPU-capped nodes."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    link: LinkSpec = field(default_factory=LinkSpec)  # default for every link i -> i+1
+    links: dict[tuple[str, str], LinkSpec] = field(default_factory=dict)  # (from, to) -> full override
+    cpu_quota: float | None = None  # fraction of one core per node, (0, 16], None = uncapped
+    threads: int = 1  # compute threads per node (>= 1)
+    cpus: dict[str, float | None] = field(default_factory=dict)  # node name -> cpu_quota override
+    # CFS period of the CPU caps in ms, [1, 1000]; None = the testbed's default (4 ms, see
+    # flowspec/testbed/cgroups.py: short, so that a short burst of work is slowed too)
+    cpu_period_ms: float | None = None

@@ -1,0 +1,141 @@
+"""What makes the four strategies different: one small schedule object each.
+
+A :class:`~flowspec.spec.strategies.Speculator` holds the mechanics every strategy shares
+(the draft tree, verification, tree updates, segments and their bookkeeping); its schedule
+decides what to draft (``plan``), what the next segments carry (``fill``), when a returned
+segment may be verified (``may_verify``) and whether drafting waits until the ring has been
+fed (``sends_first``). Schedules are pure and deterministic like the rest of the algorithm;
+each Speculator has its own instance, so a schedule may keep per-request state.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .params import STRATEGIES, TreeParams
+from .tree import Node
+
+if TYPE_CHECKING:
+    from .strategies import Send, Speculator
+
+
+class Schedule:
+    """The default: plan, then send segments of unsent nodes while the ring has room."""
+
+    drafts = True  # whether the strategy uses the drafter at all
+    sends_first = False  # True: respond() sends only what is drafted; think() drafts afterwards
+
+    def max_in_flight(self, tree: TreeParams) -> int:
+        """Segments this strategy keeps in the ring at once, at most."""
+        return max(1, tree.in_flight)
+
+    def may_verify(self, s: Speculator) -> bool:
+        """Whether the returned segments may be verified now."""
+        return True
+
+    def returned(self, s: Speculator) -> None:
+        """A returned segment has been verified (and the request is not done)."""
+
+    def plan(self, s: Speculator) -> None:
+        """Decide which nodes exist before filling the ring."""
+
+    def pick(self, s: Speculator, unsent: list[Node]) -> list[Node]:
+        """The nodes of the next segment, from the unsent ones in score order."""
+        return unsent[: s.p.segment]
+
+    def fill(self, s: Speculator, plan: bool = True) -> list[Send]:
+        """Segments of unsent nodes while the ring has room; plan=False sends only what is drafted."""
+        sends: list[Send] = []
+        if s.done:
+            return sends
+        while s.in_flight < s.share:
+            nodes = self.pick(s, s.tree.unsent())
+            if not nodes:
+                break
+            sends.append(s._send(s._segment(nodes)))
+            if plan:
+                s._plan()
+        return sends
+
+
+class Autoregressive(Schedule):
+    """One token per ring trip: the root alone, never a draft."""
+
+    drafts = False
+
+    def max_in_flight(self, tree: TreeParams) -> int:
+        return 1
+
+
+class Chunked(Schedule):
+    """Chunk-PP: one whole EAGLE-2 tree per round, cut into chunks that are sent back to
+    back and verified only when all of them are back."""
+
+    def __init__(self) -> None:
+        self.round_open = False  # a round is in the ring
+
+    def may_verify(self, s: Speculator) -> bool:
+        return s.in_flight == 0
+
+    def returned(self, s: Speculator) -> None:
+        if s.in_flight == 0:
+            self.round_open = False
+
+    def plan(self, s: Speculator) -> None:
+        if self.round_open or s.tree[s.tree.root].known():
+            return
+        s._grow(s.p.total, s.p.top_k, s.p.depth)
+
+    def fill(self, s: Speculator, plan: bool = True) -> list[Send]:
+        if s.done or self.round_open:
+            return []
+        unsent = s.tree.unsent()
+        if not unsent:
+            return []
+        sends = [s._send(s._segment(unsent[a : a + s.p.segment])) for a in range(0, len(unsent), s.p.segment)]
+        self.round_open = True
+        return sends
+
+
+class PipeDec(Schedule):
+    """One new tree level per segment; levels stream through the ring and are verified as
+    they come back."""
+
+    def plan(self, s: Speculator) -> None:
+        tree = s.tree
+        if any(not n.sent for n in tree) or len(tree) - 1 >= s.p.total:
+            return
+        deepest = max(tree.depth(n.id) for n in tree)
+        if deepest >= s.p.depth:
+            return
+        level = sorted((n for n in tree if tree.depth(n.id) == deepest and not n.expanded), key=Node.sort_key)
+        new = s._draft_level(level[: s.p.top_k], s.p.top_k)
+        for n in new[s.p.top_k :]:  # the level keeps its best top_k nodes
+            del tree[n.parent].children[n.token]
+            del tree.nodes[n.id]
+        s.stats.drafted += len(new[: s.p.top_k])
+
+    def pick(self, s: Speculator, unsent: list[Node]) -> list[Node]:
+        if not unsent:
+            return unsent
+        depth = s.tree.depth(unsent[0].id)  # one level (the root travels with the first)
+        return [n for n in unsent if s.tree.depth(n.id) <= depth + (1 if depth == 0 else 0)]
+
+
+class FlowSpec(Schedule):
+    """Segments in score order, step-wise verification as each returns, and dynamic
+    expansion from the new frontier; a returning segment is answered from nodes drafted
+    before ("send first, think later")."""
+
+    sends_first = True
+
+    def plan(self, s: Speculator) -> None:
+        unsent = sum(1 for n in s.tree if not n.sent)
+        live = len(s.tree) - 1
+        if unsent < s.p.segment and live < s.p.total:
+            s._grow(min(s.p.expand, s.p.total - live), s.p.top_k, s.p.depth)
+
+
+SCHEDULES: dict[str, type[Schedule]] = {
+    "autoregressive": Autoregressive, "chunked": Chunked, "pipedec": PipeDec, "flowspec": FlowSpec}
+assert tuple(SCHEDULES) == STRATEGIES, "every strategy name needs a schedule"
