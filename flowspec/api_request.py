@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .config import STRATEGIES
+from .spec.params import VERIFY_AT
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -117,6 +118,12 @@ def parse_chat(body: Any, ctx: ModelNames) -> ChatCall:
             raise ApiError(400, f"unknown strategy {_short(strategy)}; choose one of {', '.join(STRATEGIES)}",
                            param="strategy")
         meta["strategy"] = strategy
+    verify = body.get("verify")
+    if verify is not None:
+        if verify not in VERIFY_AT:
+            raise ApiError(400, f"unknown verify {_short(verify)}; choose one of {', '.join(VERIFY_AT)}",
+                           param="verify")
+        meta["verify"] = verify
     stream = body.get("stream", False)
     if stream is None:
         stream = False

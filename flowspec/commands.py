@@ -20,10 +20,10 @@ def run_async(main: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine on uvloop where it is installed, else on asyncio's loop."""
     try:
         import uvloop
-
-        return uvloop.run(main())  # type: ignore[no-any-return]
-    except ImportError:
+    except ImportError:  # only the import: an ImportError inside main() must not run it twice
+        log.info("uvloop is not installed; running on asyncio's own event loop")
         return asyncio.run(main())  # type: ignore[arg-type]
+    return uvloop.run(main())  # type: ignore[no-any-return]
 
 
 def _node_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -132,6 +132,7 @@ class _Ctx:
     ({"messages": [{"role": "user", "content": "x"}], "stop": [""]}, 400, "stop"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n must be 1"),
     ({"messages": [{"role": "user", "content": "x"}], "strategy": "magic"}, 400, "strategy"),
+    ({"messages": [{"role": "user", "content": "x"}], "verify": "stage"}, 400, "unknown verify 'stage'"),
     ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}, 404, "not served"),
 ])
 def test_parse_chat_rejects(body: Any, status: int, needle: str) -> None:
@@ -168,10 +169,11 @@ def test_parse_chat_maps_openai_fields() -> None:
         {"role": "developer", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
         {"role": "user", "content": "hi"}], "max_completion_tokens": 7, "temperature": 0.5, "top_p": 0.9,
         "seed": 3, "stop": "\n", "stream": True, "stream_options": {"include_usage": True},
-        "strategy": "chunked", "top_k": 5, "frequency_penalty": 0}, _Ctx())  # type: ignore[arg-type]
+        "strategy": "chunked", "top_k": 5, "frequency_penalty": 0, "verify": "source"},
+        _Ctx())  # type: ignore[arg-type]
     assert call_.meta == {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
                           "max_new_tokens": 7, "temperature": 0.5, "top_p": 0.9, "seed": 3, "top_k": 5,
-                          "stop": ["\n"], "strategy": "chunked"}
+                          "stop": ["\n"], "strategy": "chunked", "verify": "source"}
     assert call_.stream and call_.include_usage and call_.stop == ["\n"]
 
 
@@ -237,6 +239,9 @@ def test_bad_requests_get_4xx_and_the_server_stays_up(api_ring: dict[str, Any]) 
         (call("POST", ep, {"messages": QUESTION}, key=None), 401, "missing API key"),
         (call("GET", url + "/v1/nothing"), 404, "no endpoint"),
         (call("GET", ep), 405, "not allowed"),
+        # this ring verifies at the source: its last stage holds no lm_head
+        (call("POST", ep, {"messages": QUESTION, "verify": "last_stage"}), 400,
+         "verify: last_stage needs decoding.verify: last_stage in the topology"),
     ]
     for (status, body), want, needle in cases:
         assert status == want, (want, needle, status, body)

@@ -20,6 +20,7 @@ from ..spec.drafters import Drafter
 from .admission import Admission
 from .client_desk import ClientDesk
 from .decode import RING_FAILED, DecodeContext, Decoding, DoneEvent, TokensEvent
+from .formation import ring_problem
 from .links import RingLinks
 from .probes import ProbeDesk
 from .protocol import Frame, FrameType, ProtocolError, SegmentMsg
@@ -104,7 +105,7 @@ class SourceNode:
                 log.debug("%s: ring formation will be tried again: %s", self.name, e or type(e).__name__)
                 await asyncio.sleep(0.5)
                 continue
-            problem = self._check_ring(f.meta.get("ring") or [])
+            problem = ring_problem(self.topo, self.num_layers, f.meta.get("ring") or [])
             if problem:
                 self.error = problem
                 log.error("%s: ring formation failed (trying again in 5 s): %s", self.name, problem)
@@ -115,36 +116,6 @@ class SourceNode:
             self.ready.set()
             log.info("%s: ring formed: %s", self.name,
                      " -> ".join(f"{r['name']}[{r['layers'][0]}-{r['layers'][1] - 1}]" for r in self.ring))
-
-    def _check_ring(self, ring: Any) -> str | None:
-        """The stages must cover the model's layers exactly once, in ring order."""
-        if not isinstance(ring, list) or not all(
-                isinstance(r, dict) and isinstance(r.get("layers"), list) and len(r["layers"]) == 2
-                and all(isinstance(x, int) for x in r["layers"]) for r in ring):
-            return f"the ring's FORM reply is malformed ({str(ring)[:120]}); is every node the same FlowSpec version?"
-        expected = [n.name for n in self.topo.stages]
-        got = [str(r.get("name")) for r in ring]
-        if got != expected:
-            return f"the ring passes through {got}, but the topology lists the stages {expected}"
-        need = self.topo.decoding.max_active
-        short = [f"{r['name']} ({r['caches']})" for r in ring if isinstance(r.get("caches"), int) and r["caches"] < need]
-        if short:
-            return (f"stages hold fewer KV caches than decoding.max_active ({need}) asks for: {', '.join(short)}; "
-                    "every node must run with the same topology file")
-        nxt, prev = 0, None
-        for r in ring:
-            a, b = r["layers"]
-            if a != nxt:
-                what = "overlap" if a < nxt else "leave a gap"
-                after = f"node {prev['name']!r} has layers {prev['layers'][0]}-{prev['layers'][1] - 1}" \
-                    if prev else "the ring starts"
-                return (f"layer ranges {what}: {after} but node {r['name']!r} has layers {a}-{b - 1}; "
-                        f"the stages must cover layers 0-{self.num_layers - 1} exactly once in ring order")
-            nxt, prev = b, r
-        if nxt != self.num_layers:
-            return (f"the stages end at layer {nxt - 1} (node {prev['name'] if prev else '?'!r}) but the "
-                    f"model has {self.num_layers} layers")
-        return None
 
     # ------------------------------------------------------------------ failures
     async def _peer_dead(self, who: str, reason: str) -> None:
