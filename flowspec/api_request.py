@@ -112,18 +112,12 @@ def parse_chat(body: Any, ctx: ModelNames) -> ChatCall:
         raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", param="stop")
     if stop:
         meta["stop"] = stop
-    strategy = body.get("strategy")
-    if strategy is not None:
-        if strategy not in STRATEGIES:
-            raise ApiError(400, f"unknown strategy {_short(strategy)}; choose one of {', '.join(STRATEGIES)}",
-                           param="strategy")
-        meta["strategy"] = strategy
-    verify = body.get("verify")
-    if verify is not None:
-        if verify not in VERIFY_AT:
-            raise ApiError(400, f"unknown verify {_short(verify)}; choose one of {', '.join(VERIFY_AT)}",
-                           param="verify")
-        meta["verify"] = verify
+    for key, allowed in (("strategy", STRATEGIES), ("verify", VERIFY_AT)):  # FlowSpec's own fields
+        v = body.get(key)
+        if v is not None:
+            if v not in allowed:
+                raise ApiError(400, f"unknown {key} {_short(v)}; choose one of {', '.join(allowed)}", param=key)
+            meta[key] = v
     stream = body.get("stream", False)
     if stream is None:
         stream = False
