@@ -183,3 +183,25 @@ def test_tty_quit_stops_the_ring(tty_chat: dict[str, Any]) -> None:
     while any(listening(p) for p in tty_chat["ports"]):
         assert time.monotonic() < deadline, "the ring's nodes are still running"
         time.sleep(0.2)
+
+
+def test_a_broken_ring_during_an_answer_reads_as_held_not_failed() -> None:
+    """While an answer streams, the source holds it through a broken ring (resume window):
+    the panel says so; between answers the same health reads as unavailable."""
+    from rich.console import Console
+
+    from flowspec.chat import Turn, health_text, status_panel
+
+    broken = {"formed": False, "error": "node 'stage2' is unreachable: connection refused", "nodes": []}
+    text, style = health_text(broken, answering=True)
+    assert text.startswith("ring degraded: node 'stage2' is unreachable") and "resumes" in text
+    assert style == "bold yellow"
+    assert health_text(broken) == ("ring unavailable: node 'stage2' is unreachable: connection refused",
+                                   "bold red")
+    assert health_text({"formed": True, "nodes": [{"status": "up"}] * 4}, answering=True)[0] == \
+        "ring ok: 4/4 nodes up"
+    console = Console(width=200, record=True)
+    console.print(status_panel(Turn(health=broken, streaming=True)))
+    assert "ring degraded" in console.export_text()
+    console.print(status_panel(Turn(health=broken)))
+    assert "ring unavailable" in console.export_text()

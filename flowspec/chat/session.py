@@ -148,12 +148,14 @@ class ChatSession:
                 _, t.health = await self.client.health()
             return
         with self.view.live(t) as refresh:
+            t.streaming = True
             poller = asyncio.create_task(self._poll_health(t, refresh))
             try:
                 async for chunk in self.client.stream(body):
                     t.apply(chunk)
                     refresh()
             finally:
+                t.streaming = False
                 poller.cancel()
                 await asyncio.gather(poller, return_exceptions=True)
 

@@ -19,6 +19,7 @@ class Turn:
     final: bool = False  # stats are the request's final statistics
     finish: str | None = None  # finish reason once known
     health: dict[str, Any] | None = None  # latest GET /health body
+    streaming: bool = False  # the answer is still coming (a broken ring now holds it, to resume)
     t0: float = field(default_factory=time.perf_counter)  # when the request was sent
 
     def apply(self, chunk: dict[str, Any]) -> str:

@@ -24,15 +24,20 @@ def summary_line(t: Turn) -> str:
     return "[" + " · ".join(parts) + "]"
 
 
-def health_text(h: dict[str, Any] | None) -> tuple[str, str]:
-    """(text, rich style) of the ring's health."""
+def health_text(h: dict[str, Any] | None, answering: bool = False) -> tuple[str, str]:
+    """(text, rich style) of the ring's health; `answering`: an answer is streaming, so a
+    broken ring holds it (the source resumes it within decoding.resume_window_s)."""
     if h is None:
         return "ring: ?", "dim"
     nodes = h.get("nodes") or []
     up = sum(1 for n in nodes if n.get("status") == "up")
     if h.get("formed"):
         return f"ring ok: {up}/{len(nodes)} nodes up", "green"
-    return f"ring unavailable: {h.get('error') or 'not formed'}", "bold red"
+    why = h.get("error") or "not formed"
+    if answering:
+        return (f"ring degraded: {why}; the answer is held and resumes when the ring is whole again",
+                "bold yellow")
+    return f"ring unavailable: {why}", "bold red"
 
 
 def status_panel(t: Turn) -> Any:
@@ -68,7 +73,7 @@ def status_panel(t: Turn) -> Any:
             lk, lv = links[i]
             row[3:] = [lk, f"{float(lv.get('mean_ms', 0.0)):.2f} ms"]
         grid.add_row(*row)
-    htext, hstyle = health_text(t.health)
+    htext, hstyle = health_text(t.health, answering=t.streaming)
     title = "flowspec" + (" (final)" if t.final else "")
     return Panel(Group(head, grid, Text(htext, style=hstyle)), title=title, title_align="left",
                  border_style="blue")
