@@ -35,7 +35,7 @@ STRATEGY_FIELDS = (
     "e2e_speedup_vs_chunked", "mean_accepted", "tau", "prefill_s_mean", "decode_s", "total_s",
     "verifications", "rounds", "drafted", "verified", "pruned", "pruned_sent", "accepted_drafts",
     "segments_sent", "stage_busy", "stage_busy_basis", "source_busy", "source", "bytes_per_hop",
-    "bytes_per_token", "wire_ms_per_trip",
+    "bytes_per_token", "wire_ms_per_trip", "respond_ms", "wasted_rows_per_token", "round_bound",
 )
 REPORT_FIELDS = ("version", "created", "topology", "cluster", "model", "ring", "mode", "testbed", "cpu_caps",
                  "settings", "prompts", "strategies", "agreement", "requests")
@@ -84,6 +84,10 @@ def test_bench_runs_every_strategy_and_writes_the_json(tiny_tok_model: Path, tmp
         assert d["respond_ms"]["segments"] > 0 and d["respond_ms"]["median"] >= 0, (name, d["respond_ms"])
         assert d["wasted_rows_per_token"] is not None and d["wasted_rows_per_token"] >= 0
     assert report["strategies"]["autoregressive"]["wasted_rows_per_token"] == 0
+    for name, d in report["strategies"].items():  # the round bound, from the measured trips
+        b = d["round_bound"]
+        assert b["trip_ms"] > 0 and b["tokens_per_s"] > 0 and b["reached"] > 0 and b["tau_for_target"] > 0, (name, b)
+    assert "a round lasts at least a ring trip" in printed
     for r in report["requests"]:
         assert len(r["token_ids"]) == 8 or r["finish_reason"] == "stop"
         assert r["stats"]["strategy"] == r["strategy"]
@@ -226,6 +230,33 @@ def test_source_turnaround_from_the_trace() -> None:
     gaps = respond_gaps({"trace": trace})
     assert [round(g, 3) for g in gaps] == [0.004, 0.03]
     assert respond_gaps({}) == []
+
+
+def test_round_bound_is_tau_over_trip_and_turnaround() -> None:
+    """tau 3 over rounds of at least 90 + 10 ms: at most 30 tok/s; 24 tok/s reach 80% of it;
+    3x a 10 tok/s baseline at that trip needs tau 3 x 10 x 0.1 = 3.0; no trips, no bound."""
+    from flowspec.bench.summary import round_bound, tau_needed
+
+    b = round_bound(3.0, 90.0, 10.0, 24.0, decode_s=2.0, rounds=16)
+    assert b == {"trip_ms": 90.0, "round_ms": 125.0, "tokens_per_s": 30.0, "reached": 0.8}
+    assert tau_needed(3.0, 10.0, b, 10.0) == 3.0
+    assert round_bound(2.0, None, None, 5.0, 1.0, 4)["tokens_per_s"] is None
+    assert tau_needed(3.0, 10.0, {"trip_ms": None}, None) is None
+
+
+def test_round_bound_from_request_stats() -> None:
+    """The bench's bound uses the trip time weighted by trips over every request and the
+    median turnaround; an autoregressive round is one trip, so it sits at the bound."""
+    from flowspec.bench.summary import summarize_strategy
+
+    def req(trip_ms: float, trips: int, tokens: int, decode_s: float) -> dict[str, Any]:
+        return {"stats": {"new_tokens": tokens, "decode_s": decode_s, "total_s": decode_s, "rounds": tokens,
+                          "verifications": tokens, "hops": {"trips": trips, "mean_trip_ms": trip_ms}}}
+
+    d = summarize_strategy([req(100.0, 11, 11, 1.0), req(200.0, 11, 11, 2.0)])
+    b = d["round_bound"]
+    assert b["trip_ms"] == 150.0 and d["tau"] == 1.0
+    assert b["tokens_per_s"] == round(1000 / 150, 3) and b["reached"] == round(d["tokens_per_s"] / b["tokens_per_s"], 3)
 
 
 @pytest.mark.slow

@@ -44,6 +44,8 @@ def print_report(report: dict[str, Any], console: Any) -> None:
              if d.get("wasted_rows_per_token") is not None]
     if waste:
         console.print("rows sent and later pruned, per generated token: " + ", ".join(waste))
+    for line in bound_lines(st):
+        console.print(line)
     hops = sorted({k for d in st.values() for k in d["bytes_per_token"]},
                   key=lambda k: [r.get("name") for r in report["ring"]].index(k.split("->")[0])
                   if k.split("->")[0] in [r.get("name") for r in report["ring"]] else -1)
@@ -67,6 +69,22 @@ def print_report(report: dict[str, Any], console: Any) -> None:
         console.print(f"[red]strategies disagree on {len(a['mismatches'])} (prompt, strategy) pairs; e.g. "
                       f"{first['strategy']} differs from {first['reference']} on prompt {first['prompt'] + 1} "
                       f"at token {first['first_diff']}[/red]")
+
+
+def bound_lines(st: dict[str, Any]) -> list[str]:
+    """The round bound of every drafting strategy: how close scheduling got, what tau would take."""
+    lines = []
+    for name, d in st.items():
+        b = d.get("round_bound") or {}
+        if name == "autoregressive" or not b.get("tokens_per_s"):
+            continue
+        line = (f"{name}: a round lasts at least a ring trip: tau {d['tau']:.2f} / ({b['trip_ms']:.0f} ms trip + "
+                f"{_num(d['respond_ms']['median'], '.0f')} ms turnaround) = {b['tokens_per_s']:.1f} tok/s at most, "
+                f"{_num(b['reached'], '.0%')} reached")
+        if b.get("tau_for_target"):
+            line += f"; {b['target_speedup']:g}x autoregressive needs tau >= {b['tau_for_target']:.2f} at this trip"
+        lines.append(line)
+    return lines
 
 
 def print_cpu_caps(caps: dict[str, Any] | None, console: Any) -> None:

@@ -10,6 +10,7 @@ from ..config import Topology
 from .options import BenchOptions
 
 REPORT_VERSION = 1  # of the --json layout
+TARGET_SPEEDUP = 3.0  # the speedup over autoregressive whose tau the report works out (issue 15's goal)
 
 
 def _window_busy(stats: dict[str, Any]) -> tuple[dict[str, float], float, float] | None:
@@ -46,6 +47,34 @@ def respond_gaps(stats: dict[str, Any]) -> list[float]:
         if k < len(departures):
             gaps.append(departures[k] - float(s["t_back"]))
     return gaps
+
+
+def round_bound(tau: float, trip_ms: float | None, respond_ms: float | None, tokens_per_s: float,
+                decode_s: float, rounds: int) -> dict[str, float | None]:
+    """The most a draft-and-verify strategy can decode with this drafter on this ring.
+
+    A round ends with a token nobody drafted (the target's own, at a miss); the next round's
+    first verification needs that token to go around the ring first, so a round lasts at
+    least one ring trip plus the source's turnaround, and decoding runs at most
+    ``tau / (trip + turnaround)``. Measured trips include the queueing of a full ring, so
+    this is the ceiling of scheduling alone: beyond it only a larger tau (a better drafter,
+    a larger tree) or cheaper trips (smaller segments, faster stages) help."""
+    if not trip_ms or tau <= 0:
+        return {"trip_ms": trip_ms, "round_ms": None, "tokens_per_s": None, "reached": None}
+    floor_ms = trip_ms + (respond_ms or 0.0)
+    bound = 1000 * tau / floor_ms
+    return {"trip_ms": round(trip_ms, 2),
+            "round_ms": round(1000 * decode_s / rounds, 2) if rounds and decode_s > 0 else None,
+            "tokens_per_s": round(bound, 3), "reached": _ratio(tokens_per_s, bound)}
+
+
+def tau_needed(speedup: float, base_tokens_per_s: float, bound: dict[str, float | None],
+               respond_ms: float | None) -> float | None:
+    """The tau a strategy would need to decode `speedup` x the baseline at its measured trip."""
+    trip = bound.get("trip_ms")
+    if not trip or base_tokens_per_s <= 0:
+        return None
+    return round(speedup * base_tokens_per_s * (trip + (respond_ms or 0.0)) / 1000, 2)
 
 
 def quantile(xs: list[float], q: float) -> float | None:
@@ -101,16 +130,20 @@ def summarize_strategy(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     per_req = [float(s.get("tokens_per_s", 0.0)) for s in st]
     gaps = [g for s in st for g in respond_gaps(s)]
     med, p95 = quantile(gaps, 0.5), quantile(gaps, 0.95)
+    trip_s = sum(float((s.get("hops") or {}).get("mean_trip_ms", 0.0)) * int((s.get("hops") or {}).get("trips", 0))
+                 for s in st) / 1000
+    tps = round(decode_tokens / decode_s, 3) if decode_s > 0 else 0.0
+    tau = _ratio(new, counts["rounds"]) or 0.0
     return {
         "requests": len(st),
         "new_tokens": new,
-        "tokens_per_s": round(decode_tokens / decode_s, 3) if decode_s > 0 else 0.0,
+        "tokens_per_s": tps,
         "tokens_per_s_mean": round(sum(per_req) / len(per_req), 3) if per_req else 0.0,
         "e2e_tokens_per_s": round(new / total_s, 3) if total_s > 0 else 0.0,
         "speedup_vs_autoregressive": None, "speedup_vs_chunked": None,
         "e2e_speedup_vs_autoregressive": None, "e2e_speedup_vs_chunked": None,
         "mean_accepted": _ratio(new, counts["verifications"]) or 0.0,
-        "tau": _ratio(new, counts["rounds"]) or 0.0,
+        "tau": tau,
         "prefill_s_mean": round(sum(float(s.get("prefill_s", 0.0)) for s in st) / len(st), 4) if st else 0.0,
         "decode_s": round(decode_s, 4),
         "total_s": round(total_s, 4),
@@ -127,6 +160,9 @@ def summarize_strategy(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
                        "p95": None if p95 is None else round(1000 * p95, 2), "segments": len(gaps)},
         # ring work spent on rows that were pruned after they were sent, per generated token
         "wasted_rows_per_token": _ratio(counts["pruned_sent"], new, 2) if new else None,
+        # a round lasts at least one ring trip: tau / (trip + turnaround) bounds tokens/s
+        "round_bound": round_bound(tau, 1000 * trip_s / trips if trips else None,
+                                   None if med is None else 1000 * med, tps, decode_s, counts["rounds"]),
     }
 
 
@@ -156,6 +192,10 @@ def summarize(records: Sequence[dict[str, Any]], opts: BenchOptions) -> dict[str
             if base in out:
                 d[f"speedup_vs_{base}"] = _ratio(d["tokens_per_s"], out[base]["tokens_per_s"])
                 d[f"e2e_speedup_vs_{base}"] = _ratio(d["e2e_tokens_per_s"], out[base]["e2e_tokens_per_s"])
+        if "autoregressive" in out:
+            d["round_bound"]["tau_for_target"] = tau_needed(
+                TARGET_SPEEDUP, out["autoregressive"]["tokens_per_s"], d["round_bound"], d["respond_ms"]["median"])
+            d["round_bound"]["target_speedup"] = TARGET_SPEEDUP
     return out
 
 
