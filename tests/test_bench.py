@@ -245,18 +245,25 @@ def test_round_bound_is_tau_over_trip_and_turnaround() -> None:
 
 
 def test_round_bound_from_request_stats() -> None:
-    """The bench's bound uses the trip time weighted by trips over every request and the
-    median turnaround; an autoregressive round is one trip, so it sits at the bound."""
+    """The bench's bound uses the mean trip of the segments sent during decoding (the
+    prefill's, at t_sent < t0 + prefill_s, are left out) over every request; an
+    autoregressive round is one trip."""
     from flowspec.bench.summary import summarize_strategy
 
-    def req(trip_ms: float, trips: int, tokens: int, decode_s: float) -> dict[str, Any]:
+    def req(trip: float, tokens: int, decode_s: float) -> dict[str, Any]:
+        segs = [{"t_sent": 0.0, "t_back": 5.0}]  # the prefill: slow, and not a decode trip
+        segs += [{"t_sent": 1.0 + i, "t_back": 1.0 + i + trip} for i in range(tokens)]
         return {"stats": {"new_tokens": tokens, "decode_s": decode_s, "total_s": decode_s, "rounds": tokens,
-                          "verifications": tokens, "hops": {"trips": trips, "mean_trip_ms": trip_ms}}}
+                          "verifications": tokens, "prefill_s": 0.5, "trace": {"t0": 0.0, "segments": segs}}}
 
-    d = summarize_strategy([req(100.0, 11, 11, 1.0), req(200.0, 11, 11, 2.0)])
+    d = summarize_strategy([req(0.1, 10, 1.0), req(0.2, 10, 2.0)])
     b = d["round_bound"]
     assert b["trip_ms"] == 150.0 and d["tau"] == 1.0
-    assert b["tokens_per_s"] == round(1000 / 150, 3) and b["reached"] == round(d["tokens_per_s"] / b["tokens_per_s"], 3)
+    turn = d["respond_ms"]["median"]  # each return is answered by the next departure, 0.8-0.9 s later
+    assert 800 <= turn <= 900
+    assert b["tokens_per_s"] == round(1000 / (150 + turn), 3)
+    assert b["reached"] == pytest.approx(d["tokens_per_s"] / b["tokens_per_s"], abs=2e-3)
+    assert summarize_strategy([{"stats": {"new_tokens": 3, "rounds": 3}}])["round_bound"]["trip_ms"] is None
 
 
 @pytest.mark.slow

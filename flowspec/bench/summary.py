@@ -77,6 +77,16 @@ def tau_needed(speedup: float, base_tokens_per_s: float, bound: dict[str, float 
     return round(speedup * base_tokens_per_s * (trip + (respond_ms or 0.0)) / 1000, 2)
 
 
+def decode_trips(stats: dict[str, Any]) -> list[float]:
+    """Seconds around the ring of each segment sent during decoding (prefill segments, which
+    carry the prompt, excluded), from the request's trace."""
+    tr = stats.get("trace")
+    if not isinstance(tr, dict):
+        return []
+    start = float(tr.get("t0", 0.0)) + float(stats.get("prefill_s", 0.0))
+    return [float(s["t_back"]) - float(s["t_sent"]) for s in tr.get("segments") or [] if float(s["t_sent"]) >= start]
+
+
 def quantile(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -130,8 +140,7 @@ def summarize_strategy(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     per_req = [float(s.get("tokens_per_s", 0.0)) for s in st]
     gaps = [g for s in st for g in respond_gaps(s)]
     med, p95 = quantile(gaps, 0.5), quantile(gaps, 0.95)
-    trip_s = sum(float((s.get("hops") or {}).get("mean_trip_ms", 0.0)) * int((s.get("hops") or {}).get("trips", 0))
-                 for s in st) / 1000
+    dtrips = [t for s in st for t in decode_trips(s)]
     tps = round(decode_tokens / decode_s, 3) if decode_s > 0 else 0.0
     tau = _ratio(new, counts["rounds"]) or 0.0
     return {
@@ -161,7 +170,7 @@ def summarize_strategy(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         # ring work spent on rows that were pruned after they were sent, per generated token
         "wasted_rows_per_token": _ratio(counts["pruned_sent"], new, 2) if new else None,
         # a round lasts at least one ring trip: tau / (trip + turnaround) bounds tokens/s
-        "round_bound": round_bound(tau, 1000 * trip_s / trips if trips else None,
+        "round_bound": round_bound(tau, 1000 * sum(dtrips) / len(dtrips) if dtrips else None,
                                    None if med is None else 1000 * med, tps, decode_s, counts["rounds"]),
     }
 
