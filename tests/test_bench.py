@@ -237,11 +237,11 @@ def test_round_bound_is_tau_over_trip_and_turnaround() -> None:
     3x a 10 tok/s baseline at that trip needs tau 3 x 10 x 0.1 = 3.0; no trips, no bound."""
     from flowspec.bench.summary import round_bound, tau_needed
 
-    b = round_bound(3.0, 90.0, 10.0, 24.0, decode_s=2.0, rounds=16)
-    assert b == {"trip_ms": 90.0, "round_ms": 125.0, "tokens_per_s": 30.0, "reached": 0.8}
-    assert tau_needed(3.0, 10.0, b, 10.0) == 3.0
-    assert round_bound(2.0, None, None, 5.0, 1.0, 4)["tokens_per_s"] is None
-    assert tau_needed(3.0, 10.0, {"trip_ms": None}, None) is None
+    b = round_bound(3.0, 90.0, 10.0, 24.0)
+    assert b == {"trip_ms": 90.0, "floor_ms": 100.0, "tokens_per_s": 30.0, "reached": 0.8}
+    assert tau_needed(3.0, 10.0, b) == 3.0
+    assert round_bound(2.0, None, None, 5.0)["tokens_per_s"] is None
+    assert tau_needed(3.0, 10.0, {"floor_ms": None}) is None
 
 
 def test_round_bound_from_request_stats() -> None:

@@ -79,7 +79,7 @@ def bound_lines(st: dict[str, Any]) -> list[str]:
         if name == "autoregressive" or not b.get("tokens_per_s"):
             continue
         line = (f"{name}: a round lasts at least a ring trip: tau {d['tau']:.2f} / ({b['trip_ms']:.0f} ms trip + "
-                f"{_num(d['respond_ms']['median'], '.0f')} ms turnaround) = {b['tokens_per_s']:.1f} tok/s at most, "
+                f"{b['floor_ms'] - b['trip_ms']:.0f} ms turnaround) = {b['tokens_per_s']:.1f} tok/s at most, "
                 f"{_num(b['reached'], '.0%')} reached")
         if b.get("tau_for_target"):
             line += f"; {b['target_speedup']:g}x autoregressive needs tau >= {b['tau_for_target']:.2f} at this trip"

@@ -216,7 +216,7 @@ class ChatView:
             self.out.write("\n")
             self.out.flush()
             line = summary_line(t) if t.stats else "[no statistics]"
-            print(line + (" [stopped]" if stopped else ""), file=sys.stderr, flush=True)
+            self.console.print(line + (" [stopped]" if stopped else ""), markup=False)  # stderr in plain mode
 
     def show_error(self, message: str) -> None:
         from rich.markup import escape
