@@ -9,6 +9,7 @@ import sys
 from typing import Any, Callable
 
 from . import __version__
+from .config.schema import DTYPES
 from .errors import FlowSpecError
 
 log = logging.getLogger("flowspec")
@@ -61,7 +62,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     folder = resolve_model(args.model)
     tok = Tokenizer(folder)
     prompt = tok.encode_prompt(args.prompt, raw=args.raw)
-    dtype = args.dtype or "bfloat16"
+    dtype = args.dtype or "auto"
     ctx = args.max_context or 2048
     pipe = LocalPipeline.load(folder, args.stages or 1, dtype=dtype, max_context=ctx)
     strategy = args.strategy or "autoregressive"
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local", action="store_true", help="start the topology's nodes for this call, stop them after")
     g.add_argument("--stages", type=int, default=0, help="single-process mode: split the layers into K stages")
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    g.add_argument("--dtype", choices=DTYPES, default=None, help="override model.dtype")
     g.add_argument("--max-context", type=int, default=0)
     g.add_argument("--strategy", default=None, help="autoregressive | chunked | pipedec | flowspec")
     g.add_argument("--drafter", default=None, help="lookup | model:PATH | eagle:PATH | none")

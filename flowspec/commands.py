@@ -9,7 +9,7 @@ import signal
 import time
 from typing import Any, Awaitable, Callable, TypeVar
 
-from .config import Topology
+from .config import DTYPES, Topology
 from .errors import FlowSpecError
 
 log = logging.getLogger(__name__)
@@ -40,18 +40,19 @@ def load_topology(args: argparse.Namespace) -> Topology:
 # ------------------------------------------------------------------------------- node
 def build_node(topo: Topology, name: str) -> Any:
     """Load what node `name` needs (only its own layers) and return the node object."""
-    import torch
-
     from .model.config import ModelConfig
+    from .model.dtypes import describe, planning_bytes
     from .model.loader import model_fingerprint, resolve_model
-    from .model.stage import LMHead, Stage, parse_dtype
+    from .model.stage import LMHead, Stage
 
     me = topo.node(name)
     key = topo.cluster_key()
     folder = resolve_model(topo.model.target)
     cfg = ModelConfig.from_file(str(folder / "config.json"))
     dtype = topo.model.dtype
-    layer_bytes = cfg.layer_params() * torch.empty((), dtype=parse_dtype(dtype)).element_size()
+    log.info("%s: weights in %s", name, describe(dtype))
+    # the same split on every node: `auto` is planned at its largest (float32), whatever this CPU picks
+    layer_bytes = cfg.layer_params() * planning_bytes(dtype)
     # with decoding.verify: last_stage the last stage holds the lm_head too (as many weights as this many layers)
     ranges = topo.resolve_layers(cfg.num_layers, layer_bytes, cfg.vocab_size * cfg.hidden_size / cfg.layer_params())
     fingerprint = model_fingerprint(str(topo.model.target), cfg)
@@ -257,7 +258,7 @@ def add_commands(sub: Any) -> None:
     n.add_argument("--topology", required=True)
     n.add_argument("--name", required=True, help="which node of the topology this process is")
     n.add_argument("--threads", type=int, default=0, help="torch compute threads (0: torch's default)")
-    n.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    n.add_argument("--dtype", choices=DTYPES, default=None, help="override model.dtype")
     n.add_argument("--drafter", default=None, help="override model.drafter (source only)")
     n.add_argument("--max-context", type=int, default=0)
     n.add_argument("--no-api", action="store_true", help="source: do not serve the HTTP API")
@@ -268,7 +269,7 @@ def add_commands(sub: Any) -> None:
     u.add_argument("topology_file", nargs="?", metavar="TOPOLOGY", help="the YAML topology")
     u.add_argument("--topology", dest="topology_opt", default=None, help="the same, as an option")
     u.add_argument("--threads", type=int, default=0, help="torch threads per node (default: cores / nodes)")
-    u.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    u.add_argument("--dtype", choices=DTYPES, default=None, help="override model.dtype")
     u.add_argument("--drafter", default=None)
     u.add_argument("--max-context", type=int, default=0)
     u.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the ring to form")

@@ -219,7 +219,7 @@ def test_drafter_paths_resolve_against_yaml_folder(write: Callable[[Any], Path],
 
 def test_defaults() -> None:
     topo = Topology.from_dict(base())
-    assert topo.model.dtype == "bfloat16" and topo.model.max_context == 2048
+    assert topo.model.dtype == "auto" and topo.model.max_context == 2048
     assert topo.decoding.strategy == "flowspec" and topo.decoding.tree.segment == 16
     assert topo.security.key_env == "FLOWSPEC_CLUSTER_KEY" and topo.security.max_frame_bytes == 64 << 20
     assert topo.api.queue_size == 16 and topo.in_flight == 3
@@ -412,7 +412,7 @@ def test_bad_dtype(write: Callable[[Any], Path]) -> None:
     d = base()
     d["model"]["dtype"] = "float16"
     msg = load_error(write, d)
-    assert "model.dtype: unknown dtype 'float16'" in msg and "allowed: bfloat16, float32" in msg
+    assert "model.dtype: unknown dtype 'float16'" in msg and "allowed: auto, bfloat16, float32" in msg
 
 
 def test_negative_temperature(write: Callable[[Any], Path]) -> None:

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import STRATEGIES, Topology
+from ..config import DTYPES, STRATEGIES, Topology
 from ..errors import FlowSpecError
 from .options import BenchOptions
 from .output import check_plot_available, plot_report, print_report
@@ -174,7 +174,7 @@ def add_bench_command(sub: Any) -> None:
     b.add_argument("--url", default=None, metavar="HOST:PORT",
                    help="use a running ring whose source listens at HOST:PORT (implies --join)")
     b.add_argument("--threads", type=int, default=0, help="torch threads per node (default: testbed.threads)")
-    b.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    b.add_argument("--dtype", choices=DTYPES, default=None, help="override model.dtype")
     b.add_argument("--drafter", default=None, help="override model.drafter")
     b.add_argument("--max-context", type=int, default=0)
     b.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the ring to form")

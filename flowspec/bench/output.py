@@ -13,6 +13,11 @@ def _num(v: float | None, fmt: str = ".2f", suffix: str = "") -> str:
     return "-" if v is None else f"{v:{fmt}}{suffix}"
 
 
+def _dtype(settings: dict[str, Any]) -> str:
+    given, here = settings.get("dtype", "?"), settings.get("dtype_here")
+    return f"{here} (auto, on this machine)" if given == "auto" and here else str(given)
+
+
 def print_report(report: dict[str, Any], console: Any) -> None:
     from rich import box
     from rich.table import Table
@@ -20,7 +25,7 @@ def print_report(report: dict[str, Any], console: Any) -> None:
     st = report["strategies"]
     bases = sorted({d["stage_busy_basis"] for d in st.values()})
     t = Table(title=f"flowspec bench: {report['cluster']} ({report['mode']}), {report['settings']['count']} "
-                    f"prompts x {report['settings']['max_new_tokens']} new tokens",
+                    f"prompts x {report['settings']['max_new_tokens']} new tokens, {_dtype(report['settings'])}",
               caption=f"tok/s: decode (after the first token); e2e: end to end; xAR / xCh: decode speedup over "
                       f"autoregressive / chunked; acc: tokens per verification; busy: stages in ring order "
                       f"({' / '.join(bases)} time); source: draft / verify / wait share of request time",

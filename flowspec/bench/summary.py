@@ -7,6 +7,7 @@ import time
 from typing import Any, Sequence
 
 from ..config import Topology
+from ..model.dtypes import dtype_name
 from .options import BenchOptions
 
 REPORT_VERSION = 1  # of the --json layout
@@ -231,7 +232,8 @@ def build_report(records: list[dict[str, Any]], opts: BenchOptions, *, topology:
         "settings": {"strategies": list(opts.strategies), "prompts": prompts_source, "count": len(opts.prompts),
                      "max_new_tokens": opts.max_new_tokens, "temperature": opts.temperature,
                      "seed": opts.seed, "warmup": opts.warmup, "order": "interleaved by prompt, rotating",
-                     "drafter": str(topo.model.drafter), "dtype": topo.model.dtype},
+                     "drafter": str(topo.model.drafter), "dtype": topo.model.dtype,
+                     "dtype_here": dtype_name(topo.model.dtype)},  # what `auto` is on this machine
         "prompts": list(opts.prompts),
         "strategies": strategies,
         "agreement": agree,

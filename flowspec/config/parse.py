@@ -184,7 +184,7 @@ class _Parser:
         if target != DEFAULT_TARGET:
             target = self.resolve(target)
         drafter = self.drafter(d.get("drafter", "lookup"))
-        dtype = self.choice(d.get("dtype", "bfloat16"), "model.dtype", DTYPES, "dtype")
+        dtype = self.choice(d.get("dtype", "auto"), "model.dtype", DTYPES, "dtype")
         max_context = self.number(d.get("max_context", 2048), "model.max_context", integer=True, lo=64)
         num_layers = self.number(d.get("num_layers"), "model.num_layers", integer=True, lo=1,
                                  nullable="read from the model")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ROLES = ("source", "stage")
-DTYPES = ("bfloat16", "float32")
+DTYPES = ("auto", "bfloat16", "float32")  # auto: per node, see flowspec.model.dtypes
 DRAFTER_KINDS = ("none", "lookup", "eagle", "model")
 DEFAULT_TARGET = "default"  # SmolLM2-135M-Instruct, see flowspec.model.loader
 DEFAULT_KEY_ENV = "FLOWSPEC_CLUSTER_KEY"
@@ -38,7 +38,7 @@ class ModelSpec:
 
     target: str  # "default", or an absolute model folder / .gguf path
     drafter: DrafterSpec  # the source's drafter
-    dtype: str  # "bfloat16" | "float32"
+    dtype: str  # "auto" (bfloat16 where the node's CPU computes it natively, else float32) | "bfloat16" | "float32"
     max_context: int  # KV-cache slots per stage (>= 64)
     num_layers: int | None = None  # decoder layers, when known without reading the model
 

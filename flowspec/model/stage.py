@@ -18,19 +18,10 @@ from torch import nn
 from ..errors import FlowSpecError, ModelError
 from .blocks import CacheRows, DecoderLayer, RMSNorm, rope_cos_sin, rope_inv_freq
 from .config import ModelConfig
+from .dtypes import parse_dtype  # noqa: F401 -- re-exported: callers import it from here
 from .kvcache import KVCache, SegmentPlan
 from .loader import EMBED, NORM, WeightStore, layer_tensor_names, lm_head_name
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ModelError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
 
 
 @dataclass
