@@ -223,11 +223,6 @@ def test_eagle_drafting_is_lossless_on_a_tiny_model(tiny_llama: Path, tiny_head:
         assert got["stats"]["drafted"] > 0
 
 
-@pytest.fixture(scope="module")
-def default_pipe(default_model_dir: Path) -> LocalPipeline:
-    return LocalPipeline.load(default_model_dir, 1, dtype="bfloat16", max_context=1024)
-
-
 def _bundled(default_model_dir: Path, dtype: str = "bfloat16") -> EagleDrafter:
     d = make_drafter("eagle", None, 49152, dtype, 1024, target_folder=default_model_dir)
     assert isinstance(d, EagleDrafter)
@@ -252,19 +247,22 @@ def test_bundled_head_is_lossless_on_the_default_model(default_model_dir: Path) 
     assert got["token_ids"] == ref
 
 
-def test_bundled_head_acceptance_is_above_a_floor(default_model_dir: Path, default_pipe: LocalPipeline) -> None:
-    """Catches a broken head, not noise: the floor is far below the measured tau (see the model card)."""
+def test_bundled_head_acceptance_is_above_a_floor(default_model_dir: Path) -> None:
+    """Catches a broken head, not noise: the floor is far below the measured tau (see the model card).
+    In `auto`: segments of 64 rows in bfloat16 take minutes on a CPU without native bfloat16."""
     from flowspec.model.tokenizer import Tokenizer
 
     tok = Tokenizer(default_model_dir)
     prompts = ["How do I make a cup of tea?", "Write a short email inviting a colleague to lunch.",
                "What are the benefits of regular exercise?"]
-    drafter = _bundled(default_model_dir)
+    pipe = LocalPipeline.load(default_model_dir, 1, dtype="auto", max_context=1024)
+    drafter = _bundled(default_model_dir, "auto")
     tokens = rounds = 0
     for p in prompts:
-        r = generate_local(default_pipe, "chunked", tok.encode_prompt(p), 64, drafter, tok.eos_ids,
+        r = generate_local(pipe, "chunked", tok.encode_prompt(p), 64, drafter, tok.eos_ids,
                            tree=TreeParams(depth=6, top_k=8, total=64, segment=64, in_flight=1))
         tokens += r["stats"]["new_tokens"]
         rounds += r["stats"]["rounds"]
-    # measured 2.70 on these prompts (3.09 on MT-bench with 80 nodes, model card); a broken head gives ~1.0
+    # measured 2.70 on these prompts in bfloat16, 2.82 in float32 (3.09 on MT-bench with 80 nodes, model
+    # card); a broken head gives ~1.0
     assert tokens / rounds >= 2.0, f"tau {tokens / rounds:.2f} on {len(prompts)} prompts"
