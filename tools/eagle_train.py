@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from flowspec.model.config import ModelConfig
+from flowspec.model.dtypes import dtype_name
 from flowspec.model.loader import EMBED, WeightStore, layer_tensor_names, lm_head_name, resolve_model
 from flowspec.spec.drafters.eagle import LAYER, EagleHead
 
@@ -200,7 +201,7 @@ def train(args: argparse.Namespace, extra: list[str]) -> None:
             g["lr"] = lr
         w = b["weight"]
         T = w.shape[1]
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+        autocast = _autocast(args.dtype)
         with autocast:
             outs = head.forward_unrolled(b["tokens"], b["feats"], b["pos"], b["valid"], o.ttt)
             if o.soft:
@@ -246,18 +247,18 @@ def train(args: argparse.Namespace, extra: list[str]) -> None:
             export(head, out / "head", args, {"steps": step, "answer_tokens": ans_tokens, "sequences": len(seqs),
                                                "train_seconds": round(time.time() - t0)})
         if (o.val_every and step % o.val_every == 0) or step == total_steps:
-            validate(head, out, vocab_map, max(o.ttt, 4))
+            validate(head, out, vocab_map, max(o.ttt, 4), args.dtype)
             head.train()
 
 
-def validate(head: EagleHead, out: Path, vocab_map: torch.Tensor, steps: int) -> dict:
+def validate(head: EagleHead, out: Path, vocab_map: torch.Tensor, steps: int, dtype: str = "auto") -> dict:
     """Held-out agreement per depth on every data set under OUT/val/ (folders of shards)."""
     head.eval()
     res = {}
     for d in sorted((out / "val").glob("*")) if (out / "val").is_dir() else []:
         seqs = load_shards(d)
         if seqs:
-            res[d.name] = answer_agreement(head, seqs, steps, vocab_map)
+            res[d.name] = answer_agreement(head, seqs, steps, vocab_map, dtype=dtype)
             log.info("held-out %s: %s", d.name, "  ".join(
                 f"d{r['depth']} top1 {r['top1']:.3f} top8 {r['top8']:.3f}" for r in res[d.name]))
     return res
@@ -265,7 +266,7 @@ def validate(head: EagleHead, out: Path, vocab_map: torch.Tensor, steps: int) ->
 
 @torch.no_grad()
 def answer_agreement(head: EagleHead, seqs: list, steps: int, vocab_map: torch.Tensor, max_len: int = 640,
-                     batch_tokens: int = 8192, k: int = 8) -> list[dict[str, float]]:
+                     batch_tokens: int = 8192, k: int = 8, dtype: str = "auto") -> list[dict[str, float]]:
     """Held-out agreement with the target on answer positions, per draft depth: the share of
     positions where the head's top-1 (and top-k) drafting token is the target's greedy token,
     feeding the head its own features for depths > 1 (as a draft chain does)."""
@@ -274,7 +275,7 @@ def answer_agreement(head: EagleHead, seqs: list, steps: int, vocab_map: torch.T
     count = [0] * steps
     for idx in batches(seqs, batch_tokens, max_len, random.Random(0)):
         b = make_batch(seqs, idx, max_len, vocab_map, 0.0, None)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _autocast(dtype):
             outs = head.forward_unrolled(b["tokens"], b["feats"], b["pos"], b["valid"], steps)
         ans = b["weight"] == 1.0
         T = ans.shape[1]
@@ -287,6 +288,12 @@ def answer_agreement(head: EagleHead, seqs: list, steps: int, vocab_map: torch.T
             count[s] += int(m.sum())
     return [{"depth": s + 1, "top1": round(hits1[s] / max(count[s], 1), 4),
              f"top{k}": round(hitsk[s] / max(count[s], 1), 4), "positions": count[s]} for s in range(steps)]
+
+
+def _autocast(dtype: str) -> torch.autocast:
+    """The head's compute precision: bfloat16 autocast where ``dtype`` resolves to bfloat16
+    (``auto``: only with native support), plain float32 otherwise."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype_name(dtype) == "bfloat16")
 
 
 def export(head: EagleHead, folder: Path, args: argparse.Namespace, meta: dict) -> None:
@@ -330,7 +337,7 @@ def evaluate(args: argparse.Namespace, extra: list[str]) -> dict:
 
     folder = resolve_model(args.model)
     tok = Tokenizer(folder)
-    pipe = LocalPipeline.load(folder, 1, dtype="bfloat16", max_context=2048)
+    pipe = LocalPipeline.load(folder, 1, dtype=args.dtype, max_context=2048)
     emb = pipe.stages[0].embed.weight
     head_dir = Path(o.head or Path(args.out) / "head")
     head = EagleHead.load(head_dir, emb, pipe.head.weight)

