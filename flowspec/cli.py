@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local", action="store_true", help="start the topology's nodes for this call, stop them after")
     g.add_argument("--stages", type=int, default=0, help="single-process mode: split the layers into K stages")
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--dtype", choices=DTYPES, default=None, help="override model.dtype")
+    g.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="override model.dtype (single-process mode: default auto)")
     g.add_argument("--max-context", type=int, default=0)
     g.add_argument("--strategy", default=None, help="autoregressive | chunked | pipedec | flowspec")
     g.add_argument("--drafter", default=None, help="lookup | model:PATH | eagle:PATH | none")

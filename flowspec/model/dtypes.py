@@ -12,13 +12,9 @@ elsewhere; the hidden states on the wire carry their dtype, so nodes may differ.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..errors import ModelError
-
-log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTO = "auto"
