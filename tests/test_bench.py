@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from flowspec.bench import (BenchOptions, agreement, load_prompts, parse_strategies, print_cpu_caps,
                             read_jsonl_prompts, schedule)
+from flowspec.bench.machine import cpuinfo_fields, machine_info
 from flowspec.bench.run import request_for
 from flowspec.cli import main
 from flowspec.config import STRATEGIES
@@ -38,7 +40,7 @@ STRATEGY_FIELDS = (
     "bytes_per_token", "wire_ms_per_trip", "respond_ms", "wasted_rows_per_token", "round_bound",
 )
 REPORT_FIELDS = ("version", "created", "topology", "cluster", "model", "ring", "mode", "testbed", "cpu_caps",
-                 "settings", "prompts", "strategies", "agreement", "requests")
+                 "machine", "settings", "prompts", "strategies", "agreement", "requests")
 
 
 def _prompts(tmp_path: Path) -> Path:
@@ -76,6 +78,9 @@ def test_bench_runs_every_strategy_and_writes_the_json(tiny_tok_model: Path, tmp
     assert {k: (c["wanted"], c["capped"]) for k, c in caps["nodes"].items()} == {
         n: (None, False) for n in ("source", "stage1", "stage2")}
     assert report["settings"]["strategies"] == list(STRATEGIES)
+    machine = report["machine"]
+    assert machine["cores"] == os.cpu_count() and machine["torch"] == torch.__version__
+    assert machine["cpu"] and isinstance(machine["native_bfloat16"], bool)
     assert report["prompts"] == ["Tell me a story about a cat.", "Why is the sky blue?"]
     assert [r["name"] for r in report["ring"]] == ["stage1", "stage2"]
 
@@ -298,3 +303,16 @@ def test_bench_concurrency_levels(tiny_tok_model: Path, tmp_path: Path, monkeypa
         assert levels["1"]["x_sequential"] == 1.0
     # the level-1 requests also fill the usual per-strategy report
     assert report["strategies"]["flowspec"]["requests"] == 3 and report["agreement"]["all_agree"]
+
+
+def test_the_machine_is_read_from_cpuinfo(tmp_path: Path) -> None:
+    x86 = ("processor\t: 0\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse avx2 fma\n\n"
+           "processor\t: 1\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse avx2 fma avx512f\n")
+    assert cpuinfo_fields(x86) == ("AMD EPYC 7B12", {"fpu", "sse", "avx2", "fma"})  # the first processor's
+    arm = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n\nHardware\t: NVIDIA Jetson Orin\n"
+    assert cpuinfo_fields(arm) == ("NVIDIA Jetson Orin", {"fp", "asimd", "bf16", "i8mm"})
+    assert cpuinfo_fields("") == (None, set())
+    (tmp_path / "cpuinfo").write_text(x86)
+    m = machine_info(tmp_path / "cpuinfo")
+    assert m["cpu"] == "AMD EPYC 7B12" and m["flags"] == ["avx2"] and m["cores"] == os.cpu_count()
+    assert machine_info(tmp_path / "missing")["cpu"]  # no /proc/cpuinfo: the platform's name, never empty

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from ..config import Topology
 from ..model.dtypes import dtype_name
+from .machine import machine_info
 from .options import BenchOptions
 
 REPORT_VERSION = 1  # of the --json layout
@@ -229,6 +230,7 @@ def build_report(records: list[dict[str, Any]], opts: BenchOptions, *, topology:
         "mode": mode,
         "testbed": testbed,
         "cpu_caps": cpu_caps,
+        "machine": machine_info(),  # where the bench ran (the nodes of a local ring or testbed run here too)
         "settings": {"strategies": list(opts.strategies), "prompts": prompts_source, "count": len(opts.prompts),
                      "max_new_tokens": opts.max_new_tokens, "temperature": opts.temperature,
                      "seed": opts.seed, "warmup": opts.warmup, "order": "interleaved by prompt, rotating",
