@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 
 class FlowSpecError(Exception):
     """Base class of every error that is meant to be shown to a user as one message."""
+
+
+class UsageError(FlowSpecError):
+    """The command line asks for something impossible (a bad flag value or combination); exit 2."""
 
 
 class ModelError(FlowSpecError):
@@ -21,6 +27,14 @@ class CausalityError(FlowSpecError):
 
 class TopologyError(FlowSpecError):
     """A topology file is unreadable or invalid; the message names the file, the field and what is allowed."""
+
+
+class TopologyErrors(TopologyError):
+    """Several problems of one topology file: ``messages`` holds them, ``str()`` gives one per line."""
+
+    def __init__(self, problems: Sequence[TopologyError]) -> None:
+        self.messages = [str(e) for e in problems]
+        super().__init__("\n".join(self.messages))
 
 
 class RingError(FlowSpecError):

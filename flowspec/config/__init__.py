@@ -18,6 +18,7 @@ The package, by role (import the names from ``flowspec.config`` itself):
 * :mod:`.schema`: the section dataclasses (ModelSpec, NodeSpec, ...) and allowed values;
 * :mod:`.topology`: :class:`Topology` (ring queries, keys, layer resolution, overrides);
 * :mod:`.parse`: the field-by-field validation of plain data into a Topology;
+* :mod:`.fields`: the readers of one field each, and the list of every problem found;
 * :mod:`.yaml_load`: strict YAML reading (duplicate keys refused);
 * :mod:`.hosts`: host / address helpers, :func:`is_local_host`;
 * :mod:`.messages`: wording helpers of the error messages.

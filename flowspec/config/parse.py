@@ -2,24 +2,26 @@
 
 :class:`_Parser` checks every field of every section and raises
 :class:`~flowspec.errors.TopologyError` naming the file, the field path
-(``nodes[2].layers``) and what is allowed. The layer ranges are checked as far as possible
-without the model (see :mod:`flowspec.layer_plan`).
+(``nodes[2].layers``) and what is allowed. It reports every problem at once
+(:class:`~flowspec.errors.TopologyErrors`, one line each): every section, every node and
+every field of a node is checked even after an earlier one failed, and every unknown key
+is named; within one of the other sections the first bad value ends that section. The
+layer ranges are checked as far as possible without the model (see
+:mod:`flowspec.layer_plan`), once the rest of the file is valid.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import math
-import os
+import functools
 import re
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
-from ..errors import TopologyError
+from ..errors import TopologyError, TopologyErrors
 from ..layer_plan import plan_layers as _plan_layers
 from ..spec.params import STRATEGIES, VERIFY_AT
+from .fields import _ENV_RE, _Fields, _Recorded
 from .hosts import _host_key, _is_loopback, _is_wildcard
-from .messages import _join, _kind, _suggest
+from .messages import _kind, _suggest
 from .schema import (
     CPU_PERIOD_MS_RANGE, DEFAULT_TARGET, DRAFTER_KINDS, DTYPES, MAX_CPU_QUOTA, ROLES, ApiSpec,
     DecodingSpec, DrafterSpec, LinkSpec, ModelSpec, NodeSpec, SecuritySpec, TestbedSpec, TreeSpec,
@@ -30,8 +32,6 @@ if TYPE_CHECKING:
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _CLUSTER_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _LAYERS_RE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 _TOP_KEYS = ("cluster", "model", "nodes", "api", "decoding", "security", "testbed")
@@ -44,132 +44,43 @@ _TREE_KEYS = ("depth", "top_k", "total", "segment", "expand", "in_flight")
 _SECURITY_KEYS = ("key_env", "key_file", "encrypt", "max_frame_mb", "read_timeout_s", "heartbeat_s", "dead_after_s")
 _TESTBED_KEYS = ("link", "links", "cpu_quota", "cpu_period_ms", "threads", "cpus")
 _LINK_KEYS = ("latency_ms", "jitter_ms", "bandwidth_mbit", "stall_prob", "stall_ms")
+_TOP_REQUIRED = ("cluster", "model", "nodes")
+_NODE_REQUIRED = ("name", "host", "port", "role")
 
 
 # ----------------------------------------------------------------------------- parsing
-class _Parser:
-    """Turns plain data into a Topology; every method raises TopologyError with a field path."""
-
-    def __init__(self, origin: str, base_dir: str) -> None:
-        self.origin = origin
-        self.base_dir = base_dir
-
-    # ------------------------------------------------------------------ helpers
-    def error(self, path: str, msg: str) -> TopologyError:
-        return TopologyError(f"{self.origin}: {path}: {msg}" if path else f"{self.origin}: {msg}")
-
-    def mapping(self, v: Any, path: str, allowed: Sequence[str], required: Sequence[str] = (),
-                what: str = "") -> dict[str, Any]:
-        if not isinstance(v, dict):
-            raise self.error(path or "top level", f"must be a mapping with keys {', '.join(allowed)}"
-                             f", not {_kind(v)}")
-        for k in v:
-            if k not in allowed:
-                key = str(k)
-                raise self.error(_join(path, key), f"unknown key{_suggest(key, allowed)} "
-                                 f"(allowed{what}: {', '.join(allowed)})")
-        for k in required:
-            if k not in v:
-                raise self.error(_join(path, k), f"missing; required{what}: {', '.join(required)}")
-        return v
-
-    def number(self, v: Any, path: str, *, integer: bool = False, lo: float | None = None,
-               hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
-               nullable: str | None = None) -> Any:
-        """A number within bounds; nullable, when given, says what null means (and allows it)."""
-        kind = "an integer" if integer else "a number"
-        if lo is not None and hi is not None:
-            if integer:
-                allowed = f"{kind} from {lo:g} to {hi:g}"
-            else:
-                allowed = f"{kind} in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        elif lo is not None:
-            allowed = f"{kind} {'>' if lo_open else '>='} {lo:g}"
-        else:
-            allowed = kind
-        if nullable:
-            allowed += f", or null ({nullable})"
-        if v is None:
-            if nullable:
-                return None
-            raise self.error(path, f"must be {allowed}, not null")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
-            raise self.error(path, f"must be {allowed}, not {v!r}")
-        if not math.isfinite(v):
-            raise self.error(path, f"must be {allowed}, not {v!r}")
-        if lo is not None and (v < lo or (lo_open and v == lo)):
-            raise self.error(path, f"must be {allowed}, not {v!r}")
-        if hi is not None and (v > hi or (hi_open and v == hi)):
-            raise self.error(path, f"must be {allowed}, not {v!r}")
-        return int(v) if integer else float(v)
-
-    def string(self, v: Any, path: str, allowed: str, pattern: re.Pattern[str] | None = None) -> str:
-        if not isinstance(v, str) or not v.strip() or (pattern is not None and not pattern.match(v)):
-            raise self.error(path, f"must be {allowed}, not {v!r}")
-        return v.strip()
-
-    def flag(self, v: Any, path: str) -> bool:
-        if not isinstance(v, bool):
-            raise self.error(path, f"must be true or false, not {v!r}")
-        return v
-
-    def choice(self, v: Any, path: str, choices: Sequence[str], what: str) -> str:
-        if not isinstance(v, str) or v not in choices:
-            hint = _suggest(v, choices) if isinstance(v, str) else ""
-            raise self.error(path, f"unknown {what} {v!r}{hint}; allowed: {', '.join(choices)}")
-        return v
-
-    def env_name(self, v: Any, path: str, nullable: bool) -> str | None:
-        if v is None and nullable:
-            return None
-        return self.string(v, path, "the name of an environment variable ([A-Za-z_][A-Za-z0-9_]*)"
-                           + (", or null" if nullable else ""), _ENV_RE)
-
-    def file_path(self, v: Any, path: str) -> str | None:
-        if v is None:
-            return None
-        s = self.string(v, path, f"a file path (relative to {self.base_dir}), or null")
-        return self.resolve(s)
-
-    def resolve(self, p: str) -> str:
-        q = Path(p).expanduser()
-        if not q.is_absolute():
-            q = Path(self.base_dir) / q
-        return os.path.normpath(str(q))
-
-    def host(self, v: Any, path: str, wildcard_ok: bool) -> str:
-        allowed = "a hostname or an IP address"
-        if not isinstance(v, str):
-            raise self.error(path, f"must be {allowed}, not {v!r}")
-        h = v.strip()
-        try:
-            ip = ipaddress.ip_address(h)
-        except ValueError:
-            ip = None
-        if ip is not None:
-            if ip.is_unspecified and not wildcard_ok:
-                raise self.error(path, f"{h} is a bind-all address, not one the other nodes can connect "
-                                 "to; give this node's reachable hostname or IP")
-            return h
-        labels = h.rstrip(".").split(".")
-        if not h or len(h) > 253 or not all(_HOST_LABEL_RE.match(lb) for lb in labels):
-            raise self.error(path, f"must be {allowed}, not {v!r}")
-        return h
+class _Parser(_Fields):
+    """Turns plain data into a Topology; every method raises TopologyError with a field path
+    (the field readers and the problem list are :class:`~flowspec.config.fields._Fields`)."""
 
     # ------------------------------------------------------------------ sections
     def topology(self, d: Any) -> Topology:
+        """The whole file; every problem found is raised at once (TopologyErrors when there are several)."""
+        topo = self.attempt(lambda: self._topology(d), None)
+        if self.problems:
+            raise self.problems[0] if len(self.problems) == 1 else TopologyErrors(self.problems)
+        assert topo is not None
+        return topo
+
+    def _topology(self, d: Any) -> Topology | None:
         from .topology import Topology  # at call time: topology.py imports this module
         if d is None:
             raise self.error("", "the file is empty; a topology needs cluster, model and nodes")
-        d = self.mapping(d, "", _TOP_KEYS, ("cluster", "model", "nodes"))
-        cluster = self.string(d["cluster"], "cluster", "a name of letters, digits, '.', '_' or '-'",
-                              _CLUSTER_RE)
-        model = self.model(d["model"])
-        nodes = self.nodes(d["nodes"])
-        api = self.api(d.get("api"), nodes)
-        decoding = self.decoding(d.get("decoding"))
-        security = self.security(d.get("security"))
-        testbed = self.testbed(d.get("testbed"), nodes) if d.get("testbed") is not None else None
+        d = self.mapping(d, "", _TOP_KEYS, _TOP_REQUIRED, fatal_missing=False)
+        cluster = self.attempt(lambda: self.string(d["cluster"], "cluster", "a name of letters, digits, '.', "
+                                                   "'_' or '-'", _CLUSTER_RE), "") if "cluster" in d else ""
+        model = self.attempt(lambda: self.model(d["model"]), None) if "model" in d else None
+        nodes = self.attempt(lambda: self.nodes(d["nodes"]), None) if "nodes" in d else None
+        # the API's ports and the testbed's links name nodes: checked once the nodes are valid
+        api = self.attempt(lambda: self.api(d.get("api"), nodes), None) if nodes else None
+        decoding = self.attempt(lambda: self.decoding(d.get("decoding")), None)
+        security = self.attempt(lambda: self.security(d.get("security")), None)
+        testbed = (self.attempt(lambda: self.testbed(d["testbed"], nodes), None)
+                   if nodes and d.get("testbed") is not None else None)
+        if self.problems:
+            return None
+        assert model is not None and nodes is not None and api is not None
+        assert decoding is not None and security is not None
         topo = Topology(cluster=cluster, model=model, nodes=nodes, api=api, decoding=decoding,
                         security=security, testbed=testbed, origin=self.origin, base_dir=self.base_dir)
         # check the layer ranges as far as possible without the model
@@ -210,57 +121,70 @@ class _Parser:
             raise self.error("model.drafter", f"{v!r} needs a path after ':'; allowed: {allowed}")
         return DrafterSpec(kind, self.resolve(rest))
 
-    def nodes(self, v: Any) -> tuple[NodeSpec, ...]:
+    def nodes(self, v: Any) -> tuple[NodeSpec, ...] | None:
+        """The ring's nodes; every node is checked, and None is returned when any has a problem."""
         if not isinstance(v, list) or not v:
             raise self.error("nodes", "must be a list of nodes in ring order (one source, at least one "
                              f"stage), not {_kind(v)}")
+        before = len(self.problems)
         out: list[NodeSpec] = []
-        names: dict[str, int] = {}
-        addresses: dict[tuple[str, int], int] = {}
-        source_at: int | None = None
+        seen: dict[tuple[Any, ...], tuple[int, str]] = {}  # ("name", n) / ("address", h, p) / ("role", "source")
         for i, item in enumerate(v):
-            p = f"nodes[{i}]"
-            d = self.mapping(item, p, _NODE_KEYS, ("name", "host", "port", "role"), " in a node")
-            name = self.string(d["name"], f"{p}.name", "a name of letters, digits, '_' or '-'", _NAME_RE)
-            if name in names:
-                j = names[name]
-                raise self.error(f"{p}.name", f"{name!r} is already the name of nodes[{j}]; "
-                                 "node names must be unique")
-            names[name] = i
-            host = self.host(d["host"], f"{p}.host", wildcard_ok=False)
-            port = self.number(d["port"], f"{p}.port", integer=True, lo=1, hi=65535)
-            addr = (_host_key(host), port)
-            if addr in addresses:
-                j = addresses[addr]
-                raise self.error(f"{p}.port", f"{host}:{port} is already used by nodes[{j}] "
-                                 f"({out[j].name}); each node needs its own (host, port)")
-            addresses[addr] = i
-            role = self.choice(d["role"], f"{p}.role", ROLES, "role")
-            if role == "source":
-                if source_at is not None:
-                    raise self.error(f"{p}.role", f"a second source: nodes[{source_at}] "
-                                     f"({out[source_at].name}) is already the source; exactly one node "
-                                     "has role: source, every other one role: stage")
-                source_at = i
-                for k in ("layers", "memory_gb", "speed"):
-                    if k in d:
-                        raise self.error(f"{p}.{k}", "only stage nodes hold layers; the source runs "
-                                         "the embedding, drafter and lm_head (remove this key)")
-                out.append(NodeSpec(name=name, host=host, port=port, role=role, index=i))
-                continue
-            layers = self.layers(d.get("layers", "auto"), f"{p}.layers")
-            memory = self.number(d.get("memory_gb"), f"{p}.memory_gb", lo=0, lo_open=True,
-                                 nullable="unlimited")
-            speed = self.number(d.get("speed", 1.0), f"{p}.speed", lo=0, lo_open=True)
-            out.append(NodeSpec(name=name, host=host, port=port, role=role, layers=layers,
-                                memory_gb=memory, speed=speed, index=i))
-        if source_at is None:
+            n = self.attempt(functools.partial(self.node, item, i, seen), None)
+            if n is not None:
+                out.append(n)
+        if len(self.problems) > before:
+            return None
+        if ("role", "source") not in seen:
             raise self.error("nodes", "no node has role: source; exactly one node must be the source "
                              "(it runs the drafter and the HTTP API)")
         if len(out) < 2:
             raise self.error("nodes", "no stage node; at least one node needs role: stage (stages "
                              "hold the model's layers)")
         return tuple(out)
+
+    def node(self, item: Any, i: int, seen: dict[tuple[Any, ...], tuple[int, str]]) -> NodeSpec:
+        """nodes[i]: every field is checked; the first problem of each is recorded, and then _Recorded."""
+        p = f"nodes[{i}]"
+        d = self.mapping(item, p, _NODE_KEYS, _NODE_REQUIRED, " in a node")
+        before = len(self.problems)
+
+        def unique(key: tuple[Any, ...], path: str, what: str) -> None:
+            if key in seen:
+                j, other = seen[key]
+                raise self.error(path, what.format(j=j, other=other))
+            seen[key] = (i, str(d["name"]))
+
+        name = self.attempt(lambda: self.string(d["name"], f"{p}.name", "a name of letters, digits, '_' or '-'",
+                                                _NAME_RE), "")
+        if name:
+            self.attempt(lambda: unique(("name", name), f"{p}.name", f"{name!r} is already the name of nodes[{{j}}]; "
+                                        "node names must be unique"), None)
+        host = self.attempt(lambda: self.host(d["host"], f"{p}.host", wildcard_ok=False), "")
+        port = self.attempt(lambda: self.number(d["port"], f"{p}.port", integer=True, lo=1, hi=65535), 0)
+        if host and port:
+            self.attempt(lambda: unique(("address", _host_key(host), port), f"{p}.port", f"{host}:{port} is already used "
+                                        "by nodes[{j}] ({other}); each node needs its own (host, port)"), None)
+        role = self.attempt(lambda: self.choice(d["role"], f"{p}.role", ROLES, "role"), "")
+        if role == "source":
+            self.attempt(lambda: unique(("role", "source"), f"{p}.role", "a second source: nodes[{j}] ({other}) is already "
+                                        "the source; exactly one node has role: source, every other one role: "
+                                        "stage"), None)
+            for k in ("layers", "memory_gb", "speed"):
+                if k in d:
+                    self.problems.append(self.error(f"{p}.{k}", "only stage nodes hold layers; the source runs "
+                                                    "the embedding, drafter and lm_head (remove this key)"))
+            if len(self.problems) > before:
+                raise _Recorded
+            return NodeSpec(name=name, host=host, port=port, role=role, index=i)
+        layers = self.attempt(lambda: self.layers(d.get("layers", "auto"), f"{p}.layers"), "auto")
+        memory = self.attempt(lambda: self.number(d.get("memory_gb"), f"{p}.memory_gb", lo=0, lo_open=True,
+                                                  nullable="unlimited"), None)
+        speed = self.attempt(lambda: self.number(d.get("speed", 1.0), f"{p}.speed", lo=0, lo_open=True), 1.0)
+        if len(self.problems) > before:
+            raise _Recorded
+        return NodeSpec(name=name, host=host, port=port, role=role, layers=layers, memory_gb=memory,
+                        speed=speed, index=i)
 
     def layers(self, v: Any, path: str) -> tuple[int, int] | str:
         allowed = 'an inclusive range "A-B", a single layer A, or "auto"'

@@ -1,0 +1,156 @@
+"""Reading one field of a topology: the value checks behind :mod:`flowspec.config.parse`.
+
+:class:`_Fields` holds the file's name, its folder and the problems found so far; each
+reader returns the checked value or raises TopologyError naming the field path and what
+is allowed. :meth:`_Fields.attempt` records a problem and goes on, so that a file's
+problems are all reported at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+from ..errors import TopologyError
+from .messages import _join, _kind, _suggest
+
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+T = TypeVar("T")
+
+
+class _Recorded(Exception):
+    """A section cannot be read further; its problems are already recorded."""
+
+
+class _Fields:
+    """Field readers over one file; every problem found is kept in ``problems``."""
+
+    def __init__(self, origin: str, base_dir: str) -> None:
+        self.origin = origin
+        self.base_dir = base_dir
+        self.problems: list[TopologyError] = []  # every problem found so far
+
+    def attempt(self, read: Callable[[], T], fallback: T) -> T:
+        """read(), or fallback with its problem recorded, so that the rest of the file is checked too."""
+        try:
+            return read()
+        except TopologyError as e:
+            self.problems.append(e)
+        except _Recorded:
+            pass
+        return fallback
+
+    # ------------------------------------------------------------------ helpers
+    def error(self, path: str, msg: str) -> TopologyError:
+        return TopologyError(f"{self.origin}: {path}: {msg}" if path else f"{self.origin}: {msg}")
+
+    def mapping(self, v: Any, path: str, allowed: Sequence[str], required: Sequence[str] = (),
+                what: str = "", fatal_missing: bool = True) -> dict[str, Any]:
+        """v as a mapping; unknown and missing keys are recorded, and a missing one ends the section
+        (with fatal_missing) once all are recorded."""
+        if not isinstance(v, dict):
+            raise self.error(path or "top level", f"must be a mapping with keys {', '.join(allowed)}"
+                             f", not {_kind(v)}")
+        unknown = [str(k) for k in v if k not in allowed]
+        for key in unknown:
+            self.problems.append(self.error(_join(path, key), f"unknown key{_suggest(key, allowed)} "
+                                            f"(allowed{what}: {', '.join(allowed)})"))
+        # a missing key that an unknown one misspells is said once, by that key's "did you mean"
+        meant = {m for u in unknown for m in difflib.get_close_matches(u, list(allowed), n=1, cutoff=0.6)}
+        missing = [k for k in required if k not in v]
+        for k in missing:
+            if k not in meant:
+                self.problems.append(self.error(_join(path, k), f"missing; required{what}: {', '.join(required)}"))
+        if missing and fatal_missing:
+            raise _Recorded
+        return v
+
+    def number(self, v: Any, path: str, *, integer: bool = False, lo: float | None = None,
+               hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
+               nullable: str | None = None) -> Any:
+        """A number within bounds; nullable, when given, says what null means (and allows it)."""
+        kind = "an integer" if integer else "a number"
+        if lo is not None and hi is not None:
+            if integer:
+                allowed = f"{kind} from {lo:g} to {hi:g}"
+            else:
+                allowed = f"{kind} in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        elif lo is not None:
+            allowed = f"{kind} {'>' if lo_open else '>='} {lo:g}"
+        else:
+            allowed = kind
+        if nullable:
+            allowed += f", or null ({nullable})"
+        if v is None:
+            if nullable:
+                return None
+            raise self.error(path, f"must be {allowed}, not null")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+            raise self.error(path, f"must be {allowed}, not {v!r}")
+        if not math.isfinite(v):
+            raise self.error(path, f"must be {allowed}, not {v!r}")
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            raise self.error(path, f"must be {allowed}, not {v!r}")
+        if hi is not None and (v > hi or (hi_open and v == hi)):
+            raise self.error(path, f"must be {allowed}, not {v!r}")
+        return int(v) if integer else float(v)
+
+    def string(self, v: Any, path: str, allowed: str, pattern: re.Pattern[str] | None = None) -> str:
+        if not isinstance(v, str) or not v.strip() or (pattern is not None and not pattern.match(v)):
+            raise self.error(path, f"must be {allowed}, not {v!r}")
+        return v.strip()
+
+    def flag(self, v: Any, path: str) -> bool:
+        if not isinstance(v, bool):
+            raise self.error(path, f"must be true or false, not {v!r}")
+        return v
+
+    def choice(self, v: Any, path: str, choices: Sequence[str], what: str) -> str:
+        if not isinstance(v, str) or v not in choices:
+            hint = _suggest(v, choices) if isinstance(v, str) else ""
+            raise self.error(path, f"unknown {what} {v!r}{hint}; allowed: {', '.join(choices)}")
+        return v
+
+    def env_name(self, v: Any, path: str, nullable: bool) -> str | None:
+        if v is None and nullable:
+            return None
+        return self.string(v, path, "the name of an environment variable ([A-Za-z_][A-Za-z0-9_]*)"
+                           + (", or null" if nullable else ""), _ENV_RE)
+
+    def file_path(self, v: Any, path: str) -> str | None:
+        if v is None:
+            return None
+        s = self.string(v, path, f"a file path (relative to {self.base_dir}), or null")
+        return self.resolve(s)
+
+    def resolve(self, p: str) -> str:
+        q = Path(p).expanduser()
+        if not q.is_absolute():
+            q = Path(self.base_dir) / q
+        return os.path.normpath(str(q))
+
+    def host(self, v: Any, path: str, wildcard_ok: bool) -> str:
+        allowed = "a hostname or an IP address"
+        if not isinstance(v, str):
+            raise self.error(path, f"must be {allowed}, not {v!r}")
+        h = v.strip()
+        try:
+            ip = ipaddress.ip_address(h)
+        except ValueError:
+            ip = None
+        if ip is not None:
+            if ip.is_unspecified and not wildcard_ok:
+                raise self.error(path, f"{h} is a bind-all address, not one the other nodes can connect "
+                                 "to; give this node's reachable hostname or IP")
+            return h
+        labels = h.rstrip(".").split(".")
+        if not h or len(h) > 253 or not all(_HOST_LABEL_RE.match(lb) for lb in labels):
+            raise self.error(path, f"must be {allowed}, not {v!r}")
+        return h
+
