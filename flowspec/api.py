@@ -9,7 +9,8 @@ Endpoints (``api`` section of the topology: host, port, optional Bearer key, que
   extra ``flowspec`` object with the decoding statistics; standard clients ignore it.
 * ``GET /v1/models``: the one model served (the topology's ``model.target``).
 * ``GET /health``: the ring's status per node; 200 when the ring is formed, else 503.
-* ``GET /metrics``: Prometheus text format.
+* ``GET /metrics``: Prometheus metrics (metrics.py: latency histograms, speculative-decoding,
+  token, request, stage and link counters).
 
 Up to ``decoding.max_active`` requests decode on the ring at once; more wait in the
 source's queue, and one that finds ``api.queue_size`` requests waiting is answered 429.
@@ -37,6 +38,7 @@ from aiohttp import web
 
 from .api_request import ERROR_TYPES, ApiError, ChatCall, parse_chat
 from .errors import FlowSpecError, RequestError, RingError
+from .metrics import ApiMetrics
 from .runtime.decode import DoneEvent, TokensEvent
 
 if TYPE_CHECKING:
@@ -49,28 +51,17 @@ MAX_BODY = 1 << 20  # bytes a request body may have
 
 
 @dataclass
-class ApiCounters:
-    """What the API has served since it started (for /metrics)."""
-
-    started: float = field(default_factory=time.time)  # unix time the API started
-    responses: dict[tuple[str, int], int] = field(default_factory=dict)  # (endpoint, status) -> count
-    completion_tokens: int = 0  # tokens sent to clients
-    prompt_tokens: int = 0  # prompt tokens of served requests
-    cancelled: int = 0  # requests whose client left before the end
-
-    def count(self, endpoint: str, status: int) -> None:
-        key = (endpoint, status)
-        self.responses[key] = self.responses.get(key, 0) + 1
-
-
-@dataclass
 class ApiContext:
     """Everything a handler needs."""
 
     node: "SourceNode"  # the source node that serves the requests
     topo: "Topology"  # its topology (api section, model name)
     key: str | None  # the Bearer key, or None when the API is open
-    counters: ApiCounters = field(default_factory=ApiCounters)  # for /metrics
+    started: float = field(default_factory=time.time)  # unix time the API started
+    metrics: ApiMetrics = field(init=False)  # GET /metrics (metrics.py)
+
+    def __post_init__(self) -> None:
+        self.metrics = ApiMetrics(self.node, self.model_id, self.topo.decoding.strategy)
 
     @property
     def model_id(self) -> str:
@@ -136,12 +127,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         resp = error_response(e.status, _http_message(request, e))
     except asyncio.CancelledError:
-        ctx.counters.cancelled += 1
+        ctx.metrics.http_response(endpoint, 499)  # the client left before the answer
         raise
     except Exception as e:  # a bug: answered, logged, never fatal to the server
         log.exception("%s %s failed", request.method, request.path)
         resp = error_response(500, f"internal error: {type(e).__name__}: {e}")
-    ctx.counters.count(endpoint, resp.status)
+    ctx.metrics.http_response(endpoint, resp.status)
     return resp
 
 
@@ -181,7 +172,7 @@ def error_response(status: int, message: str, code: str | None = None, param: st
 async def models(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     return web.json_response({"object": "list", "data": [
-        {"id": ctx.model_id, "object": "model", "created": int(ctx.counters.started), "owned_by": "flowspec"}]})
+        {"id": ctx.model_id, "object": "model", "created": int(ctx.started), "owned_by": "flowspec"}]})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -225,74 +216,14 @@ def ring_health(node: "SourceNode", topo: "Topology") -> dict[str, Any]:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
-    return web.Response(text=prometheus_text(ctx), content_type="text/plain",
-                        headers={"X-Content-Format": "prometheus 0.0.4"})
-
-
-def prometheus_text(ctx: ApiContext) -> str:
-    """The Prometheus exposition (text format 0.0.4) of the node's and the API's counters."""
-    node, c = ctx.node, ctx.counters
-    m, last = node.metrics, node.last_stats or {}
-    out: list[str] = []
-
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[dict[str, str], float]]) -> None:
-        out.append(f"# HELP flowspec_{name} {help_}")
-        out.append(f"# TYPE flowspec_{name} {kind}")
-        for labels, v in samples:
-            lab = ",".join(f'{k}="{_label(x)}"' for k, x in labels.items())
-            out.append(f"flowspec_{name}{{{lab}}} {_num(v)}" if lab else f"flowspec_{name} {_num(v)}")
-
-    metric("ring_formed", "gauge", "1 when the ring is formed and verified", [({}, float(node.ready.is_set()))])
-    metric("requests_total", "counter", "generation requests completed on the ring", [({}, m["requests"])])
-    metric("request_errors_total", "counter", "generation requests that failed on the ring", [({}, m["errors"])])
-    metric("requests_held_total", "counter", "times a request was held while the ring was broken, to resume",
-           [({}, m["held"])])
-    metric("requests_active", "gauge", "requests decoding on the ring now", [({}, node.active)])
-    metric("requests_waiting", "gauge", "requests waiting for a place on the ring (or being tokenized)",
-           [({}, node.queued)])
-    metric("http_responses_total", "counter", "HTTP responses by endpoint and status",
-           [({"endpoint": e, "code": str(s)}, n) for (e, s), n in sorted(c.responses.items())])
-    metric("requests_cancelled_total", "counter", "HTTP requests whose client left early", [({}, c.cancelled)])
-    metric("generated_tokens_total", "counter", "tokens generated on the ring", [({}, m["tokens"])])
-    metric("prompt_tokens_total", "counter", "prompt tokens of requests served by the API", [({}, c.prompt_tokens)])
-    metric("decode_seconds_total", "counter", "seconds spent decoding (first token to last)", [({}, m["decode_s"])])
-    metric("verifications_total", "counter", "returned segments that advanced the accepted path",
-           [({}, m["verifications"])])
-    sc = node.scorer.stats
-    metric("lm_head_passes_total", "counter", "lm_head passes at the source (returned segments share them)",
-           [({}, sc.passes)])
-    metric("lm_head_segments_total", "counter", "returned segments scored in those passes", [({}, sc.results)])
-    metric("tokens_per_second", "gauge", "decode speed of the last request", [({}, last.get("tokens_per_s", 0.0))])
-    avg = m["tokens"] / m["decode_s"] if m["decode_s"] > 0 else 0.0
-    metric("tokens_per_second_average", "gauge", "generated tokens over decode seconds, all requests",
-           [({}, avg)])
-    metric("mean_accepted_tokens", "gauge", "tokens accepted per verification, last request",
-           [({}, last.get("mean_accepted", 0.0))])
-    hops = last.get("hops") or {}
-    metric("stage_busy_ratio", "gauge", "fraction of the last request's time each stage computed",
-           [({"stage": n}, s.get("busy", 0.0)) for n, s in (hops.get("stages") or {}).items()])
-    metric("link_latency_seconds", "gauge", "mean wire time per segment on each link, last request",
-           [({"link": k}, v.get("mean_ms", 0.0) / 1000) for k, v in (hops.get("links") or {}).items()])
-    return "\n".join(out) + "\n"
-
-
-def _label(v: str) -> str:
-    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _num(v: float) -> str:
-    v = float(v)
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(int(v)) if v.is_integer() and abs(v) < 1 << 53 else repr(v)
+    body, content_type = request.app[CTX].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 # ------------------------------------------------------------------------ completions
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
+    t_arrival = time.perf_counter()
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -318,8 +249,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except FlowSpecError as e:
         raise ApiError(400, str(e)) from None
     meta = _Reply(ctx.model_id, len(req.prompt_ids))
-    ctx.counters.prompt_tokens += len(req.prompt_ids)
-    gen = node.generate(req)
+    gen = ctx.metrics.watch(t_arrival, len(req.prompt_ids)).observe(node.generate(req))
     async with contextlib.aclosing(gen):
         try:
             first = await gen.__anext__()
@@ -335,7 +265,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 done = await gen.__anext__()
         except RingError as e:
             raise _ring_failed(e) from None
-    ctx.counters.completion_tokens += len(done.token_ids)
     return web.json_response({
         "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
@@ -405,7 +334,6 @@ async def _stream(request: web.Request, ctx: ApiContext, call: ChatCall, meta: _
                 if rest:
                     await send(meta.chunk({"content": rest}))
                 n = len(ev.token_ids)
-                ctx.counters.completion_tokens += n
                 await send(meta.chunk({}, ev.finish_reason, flowspec=_public_stats(ev.stats)))
                 if call.include_usage:
                     await send({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
@@ -424,7 +352,6 @@ async def _stream(request: web.Request, ctx: ApiContext, call: ChatCall, meta: _
         await send("[DONE]")
         await resp.write_eof()
     except (ConnectionError, OSError):  # the client left: closing the generator frees the ring
-        ctx.counters.cancelled += 1
         log.info("a streaming client left before the end of its answer")
     except Exception as e:  # a bug: the headers are sent, so it is reported in the stream
         log.exception("a streamed answer failed")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import time
 import urllib.error
@@ -273,27 +272,127 @@ def test_health_models_metrics(api_ring: dict[str, Any]) -> None:
         {"id": api_ring["model"], "object": "model", "created": m["data"][0]["created"],  # type: ignore[index]
          "owned_by": "flowspec"}]}
     assert call("GET", url + "/metrics", key=None)[0] == 401
+    assert call("GET", url + "/metrics", key="wrong-key")[0] == 401
     status, _ = call("POST", url + "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 4})
     assert status == 200
-    status, text = call("GET", url + "/metrics")
-    assert status == 200 and isinstance(text, str)
-    sample = re.compile(r'^flowspec_[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? -?[0-9.e+-]+$')
-    names = set()
-    for line in text.strip().splitlines():
-        if line.startswith("# "):
-            assert re.match(r"^# (HELP|TYPE) flowspec_[a-z_]+ .+$", line), line
-            continue
-        assert sample.match(line), line
-        names.add(line.split("{")[0].split(" ")[0])
-    for want in ("flowspec_requests_total", "flowspec_generated_tokens_total", "flowspec_tokens_per_second",
-                 "flowspec_mean_accepted_tokens", "flowspec_stage_busy_ratio", "flowspec_link_latency_seconds",
-                 "flowspec_http_responses_total", "flowspec_ring_formed"):
-        assert want in names, want
-    assert 'flowspec_stage_busy_ratio{stage="stage2"}' in text
-    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if not line.startswith("#")}
+    content_type, m = scrape(url)
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    assert content_type == CONTENT_TYPE_LATEST
+    families = {name for name, _ in m}  # every family of the exposition, with its type
+    for want in [("flowspec_build_info", "gauge"), ("flowspec_ring_formed", "gauge"),
+                 ("flowspec_num_requests_running", "gauge"), ("flowspec_num_requests_waiting", "gauge"),
+                 ("flowspec_requests", "counter"), ("flowspec_requests_held", "counter"),
+                 ("flowspec_generation_tokens", "counter"), ("flowspec_spec_decode_num_drafts", "counter"),
+                 ("flowspec_spec_decode_num_draft_tokens", "counter"),
+                 ("flowspec_spec_decode_num_accepted_tokens", "counter"), ("flowspec_stage_compute_seconds", "counter"),
+                 ("flowspec_link_bytes", "counter"), ("flowspec_http_responses", "counter"),
+                 ("flowspec_time_to_first_token_seconds", "histogram"),
+                 ("flowspec_time_per_output_token_seconds", "histogram"),
+                 ("flowspec_e2e_request_latency_seconds", "histogram"),
+                 ("flowspec_request_queue_time_seconds", "histogram")]:
+        assert want in {(name, m[(name, t)].type) for name, t in m}, want
+    # the gauges that described only the last request are gone
+    assert not families & {"flowspec_tokens_per_second", "flowspec_mean_accepted_tokens", "flowspec_stage_busy_ratio",
+                           "flowspec_link_latency_seconds", "flowspec_tokens_per_second_average"}
+    v = samples(m)
+    build = [labels for (name, labels) in v if name == "flowspec_build_info"]
+    assert len(build) == 1 and dict(build[0])["strategy"] == "flowspec"
+    assert dict(build[0])["model"] == call("GET", url + "/v1/models")[1]["data"][0]["id"]  # type: ignore[index]
+    assert value(v, "flowspec_ring_formed") == 1
     # the answer's segments were scored, in at most as many lm_head passes as segments
-    assert 0 < values["flowspec_lm_head_passes_total"] <= values["flowspec_lm_head_segments_total"]
-    assert 'flowspec_link_latency_seconds{link="stage2->source"}' in text
+    assert 0 < value(v, "flowspec_lm_head_passes_total") <= value(v, "flowspec_lm_head_segments_total")
+    assert value(v, "flowspec_link_bytes_total", link="stage2->source") > 0
+
+
+HISTOGRAMS = ("flowspec_time_to_first_token_seconds", "flowspec_time_per_output_token_seconds",
+              "flowspec_e2e_request_latency_seconds", "flowspec_request_queue_time_seconds")
+
+
+def scrape(url: str) -> tuple[str, dict[tuple[str, str], Any]]:
+    """GET /metrics: its content type and its families, parsed with prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        content_type, text = r.headers["Content-Type"], r.read().decode()
+    return content_type, {(f.name, f.type): f for f in text_string_to_metric_families(text)}
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def samples(families: dict[tuple[str, str], Any]) -> Samples:
+    return {(s.name, frozenset(s.labels.items())): s.value for f in families.values() for s in f.samples}
+
+
+def value(v: Samples, name: str, **labels: str) -> float:
+    """A sample's value; 0 for a labelled sample not created yet (as for a counter never moved)."""
+    return v.get((name, frozenset(labels.items())), 0.0)
+
+
+def idle_samples(url: str) -> Samples:
+    """The samples once no request decodes or waits (an earlier test's may still be ending)."""
+    deadline = time.monotonic() + 30
+    while True:
+        v = samples(scrape(url)[1])
+        if value(v, "flowspec_num_requests_running") == 0 and value(v, "flowspec_num_requests_waiting") == 0:
+            return v
+        assert time.monotonic() < deadline, "the ring did not become idle"
+        time.sleep(0.1)
+
+
+def test_metrics_count_what_a_request_reported(api_ring: dict[str, Any]) -> None:
+    """After one request, every counter moved by exactly what the request itself reported
+    (usage and its flowspec statistics), and each histogram observed it once."""
+    url = api_ring["url"]
+    before = idle_samples(url)
+    status, body = call("POST", url + "/v1/chat/completions",
+                        {"messages": QUESTION, "max_tokens": MAX_TOKENS, "temperature": 0})
+    assert status == 200 and isinstance(body, dict)
+    after = samples(scrape(url)[1])
+
+    def d(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    usage, st, n = body["usage"], body["flowspec"], body["usage"]["completion_tokens"]
+    assert n > 1 and st["verified"] > 0  # decoded with drafts (strategy flowspec)
+    assert d("flowspec_requests_total", outcome="ok") == 1
+    assert d("flowspec_requests_total", outcome="error") == d("flowspec_requests_total", outcome="cancelled") == 0
+    assert d("flowspec_request_success_total", finished_reason=body["choices"][0]["finish_reason"]) == 1
+    assert d("flowspec_http_responses_total", endpoint="/v1/chat/completions", code="200") == 1
+    assert d("flowspec_prompt_tokens_total") == usage["prompt_tokens"]
+    assert d("flowspec_generation_tokens_total") == n
+    assert d("flowspec_requests_held_total") == d("flowspec_requests_resumed_total") == 0
+    assert d("flowspec_spec_decode_num_drafts_total") == st["rounds"] > 0
+    assert d("flowspec_spec_decode_num_draft_tokens_total") == st["verified"]
+    assert d("flowspec_spec_decode_num_accepted_tokens_total") == st["accepted_drafts"]
+    assert d("flowspec_spec_decode_num_proposed_tokens_total") == st["drafted"]
+    assert d("flowspec_spec_decode_num_verifications_total") == st["verifications"]
+    assert d("flowspec_decode_seconds_total") == pytest.approx(st["decode_s"], abs=1e-6)
+    hops = st["hops"]
+    assert set(hops["stages"]) == {"stage1", "stage2"}
+    for stage, s in hops["stages"].items():
+        assert d("flowspec_stage_compute_seconds_total", stage=stage) == pytest.approx(s["compute_s"], abs=1e-6)
+        assert d("flowspec_stage_compute_seconds_total", stage=stage) > 0
+        assert d("flowspec_stage_segments_total", stage=stage) == s["segments"] > 0
+    assert set(hops["links"]) == {"source->stage1", "stage1->stage2", "stage2->source"}
+    for link, s in hops["links"].items():
+        assert d("flowspec_link_bytes_total", link=link) == s["bytes"] > 0
+        assert d("flowspec_link_wire_seconds_total", link=link) == pytest.approx(s["wire_s"], abs=1e-6)
+    assert d("flowspec_ring_trips_total") == hops["trips"] > 0
+    for h in HISTOGRAMS:  # one observation each
+        assert d(h + "_count") == 1 and d(h + "_bucket", le="+Inf") == 1, h
+        les = sorted((dict(lab)["le"] for name, lab in after if name == h + "_bucket"), key=float)
+        bounds = [float(le) for le in les]
+        top = 5 if h == HISTOGRAMS[1] else 20  # a token may take seconds, a first token tens of them
+        assert len(bounds) >= 12 and bounds[0] <= 0.1 and bounds[-2] >= top, (h, bounds)
+        counts = [value(after, h + "_bucket", le=le) for le in les]
+        assert counts == sorted(counts) and counts[-1] == value(after, h + "_count"), (h, counts)
+    ttft, e2e = d(HISTOGRAMS[0] + "_sum"), d(HISTOGRAMS[2] + "_sum")
+    assert 0 < ttft <= e2e and 0 <= d(HISTOGRAMS[3] + "_sum") <= ttft
+    # time per output token: the time after the first token, over the tokens after the first
+    assert d(HISTOGRAMS[1] + "_sum") * (n - 1) == pytest.approx(e2e - ttft, rel=1e-6, abs=1e-9)
 
 
 def test_full_queue_answers_429_and_a_closed_stream_frees_the_ring(api_ring: dict[str, Any]) -> None:
@@ -327,11 +426,20 @@ def test_full_queue_answers_429_and_a_closed_stream_frees_the_ring(api_ring: dic
             second.release()
             return status3, body3, status2
 
+    before = idle_samples(url)
     t0 = time.monotonic()
     status3, body3, status2 = asyncio.run(go())
     assert status3 == 429 and "queue is full" in body3["error"]["message"]
     assert status2 == 200
     assert time.monotonic() - t0 < 30
+    after = samples(scrape(url)[1])
+    for name, labels, moved in [("flowspec_requests_total", {"outcome": "cancelled"}, 1),  # the closed stream
+                                ("flowspec_requests_total", {"outcome": "ok"}, 1),  # the one that waited
+                                ("flowspec_requests_total", {"outcome": "error"}, 0),
+                                ("flowspec_http_responses_total",
+                                 {"endpoint": "/v1/chat/completions", "code": "429"}, 1),
+                                ("flowspec_request_queue_time_seconds_count", {}, 1)]:
+        assert value(after, name, **labels) - value(before, name, **labels) == moved, (name, labels)
 
 
 def test_dead_ring_answers_503(api_ring: dict[str, Any]) -> None:
