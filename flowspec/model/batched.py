@@ -11,38 +11,21 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .blocks import DecoderLayer, apply_rope, rope_cos_sin
+from .blocks import DecoderLayer, rope_cos_sin
 from .stage import LMHead, Stage
 
 
 def _attend(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             kc: torch.Tensor, vc: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
     """x: [B, n, H]; writes keys/values at slots [start, start+n); mask [B, n, span]."""
-    cfg = layer.cfg
-    B, n, _ = x.shape
-    h = layer.input_norm(x)
-    q = layer.q_proj(h).float().view(B, n, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-    k = layer.k_proj(h).float().view(B, n, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-    v = layer.v_proj(h).view(B, n, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-    q = apply_rope(q, cos[:, None], sin[:, None]).to(kc.dtype)
-    k = apply_rope(k, cos[:, None], sin[:, None])
+    n = x.shape[1]
+    q, k, v = layer.qkv(x, cos, sin, torch.float32)
     kc[:, :, start : start + n] = k.to(kc.dtype)
     vc[:, :, start : start + n] = v.to(vc.dtype)
     span = mask.shape[-1]
-    keys, vals = kc[:, :, :span], vc[:, :, :span]
-    g = cfg.num_heads // cfg.num_kv_heads
-    qg = q.reshape(B, cfg.num_kv_heads, g * n, cfg.head_dim)  # query heads sharing a kv head, stacked
-    m = mask.repeat(1, g, 1) if g > 1 else mask
-    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * cfg.head_dim ** -0.5
-    scores = scores.masked_fill(~m[:, None], float("-inf"))
-    att = torch.matmul(torch.softmax(scores, dim=-1).to(vals.dtype), vals)
-    att = att.view(B, cfg.num_heads, n, cfg.head_dim).transpose(1, 2).reshape(B, n, cfg.num_heads * cfg.head_dim)
-    att = att.to(x.dtype)
-    x = x + layer.o_proj(att)
-    h = layer.post_norm(x)
-    return x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
+    att = layer.attend(q.to(kc.dtype), kc[:, :, :span], vc[:, :, :span], mask, float32_scores=True)
+    return layer.mlp(layer.output(x, att))
 
 
 @torch.inference_mode()

@@ -117,16 +117,7 @@ class DecoderLayer(nn.Module):
         """Rows of several sequences at once: x [n, hidden] is the groups' rows one after
         another; every group attends over its own cache. The projections and the MLP (the
         weights, which dominate a step's memory traffic) run once for all rows."""
-        cfg = self.cfg
-        n = x.shape[0]
-        h = self.input_norm(x)
-        cdt = groups[0].k_cache.dtype
-        q = self.q_proj(h).to(cdt).view(n, cfg.num_heads, cfg.head_dim).transpose(0, 1)
-        k = self.k_proj(h).to(cdt).view(n, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
-        v = self.v_proj(h).to(cdt).view(n, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        g = cfg.num_heads // cfg.num_kv_heads
+        q, k, v = self.qkv(x, cos, sin, groups[0].k_cache.dtype)
         outs: list[torch.Tensor] = []
         a = 0
         for grp in groups:
@@ -134,18 +125,61 @@ class DecoderLayer(nn.Module):
             qi, ki, vi = (q, k, v) if len(groups) == 1 else (q[:, a:b], k[:, a:b], v[:, a:b])
             grp.k_cache[:, grp.slots] = ki
             grp.v_cache[:, grp.slots] = vi
-            keys = grp.k_cache[:, :grp.span]
-            vals = grp.v_cache[:, :grp.span]
-            # grouped-query attention without copying keys: the g query heads that share a kv
-            # head are stacked as extra query rows of that head
-            m = grp.rows
-            qg = qi.reshape(cfg.num_kv_heads, g * m, cfg.head_dim)
-            mk = grp.mask.repeat(g, 1) if g > 1 else grp.mask
-            att = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mk[None])
-            outs.append(att.view(cfg.num_heads, m, cfg.head_dim).transpose(0, 1).reshape(m, cfg.num_heads * cfg.head_dim))
+            outs.append(self.attend(qi, grp.k_cache[:, :grp.span], grp.v_cache[:, :grp.span], grp.mask))
             a = b
-        att = (outs[0] if len(outs) == 1 else torch.cat(outs)).to(x.dtype)
-        x = x + self.o_proj(att)
+        return self.mlp(self.output(x, outs[0] if len(outs) == 1 else torch.cat(outs)))
+
+    # The parts of a layer pass, for callers that keep keys and values their own way (the
+    # offline batched decoder, the EAGLE head's training pass). Leading batch dimensions
+    # ("...") are allowed everywhere.
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input norm, q/k/v projections (cast to `dtype` when given) and the rotary embedding
+        of q and k. x [..., n, hidden], cos/sin [..., n, head_dim] -> q [..., heads, n, head_dim],
+        k and v [..., kv_heads, n, head_dim]."""
+        cfg = self.cfg
+        h = self.input_norm(x)
+        lead = x.shape[:-1]
+
+        def heads(t: torch.Tensor, count: int) -> torch.Tensor:
+            t = t if dtype is None else t.to(dtype)
+            return t.view(*lead, count, cfg.head_dim).transpose(-3, -2)
+
+        q = heads(self.q_proj(h), cfg.num_heads)
+        k = heads(self.k_proj(h), cfg.num_kv_heads)
+        v = heads(self.v_proj(h), cfg.num_kv_heads)
+        c, s = cos.unsqueeze(-3).to(q.dtype), sin.unsqueeze(-3).to(q.dtype)
+        return apply_rope(q, c, s), apply_rope(k, c, s), v
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+               float32_scores: bool = False) -> torch.Tensor:
+        """Grouped-query attention of q [..., heads, m, head_dim] over keys/values
+        [..., kv_heads, span, head_dim] with the boolean mask [..., m, span] (True = may
+        attend). Returns [..., m, heads * head_dim]. `float32_scores`: scores and softmax in
+        float32 whatever the keys' dtype (for low-precision caches); else one fused kernel."""
+        cfg = self.cfg
+        g = cfg.num_heads // cfg.num_kv_heads
+        lead, m = q.shape[:-3], q.shape[-2]
+        # the g query heads that share a kv head are stacked as extra query rows of that head,
+        # so keys are never copied
+        qg = q.reshape(*lead, cfg.num_kv_heads, g * m, cfg.head_dim)
+        mk = (mask.repeat(*([1] * (mask.dim() - 2)), g, 1) if g > 1 else mask).unsqueeze(-3)
+        if float32_scores:
+            scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * cfg.head_dim ** -0.5
+            scores = scores.masked_fill(~mk, float("-inf"))
+            att = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
+        else:
+            att = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mk)
+        att = att.view(*lead, cfg.num_heads, m, cfg.head_dim).transpose(-3, -2)
+        return att.reshape(*lead, m, cfg.num_heads * cfg.head_dim)
+
+    def output(self, x: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+        """The residual stream after attention: x + o_proj(att), in x's dtype."""
+        return x + self.o_proj(att.to(x.dtype))
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The post-attention norm and gated MLP, added to the residual stream x."""
         h = self.post_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 

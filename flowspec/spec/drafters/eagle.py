@@ -23,11 +23,10 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ModelError
-from ...model.blocks import DecoderLayer, apply_rope, rope_cos_sin, rope_inv_freq
+from ...model.blocks import DecoderLayer, rope_cos_sin, rope_inv_freq
 from ...model.config import ModelConfig
 from ...model.kvcache import KVCache
 from ..tree import Node
@@ -175,24 +174,17 @@ class EagleHead(nn.Module):
         positions <= t-s plus, for each earlier pass r >= 1, the single key pass r wrote at
         t-(s-r) -- exactly the head cache a drafter holds at that depth. Its output is only
         meaningful where t >= s. Returns one [B, T, H] tensor per pass."""
-        layer, cfg = self.layer, self.cfg
+        layer = self.layer
         B, T = tokens.shape
         cos, sin = rope_cos_sin(self.inv_freq, positions.reshape(-1))
-        g = cfg.num_heads // cfg.num_kv_heads
+        cos, sin = cos.view(B, T, -1), sin.view(B, T, -1)
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
         outs: list[torch.Tensor] = []
         f = feats
         for s in range(steps):
             x = self.fuse(tokens, f)
-            h = layer.input_norm(x)
-            q = layer.q_proj(h).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-            k = layer.k_proj(h).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-            v = layer.v_proj(h).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-            c, sn = cos.view(B, 1, T, -1).to(q.dtype), sin.view(B, 1, T, -1).to(q.dtype)
-            q, k = apply_rope(q, c, sn), apply_rope(k, c, sn)
-            if g > 1:
-                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+            q, k, v = layer.qkv(x, cos, sin)
             keys.append(k)
             values.append(v)
             first = torch.ones(T, T, dtype=torch.bool).tril(-s)[None] & valid[:, None, :]
@@ -201,12 +193,8 @@ class EagleHead(nn.Module):
             if s == 0:
                 parts[0] = parts[0] | torch.eye(T, dtype=torch.bool)[None]  # padded rows see themselves
             mask = torch.cat(parts, dim=-1)
-            att = F.scaled_dot_product_attention(q, torch.cat(keys, dim=2), torch.cat(values, dim=2),
-                                                 attn_mask=mask[:, None])
-            att = att.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)
-            x = x + layer.o_proj(att)
-            hm = layer.post_norm(x)
-            out = x + layer.down_proj(F.silu(layer.gate_proj(hm)) * layer.up_proj(hm))
+            att = layer.attend(q, torch.cat(keys, dim=-2), torch.cat(values, dim=-2), mask)
+            out = layer.mlp(layer.output(x, att))
             outs.append(out)
             f = torch.cat((torch.zeros_like(out[:, :1]), out[:, :-1]), dim=1)
         return outs
