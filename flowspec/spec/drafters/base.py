@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -22,6 +23,19 @@ class DraftView:
     def context(self, node: Node) -> list[int]:
         """Every token from the start of the sequence up to and including `node`."""
         return self.chain_tokens + self.tree.path(node.id)
+
+
+def uncomputed_path(tree: DraftTree, frontier: list[Node], computed: Callable[[Node], bool]) -> list[Node]:
+    """The nodes a drafter must still run before it can propose children of `frontier`: each
+    frontier node and its ancestors up to (not including) the first one `computed` accepts,
+    every node once, in the order they are found (a node before its ancestors)."""
+    need: dict[int, Node] = {}
+    for f in frontier:
+        n = f
+        while not computed(n):
+            need[n.id] = n
+            n = tree[n.parent]
+    return list(need.values())
 
 
 class Drafter(ABC):

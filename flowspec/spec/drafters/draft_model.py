@@ -14,7 +14,7 @@ from ...errors import ModelError
 from ...model.pipeline import LocalPipeline
 from ...model.stage import Segment
 from ..tree import Node
-from .base import Drafter, DraftView
+from .base import Drafter, DraftView, uncomputed_path
 
 
 class DraftModelDrafter(Drafter):
@@ -76,15 +76,9 @@ class DraftModelDrafter(Drafter):
 
     def propose(self, view: DraftView, frontier: list[Node], k: int) -> list[list[tuple[int, float]]]:
         self._sync(view)
-        tree = view.tree
-        need: dict[int, Node] = {}
-        for f in frontier:
-            n = f
-            while n.id not in self._live:
-                need[n.id] = n
-                n = tree[n.parent]
+        need = uncomputed_path(view.tree, frontier, lambda n: n.id in self._live)
         if need:
-            nodes = sorted(need.values(), key=lambda n: n.position)
+            nodes = sorted(need, key=lambda n: n.position)
             self._run([n.id for n in nodes], [n.parent for n in nodes],
                       [n.position for n in nodes], [n.token for n in nodes])
         out = []

@@ -30,7 +30,7 @@ from ...model.blocks import DecoderLayer, rope_cos_sin, rope_inv_freq
 from ...model.config import ModelConfig
 from ...model.kvcache import KVCache
 from ..tree import Node
-from .base import Drafter, DraftView
+from .base import Drafter, DraftView, uncomputed_path
 
 log = logging.getLogger(__name__)
 
@@ -293,14 +293,9 @@ class EagleDrafter(Drafter):
     def propose(self, view: DraftView, frontier: list[Node], k: int) -> list[list[tuple[int, float]]]:
         self._sync(view)
         tree = view.tree
-        need: dict[int, Node] = {}
-        for f in frontier:
-            n = f
-            while n.id != tree.root and (2 * n.id + 1) not in self._pred:
-                need[n.id] = n
-                n = tree[n.parent]
+        need = uncomputed_path(tree, frontier, lambda n: n.id == tree.root or (2 * n.id + 1) in self._pred)
         by_depth: dict[int, list[Node]] = {}
-        for n in need.values():
+        for n in need:
             by_depth.setdefault(n.position, []).append(n)
         for pos in sorted(by_depth):  # one head pass per level: a level only needs its parents'
             nodes = by_depth[pos]
