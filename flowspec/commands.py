@@ -9,8 +9,9 @@ import signal
 import time
 from typing import Any, Awaitable, Callable, TypeVar
 
+from .cli_common import TOPOLOGY_ENV, add_node_option, add_topology_option, drafter_arg, env_default, env_value
 from .config import DTYPES, Topology
-from .errors import FlowSpecError
+from .errors import FlowSpecError, UsageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,8 +41,9 @@ def load_topology(args: argparse.Namespace) -> Topology:
 # ------------------------------------------------------------------------------- node
 def build_node(topo: Topology, name: str) -> Any:
     """Load what node `name` needs (only its own layers) and return the node object."""
+    from .footprint import layer_ranges
     from .model.config import ModelConfig
-    from .model.dtypes import describe, planning_bytes
+    from .model.dtypes import describe
     from .model.loader import model_fingerprint, resolve_model
     from .model.stage import LMHead, Stage
 
@@ -51,10 +53,9 @@ def build_node(topo: Topology, name: str) -> Any:
     cfg = ModelConfig.from_file(str(folder / "config.json"))
     dtype = topo.model.dtype
     log.info("%s: weights in %s", name, describe(dtype))
-    # the same split on every node: `auto` is planned at its largest (float32), whatever this CPU picks
-    layer_bytes = cfg.layer_params() * planning_bytes(dtype)
-    # with decoding.verify: last_stage the last stage holds the lm_head too (as many weights as this many layers)
-    ranges = topo.resolve_layers(cfg.num_layers, layer_bytes, cfg.vocab_size * cfg.hidden_size / cfg.layer_params())
+    # the same split on every node (and in `flowspec check`): `auto` is planned at its largest (float32),
+    # whatever this CPU picks; with decoding.verify: last_stage the last stage holds the lm_head too
+    ranges = layer_ranges(topo, cfg)
     fingerprint = model_fingerprint(str(topo.model.target), cfg)
     if me.is_source:
         from .model.tokenizer import Tokenizer
@@ -164,7 +165,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     args.topology = args.topology_opt or args.topology_file
     if not args.topology:
-        raise FlowSpecError("flowspec up needs a topology file: flowspec up topologies/local.yaml")
+        raise UsageError(f"flowspec up needs a topology file: flowspec up topologies/local.yaml (or set "
+                         f"${TOPOLOGY_ENV})")
 
     from .testbed import Testbed, client_topology, local_ring_for
     from .runtime.client import wait_formed
@@ -254,24 +256,30 @@ def generate_on_ring(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_commands(sub: Any) -> None:
-    n = sub.add_parser("node", help="run one node of a topology in the foreground")
-    n.add_argument("--topology", required=True)
-    n.add_argument("--name", required=True, help="which node of the topology this process is")
+    n = sub.add_parser("node", help="run one node of a topology in the foreground (a service: docs/systemd.md)")
+    add_topology_option(n)
+    add_node_option(n)
     n.add_argument("--threads", type=int, default=0, help="torch compute threads (0: torch's default)")
-    n.add_argument("--dtype", choices=DTYPES, default=None, help="override model.dtype")
-    n.add_argument("--drafter", default=None, help="override model.drafter (source only)")
-    n.add_argument("--max-context", type=int, default=0)
+    n.add_argument("--dtype", choices=DTYPES, default=None, help="override model.dtype (default: the topology's)")
+    n.add_argument("--drafter", type=drafter_arg, default=None,
+                   help="override model.drafter, source only: lookup | model:PATH | eagle[:PATH] | none "
+                        "(default: the topology's)")
+    n.add_argument("--max-context", type=int, default=0,
+                   help="override model.max_context, KV-cache slots (0: the topology's)")
     n.add_argument("--no-api", action="store_true", help="source: do not serve the HTTP API")
     n.set_defaults(func=cmd_node)
 
     u = sub.add_parser("up", help="start every node of a topology that lives on this machine; a node that exits is "
                        "started again (backoff 1, 2, 4 ... 30 s)")
-    u.add_argument("topology_file", nargs="?", metavar="TOPOLOGY", help="the YAML topology")
-    u.add_argument("--topology", dest="topology_opt", default=None, help="the same, as an option")
-    u.add_argument("--threads", type=int, default=0, help="torch threads per node (default: cores / nodes)")
-    u.add_argument("--dtype", choices=DTYPES, default=None, help="override model.dtype")
-    u.add_argument("--drafter", default=None)
-    u.add_argument("--max-context", type=int, default=0)
+    u.add_argument("topology_file", nargs="?", metavar="TOPOLOGY", default=env_value(TOPOLOGY_ENV),
+                   help=f"the YAML topology (default: {env_default(TOPOLOGY_ENV)})")
+    u.add_argument("--topology", dest="topology_opt", default=None, metavar="FILE", help="the same, as an option")
+    u.add_argument("--threads", type=int, default=0, help="torch threads per node (0: cores / nodes)")
+    u.add_argument("--dtype", choices=DTYPES, default=None, help="override model.dtype (default: the topology's)")
+    u.add_argument("--drafter", type=drafter_arg, default=None,
+                   help="override model.drafter: lookup | model:PATH | eagle[:PATH] | none (default: the topology's)")
+    u.add_argument("--max-context", type=int, default=0,
+                   help="override model.max_context, KV-cache slots (0: the topology's)")
     u.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the ring to form")
     from .testbed import add_testbed_args
 

@@ -27,8 +27,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..cli_common import add_topology_option, drafter_arg
 from ..config import DTYPES, STRATEGIES, Topology
-from ..errors import FlowSpecError
+from ..errors import FlowSpecError, UsageError
 from .options import BenchOptions
 from .output import check_plot_available, plot_report, print_report
 from .prompts import MTBENCH, load_prompts, parse_strategies
@@ -42,12 +43,12 @@ def _joined_topology(topo: Topology, url: str | None) -> Topology:
         return topo
     scheme, sep, rest = url.partition("://")
     if sep and scheme not in ("tcp", "flowspec"):
-        raise FlowSpecError(f"--url {url!r}: give the source's ring address HOST:PORT (the binary protocol "
-                            "of the topology's source node), not an HTTP API URL")
+        raise UsageError(f"--url {url!r}: give the source's ring address HOST:PORT (the binary protocol "
+                         "of the topology's source node), not an HTTP API URL")
     text = (rest if sep else url).rstrip("/")
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise FlowSpecError(f"--url {url!r}: give the source's ring address as HOST:PORT")
+        raise UsageError(f"--url {url!r}: give the source's ring address as HOST:PORT")
     src = topo.source.name
     nodes = tuple(dataclasses.replace(n, host=host.strip("[]"), port=int(port)) if n.name == src else n
                   for n in topo.nodes)
@@ -65,14 +66,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         check_plot_available()
     if args.max_new_tokens < 1 or args.warmup < 0 or args.limit < 0:
-        raise FlowSpecError("--max-new-tokens must be >= 1, --warmup and --limit >= 0")
+        raise UsageError("--max-new-tokens must be >= 1, --warmup and --limit >= 0")
     if args.temperature < 0:
-        raise FlowSpecError("--temperature must be >= 0")
+        raise UsageError("--temperature must be >= 0")
     join = bool(args.join or args.url)
     if join and args.emulate:
-        raise FlowSpecError("--emulate starts a ring; it cannot be combined with --join / --url")
-    strategies = parse_strategies(args.strategies)
-    levels = parse_levels(args.concurrency) if args.concurrency else ()
+        raise UsageError("--emulate starts a ring; it cannot be combined with --join / --url")
+    try:  # a bad --strategies or --concurrency: exit 2, like any bad argument
+        strategies = parse_strategies(args.strategies)
+        levels = parse_levels(args.concurrency) if args.concurrency else ()
+    except FlowSpecError as e:
+        raise UsageError(str(e)) from None
     prompts = load_prompts(args.prompts, args.field, args.limit)
     topo = load_topology(args)
     opts = BenchOptions(strategies, tuple(prompts), args.max_new_tokens, args.temperature, args.seed,
@@ -150,7 +154,7 @@ def add_bench_command(sub: Any) -> None:
 
     b = sub.add_parser("bench", help="compare the decoding strategies on one ring, prompt by prompt",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("--topology", required=True, help="the YAML topology of the ring")
+    add_topology_option(b)
     b.add_argument("--strategies", default=",".join(STRATEGIES),
                    help=f"comma-separated subset of {','.join(STRATEGIES)} (default: all); a name may "
                         "carry its own draft-tree settings to compare variants side by side, e.g. "
@@ -160,7 +164,7 @@ def add_bench_command(sub: Any) -> None:
     b.add_argument("--prompts", default=MTBENCH, help="'mt-bench' (first turns) or a JSONL file")
     b.add_argument("--field", default=None, help="JSONL field holding the prompt (default: prompt)")
     b.add_argument("--limit", type=int, default=0, help="use the first K prompts (0: all)")
-    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer at most")
     b.add_argument("--warmup", type=int, default=1, help="unrecorded requests per strategy first")
     b.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the texts are compared)")
     b.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every strategy")
@@ -173,10 +177,13 @@ def add_bench_command(sub: Any) -> None:
     b.add_argument("--join", action="store_true", help="use the running ring of the topology")
     b.add_argument("--url", default=None, metavar="HOST:PORT",
                    help="use a running ring whose source listens at HOST:PORT (implies --join)")
-    b.add_argument("--threads", type=int, default=0, help="torch threads per node (default: testbed.threads)")
-    b.add_argument("--dtype", choices=DTYPES, default=None, help="override model.dtype")
-    b.add_argument("--drafter", default=None, help="override model.drafter")
-    b.add_argument("--max-context", type=int, default=0)
+    b.add_argument("--threads", type=int, default=0, help="torch threads per node (0: testbed.threads, else "
+                   "cores / nodes)")
+    b.add_argument("--dtype", choices=DTYPES, default=None, help="override model.dtype (default: the topology's)")
+    b.add_argument("--drafter", type=drafter_arg, default=None,
+                   help="override model.drafter: lookup | model:PATH | eagle[:PATH] | none (default: the topology's)")
+    b.add_argument("--max-context", type=int, default=0,
+                   help="override model.max_context, KV-cache slots (0: the topology's)")
     b.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the ring to form")
     b.add_argument("--request-timeout", type=float, default=900.0, help="seconds one request may take")
     add_testbed_args(b)

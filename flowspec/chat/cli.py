@@ -11,9 +11,11 @@ import socket
 import sys
 from typing import Any
 
+from ..cli_common import TOPOLOGY_ENV, env_default, env_value
 from ..config import STRATEGIES, Topology
-from ..errors import FlowSpecError
+from ..errors import FlowSpecError, UsageError
 from .client import ApiClient, ChatError, api_url, error_message, normalize_url, wait_ready
+from .history import history_path, line_editing
 from .runner import keep_sigint_on_main_thread, new_runner
 from .session import ChatOptions, ChatSession
 from .view import ChatView, RingNotices
@@ -28,12 +30,12 @@ def _port_open(host: str, port: int) -> bool:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if not args.topology and not args.url:
+        args.topology = env_value(TOPOLOGY_ENV)
     if bool(args.topology) == bool(args.url):
-        raise FlowSpecError("chat needs either --topology FILE (start or join a ring) or --url URL "
-                            "(a running HTTP API), not both or neither")
+        raise UsageError(f"chat needs either --topology FILE (start or join a ring; or ${TOPOLOGY_ENV}) or "
+                         "--url URL (a running HTTP API), not both or neither")
     opts = ChatOptions(args.temperature, args.strategy, args.max_tokens, args.system)
-    if opts.strategy is not None and opts.strategy not in STRATEGIES:
-        raise FlowSpecError(f"unknown strategy {opts.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     notices = RingNotices()
     ring = None
@@ -65,7 +67,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
                         raise FlowSpecError(f"the API at {client.base} refused the API key: {error_message(h)}")
                     if status != 200:
                         notices.not_ready(h.get("error") or error_message(h))
-                ChatSession(client, opts, ChatView(tty), runner).loop(banner)
+                with line_editing(tty):  # readline: editing and history at a terminal's prompt
+                    ChatSession(client, opts, ChatView(tty), runner).loop(banner)
             finally:
                 runner.run(client.__aexit__())
     finally:
@@ -107,15 +110,20 @@ def _start_or_join(runner: Any, client: ApiClient, topo: Topology, args: argpars
 
 
 def add_chat_command(sub: Any) -> None:
-    c = sub.add_parser("chat", help="chat with a ring: start or join --topology FILE, or use --url URL")
-    c.add_argument("--topology", help="YAML topology: join its ring, or start its local nodes")
+    c = sub.add_parser("chat", help="chat with a ring: start or join --topology FILE, or use --url URL",
+                       epilog=f"At a terminal the prompt edits lines and keeps a history in {history_path()}.")
+    c.add_argument("--topology", metavar="FILE",
+                   help="YAML topology: join its ring, or start its local nodes (default: "
+                        f"{env_default(TOPOLOGY_ENV)}, unless --url is given)")
     c.add_argument("--url", help="a running HTTP API, e.g. http://127.0.0.1:8000")
     c.add_argument("--api-key", default=None, help="Bearer key of the API (default: the topology's, "
                    "or $FLOWSPEC_API_KEY with --url)")
-    c.add_argument("--system", default=None, help="system prompt")
-    c.add_argument("--temperature", type=float, default=None)
-    c.add_argument("--strategy", default=None, help=" | ".join(STRATEGIES))
+    c.add_argument("--system", default=None, help="system prompt (default: none)")
+    c.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature, 0 greedy (default: the topology's decoding.temperature)")
+    c.add_argument("--strategy", choices=STRATEGIES, default=None,
+                   help="decoding strategy (default: the topology's decoding.strategy)")
     c.add_argument("--max-tokens", type=int, default=None, help="tokens per answer (default: the topology's)")
-    c.add_argument("--threads", type=int, default=0, help="torch threads per started node")
+    c.add_argument("--threads", type=int, default=0, help="torch threads per started node (0: cores / nodes)")
     c.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the ring to form")
     c.set_defaults(func=cmd_chat)

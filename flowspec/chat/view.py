@@ -117,7 +117,9 @@ class ChatView:
     def read(self) -> str:
         """One line of input; EOFError at its end, KeyboardInterrupt on Ctrl-C."""
         if self.tty:
-            return self.console.input("[bold green]you>[/] ")
+            from .history import read_line
+
+            return read_line(self.console, "[bold green]you>[/] ")  # line editing and history: history.py
         line = sys.stdin.readline()
         if not line:
             raise EOFError
