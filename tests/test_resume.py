@@ -76,8 +76,9 @@ def test_the_answer_resumes_after_a_stage_fails(tmp_path: Path, tiny_tok_model: 
                           decoding={"resume_window_s": 60})
     topo = Topology.load(str(path))
     with running_ring(path) as ring:
-        req = request(strategy, temperature)
-        truth = generate(topo, ring.key, req)["token_ids"]
+        req = dict(request(strategy, temperature), logprobs=1)  # the target's logprobs resume too
+        whole = generate(topo, ring.key, req)
+        truth = whole["token_ids"]
         assert len(truth) >= 40, "the tiny model stopped early; the test needs a long answer"
         events: dict[str, float] = {}
 
@@ -97,6 +98,9 @@ def test_the_answer_resumes_after_a_stage_fails(tmp_path: Path, tiny_tok_model: 
         done = asyncio.run(stream_with_failure(topo, ring.key, req, fail))
         assert done["token_ids"] == truth  # equal to the uninterrupted answer
         assert done["streamed"] == truth  # and every token streamed exactly once
+        assert [e["token"] for e in done["logprobs"]] == truth
+        assert [e["logprob"] for e in done["logprobs"]] == pytest.approx([e["logprob"] for e in whole["logprobs"]],
+                                                                         abs=1e-5)
         assert done["stats"]["resumed"] >= 1
         log = (ring.log_dir / "source.log").read_text()
         assert "is held with" in log and "resumes after" in log, log[-2000:]

@@ -23,6 +23,7 @@ from ..errors import RingError
 from ..model.stage import LMHead
 from ..model.tokenizer import Tokenizer
 from ..spec.drafters import Drafter
+from ..spec.logprobs import TokenLogprob
 from ..spec.strategies import Send, Speculator
 from ..telemetry import HopStats
 from .protocol import Frame, FrameType, SegmentMsg, UpdateMsg
@@ -44,6 +45,7 @@ class TokensEvent:
     ids: list[int]  # token ids produced since the previous event
     text: str  # their text (held back while it could still become a stop string)
     live: dict[str, Any]  # running statistics (tokens/s, acceptance, hops)
+    logprobs: list[TokenLogprob] | None = None  # one per id, when the request asked for them
 
 
 @dataclass
@@ -54,10 +56,14 @@ class DoneEvent:
     text: str  # the final text (cut at a stop string)
     finish_reason: str  # "stop" or "length"
     stats: dict[str, Any] = field(default_factory=dict)  # the request's statistics
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
 
     def as_dict(self) -> dict[str, Any]:
-        return {"type": "done", "token_ids": self.token_ids, "text": self.text,
-                "finish_reason": self.finish_reason, "stats": self.stats}
+        out = {"type": "done", "token_ids": self.token_ids, "text": self.text,
+               "finish_reason": self.finish_reason, "stats": self.stats}
+        if self.logprobs is not None:
+            out["logprobs"] = [lp.as_dict() for lp in self.logprobs]
+        return out
 
 
 @dataclass
@@ -80,12 +86,14 @@ class Decoding:
     """One request on the ring: its id, its result queue and the strategy that drives it."""
 
     def __init__(self, ctx: DecodeContext, req: GenRequest, rid: int, drafter: Drafter,
-                 prior: list[int] | None = None) -> None:
+                 prior: list[int] | None = None, prior_logprobs: list[TokenLogprob] | None = None) -> None:
         self.ctx, self.req, self.rid, self.drafter = ctx, req, rid, drafter
         # tokens this request produced (and sent) before the ring broke: decoding resumes after
         # them, with them as part of the prompt (sampling stays identical: its randomness
         # depends on the absolute position only)
         self.prior = list(prior or [])
+        # the logprobs of the prior tokens, then of every token handed out (what a resumed run keeps)
+        self.kept_logprobs: list[TokenLogprob] = list(prior_logprobs or [])
         self.results: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()  # (request id or RING_FAILED, item)
         self.share = 0  # segments it may have in flight (set by the scheduler; 0 = the tree's own)
         self.spec: Speculator | None = None
@@ -101,7 +109,7 @@ class Decoding:
         spec = await loop.run_in_executor(  # the compute thread owns the drafter: made there, like every step
             ctx.pool, lambda: Speculator(req.strategy, ctx.head, self.drafter, req.prompt_ids + prior,
                                          req.max_new_tokens - len(prior), ctx.tok.eos_ids, req.sampling, req.tree,
-                                         ctx.prefill_chunk))
+                                         ctx.prefill_chunk, req.logprobs))
         self.spec = spec
         self._apply_share()
         text = TextStream(ctx.tok.decode, req.stop)
@@ -116,13 +124,15 @@ class Decoding:
         emitted = 0
 
         def step(results: list[tuple[list[int], torch.Tensor, list[int] | None]],
-                 scored: dict[int, torch.Tensor]) -> tuple[list[Send], list[int], str]:
+                 scored: dict[int, torch.Tensor]
+                 ) -> tuple[list[Send], list[int], str, list[TokenLogprob] | None]:
             """In the compute thread: verify the returned segments in order and send what is
-            drafted; the new tokens and their text."""
+            drafted; the new tokens, their text and their logprobs (when asked for)."""
             self._apply_share()
             sends = [s for ids, hidden, targets in results for s in spec.respond(ids, hidden, scored, targets)]
             new = spec.output[emitted:]
-            return sends, new, text.push(new) if new else ""
+            lps = spec.token_logprobs[emitted:] if req.logprobs is not None else None
+            return sends, new, text.push(new) if new else "", lps
 
         def think() -> list[Send]:
             self._apply_share()
@@ -158,7 +168,7 @@ class Decoding:
                                                   "rows": len(msg.node_ids), "hops": msg.hops})
                 t_work = time.time()
                 # scored with the rows of every other request waiting, in one lm_head pass
-                sends, new, delta = await ctx.scorer.respond(spec, results, lambda sc: step(results, sc))
+                sends, new, delta, lps = await ctx.scorer.respond(spec, results, lambda sc: step(results, sc))
                 if trace is not None and len(trace["source"]) < 2 * TRACE_MAX_SEGMENTS:
                     trace["source"].append([t_work, time.time(), len(sends)])
                 if ctx.downstream() is not down:
@@ -169,12 +179,13 @@ class Decoding:
                     if t_first is None:
                         t_first = time.perf_counter()
                     emitted += len(new)
+                    self.kept_logprobs.extend(lps or ())
                     live = live_stats(spec, hops, time.perf_counter() - t_first, time.time() - wall0)
                 # send first, think later: the tree grows while the ring works on what was sent
                 t_think = time.time()
                 thinking = loop.run_in_executor(ctx.pool, think)
                 if live is not None:
-                    yield TokensEvent(new, delta, live)
+                    yield TokensEvent(new, delta, live, lps)
                 more = await thinking
                 if trace is not None and len(trace["source"]) < 2 * TRACE_MAX_SEGMENTS:
                     trace["source"].append([t_think, time.time(), len(more)])  # the drafting span
@@ -201,7 +212,8 @@ class Decoding:
         })
         if trace is not None:
             stats["trace"] = trace
-        yield DoneEvent(output, final, finish, stats)
+        yield DoneEvent(output, final, finish, stats,
+                        list(self.kept_logprobs) if req.logprobs is not None else None)
 
     def _apply_share(self) -> None:
         if self.spec is not None and self.share:

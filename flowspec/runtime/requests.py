@@ -18,6 +18,7 @@ from typing import Any, Callable
 from ..config import Topology
 from ..errors import RequestError
 from ..model.tokenizer import Tokenizer
+from ..spec.logprobs import MAX_TOP_LOGPROBS
 from ..spec.sampling import SEED_MAX, SEED_MIN, SamplingParams
 from ..spec.params import STRATEGIES, TREE_LIMITS, VERIFY_AT, TreeParams
 
@@ -37,6 +38,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)  # strings that end the answer (not included)
     trace: bool = False  # record every segment's timings into stats["trace"] (the profiler)
     verify: str = "source"  # where the target's tokens are chosen: "source" | "last_stage" (VERIFY_AT)
+    logprobs: int | None = None  # None: none; n: the target's logprob of each token and its n best alternatives
 
 
 @dataclass
@@ -51,6 +53,8 @@ class Plan:
     trace: bool  # the profiler's trace flag
     tree: dict[str, int] = field(default_factory=dict)  # this request's changes to the topology's tree
     verify: str = "source"  # where its tokens are chosen (checked against the topology)
+    logprobs: int | None = None  # None, or how many alternatives each token's logprob comes with
+    prompt_field: str = "messages"  # the field the prompt came from (an error about its length names it)
 
 
 def text_problem(text: str) -> str | None:
@@ -97,6 +101,7 @@ def check_request(topo: Topology, tok: Tokenizer, vocab: int, meta: dict[str, An
                 f"{tok.max_token_chars} characters); shorten it, or raise model.max_context in the topology", param)
 
     encode: Callable[[], list[int]]
+    prompt_field = "messages"
     if meta.get("messages") is not None:
         msgs = meta["messages"]
         if not isinstance(msgs, list) or not msgs or not all(
@@ -114,10 +119,12 @@ def check_request(topo: Topology, tok: Tokenizer, vocab: int, meta: dict[str, An
             raise RequestError(f"prompt_ids must be a non-empty list of at most {ctx} token ids in [0, {vocab})",
                                "prompt_ids")
         encode = lambda: list(ids)  # noqa: E731
+        prompt_field = "prompt_ids"
     elif isinstance(meta.get("prompt"), str) and meta["prompt"]:
         prompt, raw = _text(meta["prompt"], "prompt"), bool(meta.get("raw"))
         bounded(len(prompt), "the prompt", "prompt")
         encode = lambda: tok.encode_prompt(prompt, raw=raw)  # noqa: E731
+        prompt_field = "prompt"
     else:
         raise RequestError("the request needs a non-empty prompt or messages", "messages")
     max_new = _num(meta, "max_new_tokens", d.max_new_tokens, int, 1, ctx)
@@ -145,7 +152,21 @@ def check_request(topo: Topology, tok: Tokenizer, vocab: int, meta: dict[str, An
                            "last stage loads the lm_head); restart the ring with it, or verify at the source",
                            "verify")
     return Plan(encode, max_new, strategy, sampling, stop, meta.get("trace") is True, _tree(meta.get("tree")),
-                verify)
+                verify, _logprobs(meta.get("logprobs"), verify), prompt_field)
+
+
+def _logprobs(v: Any, verify: str) -> int | None:
+    """How many alternatives a request wants with each token's logprob (None: no logprobs)."""
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS} (the most likely "
+                           f"alternatives to report with each token), not {v!r}", "logprobs")
+    if verify == "last_stage":
+        raise RequestError("logprobs need the target's logits at the source, but this request verifies at the "
+                           "last stage (decoding.verify: last_stage), which returns only token ids; send "
+                           "\"verify\": \"source\" with logprobs, or leave logprobs out", "logprobs")
+    return v
 
 
 def _tree(v: Any) -> dict[str, int]:
@@ -172,6 +193,6 @@ def finish_request(topo: Topology, plan: Plan, ids: list[int]) -> GenRequest:
         raise RequestError(
             f"the prompt has {len(ids)} tokens; with {plan.max_new_tokens} new tokens and room for the draft tree "
             f"({reserve}) that exceeds max_context {ctx}; shorten the prompt, lower max_tokens, or raise "
-            "model.max_context in the topology", "messages")
+            "model.max_context in the topology", plan.prompt_field)
     return GenRequest(ids, plan.max_new_tokens, plan.strategy, plan.sampling, tree, plan.stop, plan.trace,
-                      plan.verify)
+                      plan.verify, plan.logprobs)

@@ -17,6 +17,7 @@ from ..errors import ModelError, RequestError, RingError
 from ..model.stage import LMHead
 from ..model.tokenizer import Tokenizer
 from ..spec.drafters import Drafter
+from ..spec.logprobs import TokenLogprob
 from .admission import Admission
 from .client_desk import ClientDesk
 from .decode import RING_FAILED, DecodeContext, Decoding, DoneEvent, TokensEvent
@@ -205,10 +206,11 @@ class SourceNode:
                 raise RingError(self.error or "the ring is not formed yet; start every node of the topology")
             drafter = self._take_drafter()
             prior: list[int] = []
+            prior_logprobs: list[TokenLogprob] = []  # their logprobs, when the request asked for them
             resumes = 0
             try:
                 while True:
-                    run = Decoding(self._ctx, req, self._new_rid(), drafter, prior)
+                    run = Decoding(self._ctx, req, self._new_rid(), drafter, prior, prior_logprobs)
                     self._active[run.rid] = run
                     self._rebalance()
                     try:
@@ -222,6 +224,7 @@ class SourceNode:
                         if self.ready.is_set() or self.topo.decoding.resume_window_s <= 0:
                             raise  # the request itself failed, or resuming is off
                         prior = list((e.partial or {}).get("token_ids") or prior)
+                        prior_logprobs = run.kept_logprobs
                         if len(prior) >= req.max_new_tokens:
                             raise
                         await self._hold(run, e, len(prior))

@@ -29,6 +29,7 @@ import torch
 
 from ..model.stage import Segment
 from .drafters.base import Drafter, DraftView, NoDrafter
+from .logprobs import TokenLogprob, token_logprob
 from .params import STRATEGIES, TREE_LIMITS, TreeParams  # noqa: F401 -- STRATEGIES, TREE_LIMITS re-exported
 from .sampling import SamplingParams
 from .schedules import SCHEDULES
@@ -85,6 +86,7 @@ class Speculator:
         sampling: SamplingParams = SamplingParams(),
         tree: TreeParams = TreeParams(),
         prefill_chunk: int = 256,
+        logprobs: int | None = None,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -104,6 +106,10 @@ class Speculator:
         self.prefill_chunk = prefill_chunk
         self.tree = DraftTree()
         self.output: list[int] = []
+        # None: no log-probabilities recorded (the default costs nothing); n >= 0: the target's
+        # log-probability of every accepted token, with its n most likely alternatives
+        self.logprobs = logprobs
+        self.token_logprobs: list[TokenLogprob] = []  # one per token of `output`, when recorded
         self.stats = Stats()
         self.done = False
         self.in_flight = 0
@@ -238,6 +244,11 @@ class Speculator:
                 break
             advanced = True
             self.output.append(tok)
+            if self.logprobs is not None:
+                if root.logits is None:
+                    raise RuntimeError("logprobs need the target's logits at the source, but this token was "
+                                       "chosen at the last stage")
+                self.token_logprobs.append(token_logprob(root.logits, tok, self.logprobs))
             if child is not None:
                 pruned_sent, pruned = self.tree.advance(child)
                 self.stats.accepted_drafts += 1
