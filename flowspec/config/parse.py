@@ -32,12 +32,15 @@ if TYPE_CHECKING:
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _CLUSTER_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+_ORIGIN_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#]+$")
 _LAYERS_RE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 _TOP_KEYS = ("cluster", "model", "nodes", "api", "decoding", "security", "testbed")
-_MODEL_KEYS = ("target", "drafter", "dtype", "max_context", "num_layers")
+_MODEL_KEYS = ("target", "drafter", "dtype", "max_context", "num_layers", "name")
 _NODE_KEYS = ("name", "host", "port", "role", "layers", "memory_gb", "speed")
-_API_KEYS = ("host", "port", "api_key_env", "api_key_file", "queue_size", "allow_unauthenticated")
+_API_KEYS = ("host", "port", "api_key_env", "api_key_file", "queue_size", "allow_unauthenticated", "cors_origins",
+             "access_log")
 _DECODING_KEYS = ("strategy", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "tree",
                   "prefill_chunk", "max_active", "resume_window_s", "verify")
 _TREE_KEYS = ("depth", "top_k", "total", "segment", "expand", "in_flight")
@@ -99,8 +102,13 @@ class _Parser(_Fields):
         max_context = self.number(d.get("max_context", 2048), "model.max_context", integer=True, lo=64)
         num_layers = self.number(d.get("num_layers"), "model.num_layers", integer=True, lo=1,
                                  nullable="read from the model")
+        name = d.get("name")
+        if name is not None:
+            name = self.string(name, "model.name", "the model's id in the HTTP API (letters, digits and ._:/@+-, "
+                               "at most 128 characters, e.g. SmolLM2-135M-Instruct), or null to derive it from "
+                               "model.target", _MODEL_NAME_RE)
         return ModelSpec(target=target, drafter=drafter, dtype=dtype, max_context=max_context,
-                         num_layers=num_layers)
+                         num_layers=num_layers, name=name)
 
     def drafter(self, v: Any) -> DrafterSpec:
         allowed = "none, lookup, eagle, eagle:PATH, model:PATH"
@@ -232,7 +240,25 @@ class _Parser(_Fields):
             queue_size=self.number(d.get("queue_size", dflt.queue_size), "api.queue_size",
                                    integer=True, lo=1),
             allow_unauthenticated=open_ok,
+            cors_origins=self.origins(d.get("cors_origins")),
+            access_log=self.flag(d.get("access_log", dflt.access_log), "api.access_log"),
         )
+
+    def origins(self, v: Any) -> tuple[str, ...]:
+        """api.cors_origins: browser origins (scheme://host[:port]) or "*", as a list."""
+        allowed = ("a list of browser origins such as https://example.com or http://localhost:3000 "
+                   "(scheme://host[:port], no path), or [\"*\"] for any origin")
+        if v is None:
+            return ()
+        items = [v] if isinstance(v, str) else v
+        if not isinstance(items, (list, tuple)):
+            raise self.error("api.cors_origins", f"must be {allowed}, not {v!r}")
+        out = []
+        for i, o in enumerate(items):
+            if not isinstance(o, str) or not (o.strip() == "*" or _ORIGIN_RE.match(o.strip().rstrip("/"))):
+                raise self.error(f"api.cors_origins[{i}]", f"must be {allowed}, not {o!r}")
+            out.append(o.strip().rstrip("/").lower())  # browsers send scheme and host in lower case
+        return tuple(dict.fromkeys(out))
 
     def decoding(self, v: Any) -> DecodingSpec:
         d = self.mapping({} if v is None else v, "decoding", _DECODING_KEYS)

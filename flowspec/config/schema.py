@@ -9,11 +9,13 @@ plain data and checks every field.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePath
 
 ROLES = ("source", "stage")
 DTYPES = ("auto", "bfloat16", "float32")  # auto: per node, see flowspec.model.dtypes
 DRAFTER_KINDS = ("none", "lookup", "eagle", "model")
 DEFAULT_TARGET = "default"  # SmolLM2-135M-Instruct, see flowspec.model.loader
+DEFAULT_TARGET_NAME = "SmolLM2-135M-Instruct"  # the default model's id in the HTTP API
 DEFAULT_KEY_ENV = "FLOWSPEC_CLUSTER_KEY"
 MIN_KEY_BYTES = 16
 MAX_CPU_QUOTA = 16.0
@@ -41,6 +43,25 @@ class ModelSpec:
     dtype: str  # "auto" (bfloat16 where the node's CPU computes it natively, else float32) | "bfloat16" | "float32"
     max_context: int  # KV-cache slots per stage (>= 64)
     num_layers: int | None = None  # decoder layers, when known without reading the model
+    name: str | None = None  # the model's id in the HTTP API; None = derived from target (see served_name)
+
+    @property
+    def served_name(self) -> str:
+        """The model's id in the HTTP API: ``name``, else SmolLM2-135M-Instruct for the default
+        model, else the model folder's name or the .gguf file's stem."""
+        if self.name:
+            return self.name
+        if self.target == DEFAULT_TARGET:
+            return DEFAULT_TARGET_NAME
+        p = PurePath(self.target.rstrip("/"))
+        return (p.stem if p.suffix.lower() == ".gguf" else p.name) or self.target
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """Every name a request may use for this model: the served name, the target as written
+        in the topology and the last part of its path."""
+        t = self.target.rstrip("/")
+        return tuple(dict.fromkeys((self.served_name, self.target, t, PurePath(t).name)))
 
 
 @dataclass(frozen=True)
@@ -84,6 +105,8 @@ class ApiSpec:
     api_key_file: str | None = None  # absolute path of a file holding the Bearer key, or None
     queue_size: int = 16  # waiting requests before answering 429 (>= 1)
     allow_unauthenticated: bool = False  # serve a non-loopback host without a key (refused otherwise)
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*": any); () = no CORS
+    access_log: bool = False  # log one line per HTTP request (method, path, status, tokens, duration)
 
 
 @dataclass(frozen=True)

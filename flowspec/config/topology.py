@@ -98,9 +98,9 @@ class Topology:
         out: dict[str, Any] = {
             "cluster": self.cluster,
             "model": {"target": m.target, "drafter": str(m.drafter), "dtype": m.dtype,
-                      "max_context": m.max_context, "num_layers": m.num_layers},
+                      "max_context": m.max_context, "num_layers": m.num_layers, "name": m.name},
             "nodes": nodes,
-            "api": dataclasses.asdict(self.api),
+            "api": dict(dataclasses.asdict(self.api), cors_origins=list(self.api.cors_origins)),
             "decoding": dec,
             "security": dataclasses.asdict(self.security),
         }
