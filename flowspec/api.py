@@ -1,13 +1,17 @@
-"""The source node's HTTP API: OpenAI-compatible chat completions, health and metrics.
+"""The source node's HTTP API: OpenAI-compatible chat and text completions, models, health and metrics.
 
 Endpoints (``api`` section of the topology: host, port, optional Bearer key, queue size):
 
 * ``POST /v1/chat/completions``: the OpenAI schema (``messages``, ``max_tokens`` or
   ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``stream``
-  with server-sent events ending in ``data: [DONE]``, ``stream_options.include_usage``),
-  plus the non-standard ``top_k`` and ``strategy``. Responses and stream chunks carry an
-  extra ``flowspec`` object with the decoding statistics; standard clients ignore it.
-* ``GET /v1/models``: the one model served (the topology's ``model.target``).
+  with server-sent events ending in ``data: [DONE]``, ``stream_options.include_usage``,
+  ``logprobs``/``top_logprobs``), plus the non-standard ``top_k``, ``strategy`` and ``verify``.
+  Responses and stream chunks carry an extra ``flowspec`` object with the decoding
+  statistics; standard clients ignore it.
+* ``POST /v1/completions``: one raw-text prompt (text or token ids, no chat template),
+  ``echo``, legacy ``logprobs: n``; the same other fields. Objects are shaped in api_format.py.
+* ``GET /v1/models``, ``GET /v1/models/{id}``: the one model served, by its short id
+  (``model.name``, default from ``model.target``); every response's ``model`` is that id.
 * ``GET /health``: the ring's status per node; 200 when the ring is formed, else 503.
 * ``GET /metrics``: Prometheus metrics (metrics.py: latency histograms, speculative-decoding,
   token, request, stage and link counters).
@@ -18,7 +22,8 @@ Request bodies are checked in api_request.py. Every failure is a JSON
 ``{"error": {"message", "type", "code"}}`` with a 4xx/5xx status; nothing a client sends
 stops the server. With a key configured, every endpoint but ``/health`` needs
 ``Authorization: Bearer KEY``; ``/health`` answers without it, but then only
-``{"status": ...}`` (node addresses, layers and errors are for key holders).
+``{"status": ...}`` (node addresses, layers and errors are for key holders). CORS
+(``api.cors_origins``) and the access log (``api.access_log``) are in api_http.py.
 """
 
 from __future__ import annotations
@@ -29,17 +34,19 @@ import hmac
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 
-from .api_request import ERROR_TYPES, ApiError, ChatCall, parse_chat
+from .api_format import Reply
+from .api_http import TOKENS, Middleware, install_cors, log_access
+from .api_request import ERROR_TYPES, ApiError, GenCall, parse_chat, parse_completion
 from .errors import FlowSpecError, RequestError, RingError
 from .metrics import ApiMetrics
 from .runtime.decode import DoneEvent, TokensEvent
+from .spec.logprobs import TokenLogprob
 
 if TYPE_CHECKING:
     from .config import Topology
@@ -65,10 +72,12 @@ class ApiContext:
 
     @property
     def model_id(self) -> str:
-        return str(self.topo.model.target)
+        """The served model's short id (model.name, or derived from model.target)."""
+        return self.topo.model.served_name
 
     def knows_model(self, name: str) -> bool:
-        return name in (self.model_id, os.path.basename(self.model_id.rstrip("/")))
+        """Whether a request's `model` names the served model (its id, or model.target as written)."""
+        return name in self.topo.model.aliases
 
 
 CTX = web.AppKey("flowspec", ApiContext)
@@ -97,10 +106,16 @@ async def start_api(node: "SourceNode", topo: "Topology") -> web.AppRunner:
 
 def make_app(node: "SourceNode", topo: "Topology", key: str | None) -> web.Application:
     """The aiohttp application of the API (used by start_api and by tests)."""
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    app = web.Application(client_max_size=MAX_BODY)
+    middlewares: list[Middleware] = [log_access] if topo.api.access_log else []  # outermost first
+    if topo.api.cors_origins:
+        middlewares.append(install_cors(app, topo.api.cors_origins))  # preflights need no key
+    app.middlewares.extend([*middlewares, _errors])
     app[CTX] = ApiContext(node, topo, key)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", model_info)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     return app
@@ -151,7 +166,7 @@ def _check_key(request: web.Request, key: str) -> None:
 def _http_message(request: web.Request, e: web.HTTPException) -> str:
     if e.status == 404:
         return (f"no endpoint {request.method} {request.path}; this server has POST /v1/chat/completions, "
-                "GET /v1/models, GET /health and GET /metrics")
+                "POST /v1/completions, GET /v1/models, GET /v1/models/{id}, GET /health and GET /metrics")
     if e.status == 405:
         return f"{request.method} is not allowed on {request.path}"
     if e.status == 413:
@@ -171,8 +186,20 @@ def error_response(status: int, message: str, code: str | None = None, param: st
 # ----------------------------------------------------------------------------- endpoints
 async def models(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    return web.json_response({"object": "list", "data": [
-        {"id": ctx.model_id, "object": "model", "created": int(ctx.started), "owned_by": "flowspec"}]})
+    return web.json_response({"object": "list", "data": [_model_object(ctx)]})
+
+
+async def model_info(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    name = request.match_info["model"]
+    if not ctx.knows_model(name):
+        raise ApiError(404, f"the model {name!r} is not served here; this server serves {ctx.model_id!r}",
+                       "model_not_found", "model")
+    return web.json_response(_model_object(ctx))
+
+
+def _model_object(ctx: ApiContext) -> dict[str, Any]:
+    return {"id": ctx.model_id, "object": "model", "created": int(ctx.started), "owned_by": "flowspec"}
 
 
 async def health(request: web.Request) -> web.Response:
@@ -224,15 +251,28 @@ async def metrics(request: web.Request) -> web.Response:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     t_arrival = time.perf_counter()
+    return await _answer(request, ctx, parse_chat(await _read_json(request), ctx), t_arrival)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    t_arrival = time.perf_counter()
+    return await _answer(request, ctx, parse_completion(await _read_json(request), ctx), t_arrival)
+
+
+async def _read_json(request: web.Request) -> Any:
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes") from None
     try:
-        body = json.loads(raw)
+        return json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ApiError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
-    call = parse_chat(body, ctx)
+
+
+async def _answer(request: web.Request, ctx: ApiContext, call: GenCall, t_arrival: float) -> web.StreamResponse:
+    """Run a checked generation request on the ring; the whole answer, or its stream."""
     node = ctx.node
     # cheap refusals first: nothing is tokenized for a request that cannot be served
     if not node.ready.is_set():
@@ -245,10 +285,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         req = await node.prepare(call.meta)
     except RequestError as e:
+        if call.kind == "text" and e.param in ("prompt_ids", "messages"):  # a completion's prompt is `prompt`
+            raise ApiError(400, str(e).replace("prompt_ids", "prompt (token ids)", 1), param="prompt") from None
         raise ApiError(400, str(e), param=e.param) from None
     except FlowSpecError as e:
         raise ApiError(400, str(e)) from None
-    meta = _Reply(ctx.model_id, len(req.prompt_ids))
+    echo = ""
+    if call.echo:  # the prompt as sent (token ids: their text)
+        ids = call.meta.get("prompt_ids")
+        echo = call.meta["prompt"] if ids is None else await asyncio.get_running_loop().run_in_executor(
+            None, node.tok.decode, ids)
+    reply = Reply(call, ctx.model_id, len(req.prompt_ids), node.tok.pieces, echo)
+    request[TOKENS] = (len(req.prompt_ids), 0)
     gen = ctx.metrics.watch(t_arrival, len(req.prompt_ids)).observe(node.generate(req))
     async with contextlib.aclosing(gen):
         try:
@@ -258,21 +306,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         except StopAsyncIteration:
             raise ApiError(500, "the ring ended the request without an answer") from None
         if call.stream:
-            return await _stream(request, ctx, call, meta, gen, first)
+            return await _stream(request, ctx, call, reply, gen, first)
         done = first
         try:
             while not isinstance(done, DoneEvent):
                 done = await gen.__anext__()
         except RingError as e:
             raise _ring_failed(e) from None
-    return web.json_response({
-        "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                     "logprobs": None, "finish_reason": done.finish_reason}],
-        "usage": meta.usage(len(done.token_ids)),
-        "system_fingerprint": None,
-        "flowspec": _public_stats(done.stats),
-    })
+    request[TOKENS] = (len(req.prompt_ids), len(done.token_ids))
+    if call.logprobs is None:
+        return web.json_response(reply.response(done, _public_stats(done.stats)))
+    body = await asyncio.get_running_loop().run_in_executor(  # naming the tokens of logprobs
+        None, reply.response, done, _public_stats(done.stats))
+    return web.json_response(body)
 
 
 def _retry_after(node: "SourceNode") -> int:
@@ -294,31 +340,14 @@ def _ring_failed(e: RingError) -> ApiError:
     return err
 
 
-@dataclass
-class _Reply:
-    """Fields shared by every chunk of one answer."""
-
-    model: str  # model id
-    prompt_tokens: int  # tokens of the templated prompt
-    id: str = field(default_factory=lambda: "chatcmpl-" + os.urandom(12).hex())  # answer id
-    created: int = field(default_factory=lambda: int(time.time()))  # unix time
-
-    def chunk(self, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
-
-    def usage(self, completion: int) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
-
-
-async def _stream(request: web.Request, ctx: ApiContext, call: ChatCall, meta: _Reply, gen: Any,
+async def _stream(request: web.Request, ctx: ApiContext, call: GenCall, reply: Reply, gen: Any,
                   first: TokensEvent | DoneEvent) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
     sent = ""  # text streamed so far (the source's deltas: stop strings and partial characters held back)
+    pending: list[TokenLogprob] = []  # logprobs of tokens whose text has not been sent yet
+    prompt_tokens = reply.prompt_tokens
 
     async def send(obj: Any) -> None:
         data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
@@ -326,23 +355,22 @@ async def _stream(request: web.Request, ctx: ApiContext, call: ChatCall, meta: _
 
     ev = first
     try:
-        await send(meta.chunk({"role": "assistant", "content": ""}))
+        for chunk in reply.opening():
+            await send(chunk)
         while True:
             if isinstance(ev, DoneEvent):
                 final = ev.text
                 rest = final[len(sent):] if final.startswith(sent) else ""
-                if rest:
-                    await send(meta.chunk({"content": rest}))
-                n = len(ev.token_ids)
-                await send(meta.chunk({}, ev.finish_reason, flowspec=_public_stats(ev.stats)))
-                if call.include_usage:
-                    await send({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
-                                "model": meta.model, "choices": [], "usage": meta.usage(n)})
+                request[TOKENS] = (prompt_tokens, len(ev.token_ids))
+                for chunk in reply.closing(ev, rest, pending, _public_stats(ev.stats)):
+                    await send(chunk)
                 break
+            pending.extend(ev.logprobs or ())
             delta = ev.text
             if delta:
                 sent += delta
-                await send(meta.chunk({"content": delta}, flowspec=ev.live))
+                await send(reply.chunk(delta, lps=pending, flowspec=ev.live))
+                pending = []
             try:
                 ev = await gen.__anext__()
             except RingError as e:

@@ -1,8 +1,10 @@
-"""The OpenAI chat completion request: every field checked, translated for the source.
+"""The OpenAI generation requests (chat, text completions): every field checked, translated for the source.
 
-``parse_chat`` turns a request body into the fields ``SourceNode.prepare`` takes, or raises
-ApiError with the HTTP status and the name of the bad field. Fields FlowSpec cannot honour
-are refused unless they carry their neutral value; nothing is silently ignored.
+``parse_chat`` and ``parse_completion`` turn a request body into the fields
+``SourceNode.prepare`` takes, or raise ApiError with the HTTP status and the name of the
+bad field; the fields both routes have are checked by the same code. Fields FlowSpec
+cannot honour are refused unless they carry their neutral value; nothing is silently
+ignored.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .config import STRATEGIES
+from .spec.logprobs import MAX_TOP_LOGPROBS
 from .spec.params import VERIFY_AT
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -25,8 +28,9 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "audio": (None,), "prediction": (None,), "modalities": (None, ["text"]),
     "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
-    "logprobs": (None, False), "top_logprobs": (None, 0), "best_of": (None, 1), "suffix": (None, ""),
+    "best_of": (None, 1), "suffix": (None, ""),
 }
+COMPLETION_MAX_TOKENS = 16  # a text completion's max_tokens when the request has none (OpenAI's default)
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
@@ -44,7 +48,7 @@ class ApiError(Exception):
 
 
 class ModelNames(Protocol):
-    """What parse_chat needs to know of the server: the model it serves."""
+    """What the request checks need to know of the server: the model it serves."""
 
     model_id: str
 
@@ -52,17 +56,65 @@ class ModelNames(Protocol):
 
 
 @dataclass
-class ChatCall:
-    """A validated chat completion request."""
+class GenCall:
+    """A validated generation request: a chat completion or a text completion."""
 
     meta: dict[str, Any]  # the request for SourceNode.prepare
     stream: bool  # answer with server-sent events
-    include_usage: bool  # stream: send a last chunk with the usage
+    include_usage: bool  # stream: every chunk has "usage": null, and a last chunk (no choices) the usage
     stop: list[str]  # stop strings (the streamed text never shows one)
+    kind: str = "chat"  # "chat" (chat.completion objects) | "text" (text_completion objects)
+    logprobs: int | None = None  # None: no logprobs; n: each token's logprob with its n most likely alternatives
+    echo: bool = False  # text completions: the answer starts with the prompt's text
 
 
-def parse_chat(body: Any, ctx: ModelNames) -> ChatCall:
+def parse_chat(body: Any, ctx: ModelNames) -> GenCall:
     """Check an OpenAI chat completion body; ApiError(400/404) names the bad field."""
+    body = _common(body, ctx)
+    meta: dict[str, Any] = {"messages": _messages(body.get("messages"))}
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    mt = _max_tokens(body, name, None)
+    if mt is not None:
+        meta["max_new_tokens"] = mt
+    want = body.get("logprobs")
+    if want is not None and not isinstance(want, bool):
+        raise ApiError(400, f"logprobs must be true or false, not {_short(want)}", param="logprobs")
+    top = body.get("top_logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise ApiError(400, f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, not {_short(top)}",
+                       param="top_logprobs")
+    if top and not want:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    return _finish(body, meta, "chat", (top or 0) if want else None)
+
+
+def parse_completion(body: Any, ctx: ModelNames) -> GenCall:
+    """Check an OpenAI (legacy) text completion body: one prompt, as text or token ids, sent
+    as it is (no chat template); ApiError(400/404) names the bad field."""
+    body = _common(body, ctx)
+    if body.get("max_completion_tokens") is not None:
+        raise ApiError(400, "max_completion_tokens is a chat completions field; text completions take max_tokens",
+                       param="max_completion_tokens")
+    meta = _prompt(body.get("prompt"))
+    meta["max_new_tokens"] = _max_tokens(body, "max_tokens", COMPLETION_MAX_TOKENS)
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise ApiError(400, f"echo must be true or false, not {_short(echo)}", param="echo")
+    n = body.get("logprobs")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_TOP_LOGPROBS):
+        raise ApiError(400, f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS} (the most likely "
+                       f"alternatives to report with each token), not {_short(n)}", param="logprobs")
+    if echo and n is not None:
+        raise ApiError(400, "echo with logprobs is not supported: FlowSpec reports the target's logprobs of the "
+                       "generated tokens, not of the prompt; leave out echo or logprobs", param="echo")
+    call = _finish(body, meta, "text", n)
+    call.echo = bool(echo)
+    return call
+
+
+def _common(body: Any, ctx: ModelNames) -> dict[str, Any]:
+    """The checks every generation route makes first: a JSON object, the model, the fields
+    FlowSpec cannot honour, n."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = body.get("model")
@@ -80,13 +132,20 @@ def parse_chat(body: Any, ctx: ModelNames) -> ChatCall:
     n = body.get("n")
     if n is not None and n != 1:
         raise ApiError(400, f"n must be 1 (one answer per request), not {_short(n)}", param="n")
-    meta: dict[str, Any] = {"messages": _messages(body.get("messages"))}
-    mt = body.get("max_completion_tokens", body.get("max_tokens"))
-    if mt is not None:
-        name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
-            raise ApiError(400, f"{name} must be an integer >= 1, not {_short(mt)}", param=name)
-        meta["max_new_tokens"] = mt
+    return body
+
+
+def _max_tokens(body: dict[str, Any], name: str, default: int | None) -> int | None:
+    mt = body.get(name)
+    if mt is None:
+        return default
+    if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
+        raise ApiError(400, f"{name} must be an integer >= 1, not {_short(mt)}", param=name)
+    return mt
+
+
+def _finish(body: dict[str, Any], meta: dict[str, Any], kind: str, logprobs: int | None) -> GenCall:
+    """The sampling, stop, FlowSpec and streaming fields every generation route shares."""
     for k, lo, hi in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
         v = body.get(k)
         if v is None:
@@ -118,15 +177,40 @@ def parse_chat(body: Any, ctx: ModelNames) -> ChatCall:
             if v not in allowed:
                 raise ApiError(400, f"unknown {key} {_short(v)}; choose one of {', '.join(allowed)}", param=key)
             meta[key] = v
+    if logprobs is not None:
+        meta["logprobs"] = logprobs
     stream = body.get("stream", False)
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
         raise ApiError(400, f"stream must be true or false, not {_short(stream)}", param="stream")
-    opts = body.get("stream_options") or {}
-    if not isinstance(opts, dict):
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
         raise ApiError(400, "stream_options must be an object", param="stream_options")
-    return ChatCall(meta, stream, bool(opts.get("include_usage")) and stream, list(stop or []))
+    if opts and not stream:
+        raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
+    usage = (opts or {}).get("include_usage")
+    if usage is not None and not isinstance(usage, bool):
+        raise ApiError(400, f"stream_options.include_usage must be true or false, not {_short(usage)}",
+                       param="stream_options")
+    return GenCall(meta, stream, bool(usage), list(stop or []), kind, logprobs)
+
+
+def _prompt(v: Any) -> dict[str, Any]:
+    """One prompt: text (sent raw, without the chat template) or token ids."""
+    what = "a non-empty string or a non-empty list of token ids"
+    if v is None:
+        raise ApiError(400, f"prompt is required: {what}", param="prompt")
+    if isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):
+        if len(v) > 1:
+            raise ApiError(400, f"prompt holds {len(v)} prompts; FlowSpec answers one prompt per request: send "
+                           "each as a request of its own", param="prompt")
+        v = v[0]  # a batch of one
+    if isinstance(v, str) and v:
+        return {"prompt": v, "raw": True}
+    if isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
+        return {"prompt_ids": list(v)}
+    raise ApiError(400, f"prompt must be {what}, not {_short(v)}", param="prompt")
 
 
 def _messages(msgs: Any) -> list[dict[str, str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 import urllib.error
@@ -23,7 +24,7 @@ import yaml
 
 from flowspec.api_request import ApiError, parse_chat
 from flowspec.runtime.text import TextStream
-from ring_helpers import running_ring, tiny_tok_model, write_topology  # noqa: F401 (fixture)
+from ring_helpers import running_ring, tiny_tok_model, wait_log, write_topology  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +32,8 @@ API_KEY = "test-api-key-0123456789"
 QUESTION = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Name three colours."}]
 MAX_TOKENS = 24
+MODEL_NAME = "tiny-smol"  # the ring's model.name: its id in the API
+ORIGIN = "http://localhost:3000"  # the one browser origin the ring's api.cors_origins allows
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,9 @@ def api_ring(tiny_tok_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     key_file = folder / "api.key"
     key_file.write_text(API_KEY + "\n")
     data = yaml.safe_load(path.read_text())
-    data["api"].update({"api_key_file": str(key_file), "queue_size": 1})
+    data["api"].update({"api_key_file": str(key_file), "queue_size": 1, "cors_origins": [ORIGIN],
+                        "access_log": True})
+    data["model"]["name"] = MODEL_NAME
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     url = f"http://127.0.0.1:{data['api']['port']}"
     with running_ring(path, node_args=("--dtype", "float32")) as ring:
@@ -146,8 +151,8 @@ X = [{"role": "user", "content": "x"}]
 @pytest.mark.parametrize("field,value", [
     ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
     ("response_format", {"type": "json_object"}), ("logit_bias", {"50256": -100}), ("presence_penalty", 0.5),
-    ("frequency_penalty", -1), ("frequency_penalty", False), ("logprobs", True), ("top_logprobs", 3),
-    ("modalities", ["text", "audio"]), ("audio", {"voice": "x"}), ("best_of", 2), ("repetition_penalty", 1.2),
+    ("frequency_penalty", -1), ("frequency_penalty", False), ("modalities", ["text", "audio"]),
+    ("audio", {"voice": "x"}), ("best_of", 2), ("repetition_penalty", 1.2), ("suffix", "!"),
 ])
 def test_fields_that_cannot_be_honoured_are_named_never_ignored(field: str, value: Any) -> None:
     with pytest.raises(ApiError) as e:
@@ -269,7 +274,7 @@ def test_health_models_metrics(api_ring: dict[str, Any]) -> None:
         ("source", "source", "up"), ("stage1", "stage", "up"), ("stage2", "stage", "up")]
     status, m = call("GET", url + "/v1/models")
     assert status == 200 and m == {"object": "list", "data": [  # type: ignore[comparison-overlap]
-        {"id": api_ring["model"], "object": "model", "created": m["data"][0]["created"],  # type: ignore[index]
+        {"id": MODEL_NAME, "object": "model", "created": m["data"][0]["created"],  # type: ignore[index]
          "owned_by": "flowspec"}]}
     assert call("GET", url + "/metrics", key=None)[0] == 401
     assert call("GET", url + "/metrics", key="wrong-key")[0] == 401
@@ -393,6 +398,208 @@ def test_metrics_count_what_a_request_reported(api_ring: dict[str, Any]) -> None
     assert 0 < ttft <= e2e and 0 <= d(HISTOGRAMS[3] + "_sum") <= ttft
     # time per output token: the time after the first token, over the tokens after the first
     assert d(HISTOGRAMS[1] + "_sum") * (n - 1) == pytest.approx(e2e - ttft, rel=1e-6, abs=1e-9)
+
+
+# ------------------------------------------------------ completions, logprobs, models, CORS
+PROMPT = "The three primary colours are"
+
+
+@pytest.fixture(scope="module")
+def target(tiny_tok_model: Path) -> dict[str, Any]:
+    """The target model run by transformers (float32, as the ring): an independent reference
+    for the logprobs; greedy(prompt ids) -> (token ids, log-softmax rows that chose them)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from flowspec.model.tokenizer import Tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_tok_model), dtype=torch.float32).eval()
+    tok = Tokenizer(tiny_tok_model)
+
+    @torch.no_grad()
+    def greedy(prompt: list[int], n: int = MAX_TOKENS) -> tuple[list[int], Any]:
+        ids = list(prompt)
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            if ids[-1] in tok.eos_ids:
+                break
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        return ids[len(prompt):], logp[len(prompt) - 1 : len(ids) - 1]
+
+    return {"tok": tok, "greedy": greedy}
+
+
+def sse(text: str) -> list[dict[str, Any]]:
+    """The JSON events of a server-sent event stream that ends with [DONE]."""
+    events = [e for e in text.split("\n\n") if e.strip()]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]", events[-2:]
+    return [json.loads(e[6:]) for e in events[:-1]]
+
+
+def test_completions_are_raw_greedy_text_with_the_targets_logprobs(api_ring: dict[str, Any],
+                                                                   target: dict[str, Any]) -> None:
+    """/v1/completions sends the prompt as it is (no chat template); logprobs are the target's
+    log-softmax at each position (transformers on the same weights, float32, within 1e-4)."""
+    tok = target["tok"]
+    prompt_ids = tok.encode(PROMPT)
+    ids, logp = target["greedy"](prompt_ids)
+    client = openai_client(api_ring["url"])
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, logprobs=3)
+    assert r.object == "text_completion" and r.model == MODEL_NAME and r.id.startswith("cmpl-")
+    choice = r.choices[0]
+    assert choice.text == tok.decode(ids)
+    assert choice.finish_reason == ("stop" if ids[-1] in tok.eos_ids else "length")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt_ids), len(ids))
+    lp = choice.logprobs
+    pieces = [text for text, _ in tok.pieces(ids)]
+    assert lp.tokens == pieces
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids)
+    for i, t in enumerate(ids):
+        assert abs(lp.token_logprobs[i] - float(logp[i, t])) <= 1e-4, i
+        # the 3 most likely and the chosen token (greedy: the most likely itself), by their texts
+        want: dict[str, float] = {}
+        vals, best = logp[i].topk(3)
+        for u, v in [*zip(best.tolist(), vals.tolist()), (t, float(logp[i, t]))]:
+            want.setdefault(tok.pieces([u])[0][0], v)
+        assert lp.top_logprobs[i] == pytest.approx(want, abs=1e-4)
+        assert lp.top_logprobs[i][pieces[i]] == lp.token_logprobs[i] == max(lp.top_logprobs[i].values())
+    assert lp.text_offset == [sum(len(p) for p in pieces[:i]) for i in range(len(ids))]
+    # the prompt as token ids, echoed: the same answer after the prompt's text
+    r2 = client.completions.create(model=api_ring["model"], prompt=prompt_ids, max_tokens=4, temperature=0,
+                                   echo=True)
+    assert r2.choices[0].text == tok.decode(prompt_ids) + tok.decode(ids[:4])
+    assert r2.model == MODEL_NAME  # a request may name the model by its folder; answers use the id
+
+
+def test_completions_stream_with_usage_and_logprobs(api_ring: dict[str, Any], target: dict[str, Any]) -> None:
+    """Streamed text_completion chunks add up to the whole answer, logprobs included; with
+    include_usage every chunk has "usage": null and one last chunk without choices the usage."""
+    tok = target["tok"]
+    ids, logp = target["greedy"](tok.encode(PROMPT))
+    status, text = call("POST", api_ring["url"] + "/v1/completions", {
+        "model": MODEL_NAME, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True}, "logprobs": 1, "echo": False})
+    assert status == 200 and isinstance(text, str)
+    *chunks, last = sse(text)
+    assert all(c["object"] == "text_completion" and c["model"] == MODEL_NAME and "usage" in c
+               and c["usage"] is None and len(c["choices"]) == 1 for c in chunks)
+    assert last["choices"] == [] and last["usage"] == {
+        "prompt_tokens": len(tok.encode(PROMPT)), "completion_tokens": len(ids),
+        "total_tokens": len(tok.encode(PROMPT)) + len(ids)}
+    assert len({c["id"] for c in [*chunks, last]}) == 1
+    assert "".join(c["choices"][0]["text"] for c in chunks) == tok.decode(ids)
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]] == [
+        "stop" if ids[-1] in tok.eos_ids else "length"]
+    parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    got = [x for p in parts for x in p["token_logprobs"]]
+    assert len(got) == len(ids) and all(abs(g - float(logp[i, t])) <= 1e-4 for i, (g, t) in enumerate(zip(got, ids)))
+    pieces = [p for p, _ in tok.pieces(ids)]
+    assert [x for p in parts for x in p["tokens"]] == pieces
+    assert [x for p in parts for x in p["text_offset"]] == [sum(len(p) for p in pieces[:i]) for i in range(len(ids))]
+    # the official client: an echoed prompt first, then the same text
+    stream = openai_client(api_ring["url"]).completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stream=True, echo=True)
+    texts = [c.choices[0].text for c in stream]
+    assert texts[0] == PROMPT and "".join(texts) == PROMPT + tok.decode(ids)
+
+
+def test_chat_logprobs_are_the_targets(api_ring: dict[str, Any], reference: dict[str, Any],
+                                       target: dict[str, Any]) -> None:
+    tok = target["tok"]
+    ids, logp = target["greedy"](tok.encode_chat(QUESTION))
+    assert ids == reference["ids"]  # transformers and FlowSpec's own engine agree
+    client = openai_client(api_ring["url"])
+    r = client.chat.completions.create(model=MODEL_NAME, messages=QUESTION, max_tokens=MAX_TOKENS, temperature=0,
+                                       logprobs=True, top_logprobs=5)
+    assert r.choices[0].message.content == reference["text"] and r.model == MODEL_NAME
+    content = r.choices[0].logprobs.content
+    assert [(e.token, bytes(e.bytes)) for e in content] == tok.pieces(ids)
+    for i, (e, t) in enumerate(zip(content, ids)):
+        assert abs(e.logprob - float(logp[i, t])) <= 1e-4, i
+        tops = e.top_logprobs
+        assert len(tops) == 5 and [x.logprob for x in tops] == sorted((x.logprob for x in tops), reverse=True)
+        assert (tops[0].token, tops[0].logprob) == (e.token, e.logprob)  # greedy: the chosen one is the argmax
+        assert [x.logprob for x in tops] == pytest.approx(logp[i].topk(5).values.tolist(), abs=1e-4)
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace").startswith(reference["text"])
+    # streamed: the chunks' logprobs add up to the same; no usage key without include_usage
+    status, text = call("POST", api_ring["url"] + "/v1/chat/completions", {
+        "messages": QUESTION, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True, "logprobs": True})
+    assert status == 200 and isinstance(text, str)
+    chunks = sse(text)
+    assert all("usage" not in c for c in chunks)
+    streamed = [x for c in chunks if c["choices"][0]["logprobs"] for x in c["choices"][0]["logprobs"]["content"]]
+    assert [(x["token"], x["top_logprobs"]) for x in streamed] == [(e.token, []) for e in content]
+    assert [x["logprob"] for x in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
+
+
+def test_completion_requests_are_checked(api_ring: dict[str, Any]) -> None:
+    ep = api_ring["url"] + "/v1/completions"
+    cases = [
+        ({"prompt": ["one", "two"]}, "prompt", "holds 2 prompts"),
+        ({"prompt": ""}, "prompt", "prompt must be"),
+        ({"prompt": [3, -1]}, "prompt", "prompt must be"),
+        ({"prompt": [3, 10**9]}, "prompt", "prompt (token ids) must be"),
+        ({"messages": QUESTION}, "prompt", "prompt is required"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs", "from 0 to 20"),
+        ({"prompt": "x", "logprobs": True}, "logprobs", "logprobs must be an integer"),
+        ({"prompt": "x", "logprobs": 1, "echo": True}, "echo", "echo with logprobs"),
+        ({"prompt": "x", "suffix": "!"}, "suffix", "suffix is not supported"),
+        ({"prompt": "x", "best_of": 3}, "best_of", "best_of is not supported"),
+        ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias", "logit_bias is not supported"),
+        ({"prompt": "x", "n": 2}, "n", "n must be 1"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", "only allowed with stream"),
+        ({"prompt": "x", "verify": "last_stage", "logprobs": 0}, "verify", "verify: last_stage needs"),
+        ({"prompt": "x" * 200000}, "prompt", "characters, more than can fit"),
+    ]
+    for body, param, needle in cases:
+        status, got = call("POST", ep, body)
+        assert status == 400 and isinstance(got, dict), (body, status, got)
+        assert got["error"]["param"] == param and needle in got["error"]["message"], (body, got)
+    status, got = call("POST", api_ring["url"] + "/v1/chat/completions",
+                       {"messages": QUESTION, "top_logprobs": 2})
+    assert status == 400 and got["error"]["param"] == "top_logprobs"  # type: ignore[index]
+    status, got = call("POST", ep, {"prompt": "x", "model": "gpt-3.5-turbo-instruct"})
+    assert status == 404 and "'gpt-3.5-turbo-instruct' is not served" in got["error"]["message"]  # type: ignore[index]
+
+
+def _http(method: str, url: str, headers: dict[str, str]) -> tuple[int, Any]:
+    """(status, headers) of one request (no body)."""
+    req = urllib.request.Request(url, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers
+
+
+def test_model_by_id_cors_and_access_log(api_ring: dict[str, Any]) -> None:
+    url = api_ring["url"]
+    status, m = call("GET", url + f"/v1/models/{MODEL_NAME}")
+    assert status == 200 and m["id"] == MODEL_NAME and m["object"] == "model"  # type: ignore[index]
+    status, m = call("GET", url + "/v1/models/llama-70b")
+    assert status == 404 and "'llama-70b' is not served" in m["error"]["message"]  # type: ignore[index]
+    # a browser's preflight needs no key; only the configured origin is allowed
+    ask = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization, content-type"}
+    status, h = _http("OPTIONS", url + "/v1/chat/completions", ask)
+    assert status == 204 and h["Access-Control-Allow-Origin"] == ORIGIN
+    assert "POST" in h["Access-Control-Allow-Methods"] and h["Access-Control-Allow-Headers"] == ask[
+        "Access-Control-Request-Headers"]
+    status, _ = _http("OPTIONS", url + "/v1/chat/completions", dict(ask, Origin="https://evil.example"))
+    assert status == 403
+    status, h = _http("GET", url + "/v1/models", {"Origin": ORIGIN, "Authorization": f"Bearer {API_KEY}"})
+    assert status == 200 and h["Access-Control-Allow-Origin"] == ORIGIN
+    status, h = _http("GET", url + "/v1/models", {"Origin": "https://evil.example",
+                                                  "Authorization": f"Bearer {API_KEY}"})
+    assert status == 200 and "Access-Control-Allow-Origin" not in h
+    # api.access_log: one line per request with its status, tokens and duration
+    status, body = call("POST", url + "/v1/completions", {"prompt": PROMPT, "max_tokens": 3})
+    assert status == 200
+    n = body["usage"]["prompt_tokens"]  # type: ignore[index]
+    line = f"POST /v1/completions 200 tokens={n}+3 "
+    log = wait_log(api_ring["ring"], "source", line)
+    assert re.search(re.escape(line) + r"[0-9.]+ s$", log, re.M), log[-2000:]
+    assert re.search(r"OPTIONS /v1/chat/completions 403 tokens=- [0-9.]+ s$", log, re.M)
 
 
 def test_full_queue_answers_429_and_a_closed_stream_frees_the_ring(api_ring: dict[str, Any]) -> None:

@@ -114,6 +114,33 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return str(self._rust.decode_batch([list(ids)], skip_special_tokens=True)[0])
 
+    def pieces(self, ids: list[int]) -> list[tuple[str, bytes]]:
+        """Each token on its own: its text (a control token as its string; a piece of a
+        multi-byte character as U+FFFD) and its bytes (byte-level BPE: the token's own bytes,
+        which join into the characters; other tokenizers: the UTF-8 of its text). What
+        logprobs name tokens by."""
+        texts = self._rust.decode_batch([[i] for i in ids], skip_special_tokens=False)
+        byte_level = type(self._rust.decoder).__name__ == "ByteLevel"
+        out = []
+        for i, text in zip(ids, texts):
+            raw = self._rust.id_to_token(i) if byte_level and "\ufffd" in text else None
+            data = bytes(_BYTE_OF[c] for c in raw) if raw and all(c in _BYTE_OF for c in raw) else text.encode()
+            out.append((str(text), data))
+        return out
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE writes byte b as the character b when it is printable Latin-1, and as
+    chr(256 + k) for the k-th byte (counting up) that is not."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {chr(b): b for b in printable}
+    others = [b for b in range(256) if b not in table.values()]
+    table.update({chr(256 + k): b for k, b in enumerate(others)})
+    return table
+
+
+_BYTE_OF = _byte_alphabet()  # byte-level BPE character -> the byte it stands for (constant)
+
 
 def _ids(tok: Any, text: str) -> list[int]:
     return list(tok.encode_batch([text], add_special_tokens=False)[0].ids)
