@@ -111,6 +111,14 @@ def save_tiny_model(model: torch.nn.Module, folder: Path, **save_kwargs: Any) ->
     return folder
 
 
+@pytest.fixture(autouse=True)
+def no_flowspec_env_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """$FLOWSPEC_TOPOLOGY / $FLOWSPEC_NODE stand in for --topology / --name: a developer's own
+    must not steer the tests (nor the processes they start, which inherit os.environ)."""
+    for name in ("FLOWSPEC_TOPOLOGY", "FLOWSPEC_NODE"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """Factory: ``tiny_model_dir(kind) -> folder`` (built once per kind and session)."""

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,7 +32,8 @@ MAX_TOKENS = 16
 
 def chat_env() -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TERM="xterm-256color", COLUMNS="80", LINES="40")
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TERM="xterm-256color", COLUMNS="80", LINES="40",
+               XDG_STATE_HOME=str(Path(tempfile.gettempdir()) / "flowspec-test-state"))  # not the user's history
     for k in ("FLOWSPEC_CLUSTER_KEY", "FLOWSPEC_API_KEY"):
         env.pop(k, None)
     return env

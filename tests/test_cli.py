@@ -24,13 +24,6 @@ from flowspec.errors import ModelError, RingError, TopologyError, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGIES = sorted((ROOT / "topologies").glob("*.yaml"))
-ENV_VARS = ("FLOWSPEC_TOPOLOGY", "FLOWSPEC_NODE")
-
-
-@pytest.fixture(autouse=True)
-def no_env_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    for k in ENV_VARS:
-        monkeypatch.delenv(k, raising=False)
 
 
 def topology(folder: Path, target: Path | str, ports: tuple[int, ...], **decoding: Any) -> Path:
