@@ -4,7 +4,8 @@ does each node need, and (with ``--reach``) does each node's address answer?
 Every problem of an invalid file is printed at once, one line each (exit 2). A valid file
 prints one row per node: its address, what it holds (layers, embedding, norm, lm_head,
 drafter), the bytes of its weights and of its KV caches. Exit 1 when the model cannot be
-read on this machine or, with ``--reach``, when a node does not answer a TCP connect.
+read on this machine (nor the drafter) or, with ``--reach``, when a node does not answer a
+TCP connect.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ def _layers_only_rows(topo: Topology, reached: list[str | None] | None) -> list[
             layers = "lm_head + drafter"
         elif n.name in ranges:
             layers = range_text(ranges[n.name])
+        elif n.layers is None:  # a node that holds no layers of its own (a spare)
+            layers = "-"
         else:
             layers = n.layers if isinstance(n.layers, str) else range_text(n.layers)  # type: ignore[arg-type]
         rows.append([n.name, n.role, f"{n.host}:{n.port}", layers]
@@ -131,7 +134,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         (model_line, total), rows = _node_rows(topo, reached)
     except ModelError as e:
-        print(f"flowspec check: the model cannot be read on this machine, so no sizes: {e}", file=sys.stderr)
+        print(f"flowspec check: no sizes: the model or the drafter cannot be read on this machine: {e}",
+              file=sys.stderr)
         model_line, total, rows = "", "", _layers_only_rows(topo, reached)
         failed = True
     print(f"{path}: valid: cluster {topo.cluster!r}, {len(topo.stages)} stage(s), "

@@ -168,7 +168,7 @@ def test_check_without_the_model_here(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["check", str(path)]) == 1  # valid, but the model cannot be read on this machine
     out, err = capsys.readouterr()
     assert f"{path}: valid" in out and "stage1  stage   127.0.0.1:7001  auto" in out
-    assert "the model cannot be read on this machine" in err and "not found" in err
+    assert "the model or the drafter cannot be read on this machine" in err and "not found" in err
     data = yaml.safe_load(path.read_text())
     data["model"]["num_layers"] = 6  # the split is known without the model
     path.write_text(yaml.safe_dump(data))
