@@ -9,7 +9,9 @@ file can use them:
   ``tiny_llama_sharded``: one fixture per kind;
 * ``tiny_hf_model(kind)``: the matching ``transformers`` model (float32, eval mode), the
   reference the engine is compared with;
-* ``default_model_dir``: SmolLM2-135M-Instruct converted to safetensors (``resolve_model``).
+* ``default_model_dir``: SmolLM2-135M-Instruct as ``resolve_model`` prepares it (config,
+  tokenizer and an index of the GGUF file's tensors; ``gguf_reference`` has transformers'
+  safetensors conversion).
 
 Tiny models have no tokenizer: drive them with raw token ids (vocabulary of 256).
 Their weights are drawn wider than the ``transformers`` default (``initializer_range``
@@ -180,7 +182,7 @@ def tiny_llama_sharded(tiny_model_dir: Callable[[str], Path]) -> Path:
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
-    """SmolLM2-135M-Instruct as a safetensors folder (converted once into the cache)."""
+    """SmolLM2-135M-Instruct: config, tokenizer and the GGUF tensor index (prepared once)."""
     from flowspec.model.loader import resolve_model
 
     return resolve_model("default")
