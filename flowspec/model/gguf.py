@@ -100,7 +100,7 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, TensorRef]]:
         raise ModelError(f"reading GGUF needs the gguf package: {e}") from None
     try:
         reader = GGUFReader(str(path))
-    except (ValueError, KeyError, OSError) as e:
+    except (ValueError, KeyError, IndexError, OSError) as e:
         raise ModelError(f"{path}: not a readable GGUF file ({e}); check the download") from None
     arch = _value(reader, "general.architecture")
     if arch not in GGUF_ARCHS:
