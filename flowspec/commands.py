@@ -67,8 +67,11 @@ def build_node(topo: Topology, name: str) -> Any:
         head = LMHead.load(folder, dtype=dtype, cfg=cfg)
         return SourceNode(topo, name, key, Tokenizer(folder), head, drafter, fingerprint,
                           cfg.num_layers, str(topo.model.target))
+    from .runtime.spare_node import SpareNode
     from .runtime.stage_node import StageNode
 
+    if me.is_spare:  # no layers until it takes a dead stage's place
+        return SpareNode(topo, name, key, fingerprint)
     a, b = ranges[name]
     stage = Stage.load(folder, a, b, dtype=dtype, max_context=topo.model.max_context, cfg=cfg)
     log.info("%s: layers %d-%d loaded (%d parameters, %.1f MB)", name, a, b - 1, stage.num_params(),
@@ -77,7 +80,8 @@ def build_node(topo: Topology, name: str) -> Any:
     if topo.decoding.verify == "last_stage" and topo.stages[-1].name == name:
         head = LMHead.load(folder, dtype=dtype, cfg=cfg)
         log.info("%s: the lm_head loaded (decoding.verify: last_stage): this stage chooses the tokens", name)
-    return StageNode(topo, name, key, stage, fingerprint, head)
+    # a stage whose place a spare took (it came back too late) waits as a spare itself
+    return SpareNode(topo, name, key, fingerprint, member=StageNode(topo, name, key, stage, fingerprint, head))
 
 
 def cmd_node(args: argparse.Namespace) -> int:

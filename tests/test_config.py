@@ -551,3 +551,26 @@ def test_resume_window(write: Callable[[Any], Path]) -> None:
     assert Topology.load(write(base(decoding={"resume_window_s": 0}))).decoding.resume_window_s == 0
     msg = load_error(write, base(decoding={"resume_window_s": -1}))
     assert "decoding.resume_window_s: must be a number in [0, 86400], not -1" in msg
+
+
+def test_spare_nodes(write: Callable[[Any], Path]) -> None:
+    d = base(decoding={"failover_after_s": 2})
+    d["nodes"].insert(2, {"name": "spare1", "host": "127.0.0.1", "port": 7709, "role": "spare", "memory_gb": 2})
+    t = Topology.load(write(d))
+    assert [n.name for n in t.stages] == ["stage1", "stage2", "stage3"] and [n.name for n in t.spares] == ["spare1"]
+    assert t.successor("stage1").name == "stage2" and t.predecessor("stage2").name == "stage1"  # not in the ring
+    assert t.decoding.failover_after_s == 2 and Topology.load(write(base())).decoding.failover_after_s == 5.0
+    assert Topology.from_dict(t.to_dict()) == t
+    with pytest.raises(TopologyError, match="node 'spare1' is a spare: it has no place in the ring"):
+        t.successor("spare1")
+    d["nodes"][2].update(layers="0-9", speed=2)
+    msg = load_error(write, d)
+    assert "nodes[2].layers: a spare holds no layers of its own" in msg and "nodes[2].speed" in msg
+    del d["nodes"][2]["layers"], d["nodes"][2]["speed"]
+    msg = load_error(write, dict(d, testbed={"cpu_quota": 0.5}))
+    assert "testbed: nodes[2] (spare1) is a spare: the emulated testbed" in msg
+    only = base()
+    only["nodes"] = [only["nodes"][0], d["nodes"][2]]
+    assert "nodes: no stage node; at least one node needs role: stage" in load_error(write, only)
+    msg = load_error(write, base(decoding={"failover_after_s": -1}))
+    assert "decoding.failover_after_s: must be a number in [0, 86400], not -1" in msg

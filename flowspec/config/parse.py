@@ -42,7 +42,7 @@ _NODE_KEYS = ("name", "host", "port", "role", "layers", "memory_gb", "speed")
 _API_KEYS = ("host", "port", "api_key_env", "api_key_file", "queue_size", "allow_unauthenticated", "cors_origins",
              "access_log")
 _DECODING_KEYS = ("strategy", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "tree",
-                  "prefill_chunk", "max_active", "resume_window_s", "verify")
+                  "prefill_chunk", "max_active", "resume_window_s", "verify", "failover_after_s")
 _TREE_KEYS = ("depth", "top_k", "total", "segment", "expand", "in_flight")
 _SECURITY_KEYS = ("key_env", "key_file", "encrypt", "max_frame_mb", "read_timeout_s", "heartbeat_s", "dead_after_s")
 _TESTBED_KEYS = ("link", "links", "cpu_quota", "cpu_period_ms", "threads", "cpus")
@@ -146,7 +146,7 @@ class _Parser(_Fields):
         if ("role", "source") not in seen:
             raise self.error("nodes", "no node has role: source; exactly one node must be the source "
                              "(it runs the drafter and the HTTP API)")
-        if len(out) < 2:
+        if not any(n.role == "stage" for n in out):
             raise self.error("nodes", "no stage node; at least one node needs role: stage (stages "
                              "hold the model's layers)")
         return tuple(out)
@@ -185,6 +185,17 @@ class _Parser(_Fields):
             if len(self.problems) > before:
                 raise _Recorded
             return NodeSpec(name=name, host=host, port=port, role=role, index=i)
+        if role == "spare":  # outside the ring until it takes a dead stage's place (runtime/failover.py)
+            for k in ("layers", "speed"):
+                if k in d:
+                    self.problems.append(self.error(f"{p}.{k}", "a spare holds no layers of its own: it loads "
+                                                    "those of the stage whose place it takes (remove this key; "
+                                                    "memory_gb says what it can hold)"))
+            memory = self.attempt(lambda: self.number(d.get("memory_gb"), f"{p}.memory_gb", lo=0, lo_open=True,
+                                                      nullable="unlimited"), None)
+            if len(self.problems) > before:
+                raise _Recorded
+            return NodeSpec(name=name, host=host, port=port, role=role, memory_gb=memory, index=i)
         layers = self.attempt(lambda: self.layers(d.get("layers", "auto"), f"{p}.layers"), "auto")
         memory = self.attempt(lambda: self.number(d.get("memory_gb"), f"{p}.memory_gb", lo=0, lo_open=True,
                                                   nullable="unlimited"), None)
@@ -281,6 +292,8 @@ class _Parser(_Fields):
             resume_window_s=self.number(d.get("resume_window_s", dflt.resume_window_s),
                                         "decoding.resume_window_s", lo=0, hi=86400),
             verify=self.choice(d.get("verify", dflt.verify), "decoding.verify", VERIFY_AT, "place"),
+            failover_after_s=self.number(d.get("failover_after_s", dflt.failover_after_s),
+                                         "decoding.failover_after_s", lo=0, hi=86400),
         )
 
     def tree(self, v: Any) -> TreeSpec:
@@ -344,6 +357,11 @@ class _Parser(_Fields):
 
     def testbed(self, v: Any, nodes: tuple[NodeSpec, ...]) -> TestbedSpec:
         d = self.mapping(v, "testbed", _TESTBED_KEYS)
+        spares = [n.label for n in nodes if n.is_spare]
+        if spares:
+            raise self.error("testbed", f"{', '.join(spares)} {'is a spare' if len(spares) == 1 else 'are spares'}: "
+                             "the emulated testbed puts a proxy on each ring link of the file's order and "
+                             "cannot follow a spare into the ring; remove the spare or the testbed section")
         raw_link = d.get("link")
         link = self.link({} if raw_link is None else raw_link, "testbed.link", LinkSpec())
         names = [n.name for n in nodes]

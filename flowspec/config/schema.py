@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
-ROLES = ("source", "stage")
+ROLES = ("source", "stage", "spare")
 DTYPES = ("auto", "bfloat16", "float32")  # auto: per node, see flowspec.model.dtypes
 DRAFTER_KINDS = ("none", "lookup", "eagle", "model")
 DEFAULT_TARGET = "default"  # SmolLM2-135M-Instruct, see flowspec.model.loader
@@ -71,15 +71,23 @@ class NodeSpec:
     name: str  # unique, [A-Za-z0-9_-]+
     host: str  # hostname or IP the other nodes connect to
     port: int  # 1..65535
-    role: str  # "source" (drafter, sampling, HTTP API) | "stage" (holds decoder layers)
-    layers: tuple[int, int] | str | None = None  # stages: half-open (start, end) or "auto"; source: None
-    memory_gb: float | None = None  # stages: GiB available for weights when splitting `auto`; None = unlimited
+    # "source" (drafter, sampling, HTTP API) | "stage" (holds decoder layers) | "spare" (outside
+    # the ring, holds nothing until it takes the place of a stage that died)
+    role: str
+    layers: tuple[int, int] | str | None = None  # stages: half-open (start, end) or "auto"; source, spares: None
+    # stages: GiB available for weights when splitting `auto`; spares: the most a spare can load
+    # (one that cannot hold a dead stage's weights is not chosen); None = unlimited
+    memory_gb: float | None = None
     speed: float = 1.0  # stages: relative compute speed when splitting `auto` (> 0)
     index: int = field(default=0, compare=False)  # position in the file's node list (for messages)
 
     @property
     def is_source(self) -> bool:
         return self.role == "source"
+
+    @property
+    def is_spare(self) -> bool:
+        return self.role == "spare"
 
     @property
     def is_auto(self) -> bool:
@@ -135,6 +143,7 @@ class DecodingSpec:
     prefill_chunk: int = 256  # prompt tokens per prefill segment (>= 1)
     max_active: int = 4  # requests decoding on the ring at once, 1..64 (every stage holds a KV cache for each)
     resume_window_s: float = 60.0  # a broken ring holds its requests this long, then fails them (0: at once)
+    failover_after_s: float = 5.0  # a stage dead this long is replaced by a spare node, if one is connected
     verify: str = "source"  # where the target's tokens are chosen: "source" (its lm_head) | "last_stage"
 
 

@@ -87,7 +87,10 @@ class Topology:
         nodes = []
         for n in self.nodes:
             nd: dict[str, Any] = {"name": n.name, "host": n.host, "port": n.port, "role": n.role}
-            if not n.is_source:
+            if n.is_spare:
+                if n.memory_gb is not None:
+                    nd["memory_gb"] = n.memory_gb
+            elif not n.is_source:
                 nd["layers"] = n.layers if isinstance(n.layers, str) else _range_text(n.layers)
                 if n.memory_gb is not None:
                     nd["memory_gb"] = n.memory_gb
@@ -167,7 +170,12 @@ class Topology:
         """Stage nodes in ring order, starting right after the source."""
         i = self.source.index
         ring = self.nodes[i + 1:] + self.nodes[:i]
-        return tuple(n for n in ring if not n.is_source)
+        return tuple(n for n in ring if n.role == "stage")
+
+    @property
+    def spares(self) -> tuple[NodeSpec, ...]:
+        """Spare nodes: outside the ring until one takes a dead stage's place (runtime/failover.py)."""
+        return tuple(n for n in self.nodes if n.is_spare)
 
     @property
     def in_flight(self) -> int:
@@ -185,14 +193,24 @@ class Topology:
                             f"nodes: {', '.join(names)}")
 
     def successor(self, name: str) -> NodeSpec:
-        """The node that name sends to (the next one in the list, wrapping around)."""
-        i = self.node(name).index
-        return self.nodes[(i + 1) % len(self.nodes)]
+        """The node that name sends to in the file's ring order (the next one in the list that
+        is not a spare, wrapping around); a ring whose spare took a stage's place follows
+        runtime/ring_plan.py instead."""
+        ring, i = self._ring_position(name)
+        return ring[(i + 1) % len(ring)]
 
     def predecessor(self, name: str) -> NodeSpec:
-        """The node that sends to name."""
-        i = self.node(name).index
-        return self.nodes[(i - 1) % len(self.nodes)]
+        """The node that sends to name (in the file's ring order)."""
+        ring, i = self._ring_position(name)
+        return ring[(i - 1) % len(ring)]
+
+    def _ring_position(self, name: str) -> tuple[list[NodeSpec], int]:
+        node = self.node(name)
+        if node.is_spare:
+            raise TopologyError(f"{self.origin}: node {name!r} is a spare: it has no place in the ring "
+                                "until it takes a dead stage's")
+        ring = [n for n in self.nodes if not n.is_spare]
+        return ring, ring.index(node)
 
     def link(self, name: str) -> LinkSpec | None:
         """The emulated link from name to its successor; None without a testbed."""

@@ -11,18 +11,20 @@ from typing import Any
 from ..config import Topology
 
 
-def ring_problem(topo: Topology, num_layers: int, ring: Any) -> str | None:
+def ring_problem(topo: Topology, num_layers: int, ring: Any, expected: list[str] | None = None) -> str | None:
     """Why the stages of a FORM reply cannot serve this topology, or None: the right nodes
-    in ring order, enough KV caches, the model's layers exactly once, the lm_head where
-    decoding.verify puts it."""
+    in ring order (`expected`: the stages of the ring plan, where a spare may sit in a dead
+    stage's place; default: the file's), enough KV caches, the model's layers exactly once,
+    the lm_head where decoding.verify puts it."""
     if not isinstance(ring, list) or not all(
             isinstance(r, dict) and isinstance(r.get("layers"), list) and len(r["layers"]) == 2
             and all(isinstance(x, int) for x in r["layers"]) for r in ring):
         return f"the ring's FORM reply is malformed ({str(ring)[:120]}); is every node the same FlowSpec version?"
-    expected = [n.name for n in topo.stages]
+    if expected is None:
+        expected = [n.name for n in topo.stages]
     got = [str(r.get("name")) for r in ring]
     if got != expected:
-        return f"the ring passes through {got}, but the topology lists the stages {expected}"
+        return f"the ring passes through {got}, but the ring plan lists the stages {expected}"
     need = topo.decoding.max_active
     short = [f"{r['name']} ({r['caches']})" for r in ring if isinstance(r.get("caches"), int) and r["caches"] < need]
     if short:

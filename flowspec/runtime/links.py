@@ -1,5 +1,9 @@
 """The two links every ring node has: to its successor (it connects) and from its
-predecessor (it accepts), with authentication, handshake, heartbeats and a watchdog."""
+predecessor (it accepts), with authentication, handshake, heartbeats and a watchdog.
+
+Who the neighbours are follows the ring plan (ring_plan.py): the file's order until a
+spare takes a dead stage's place; a newer plan seen at a handshake, in a REJECT or handed
+over by the node (RING, FORM) is adopted at once, and the links follow it."""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ import logging
 import time
 from typing import Any, Awaitable, Callable
 
-from ..config import Topology
+from ..config import NodeSpec, Topology
 from .protocol import Frame, FrameType, ProtocolError
+from .ring_plan import RingPlan
 from .tasks import LogLimiter, Silence, start_supervised
 from .transport import (AuthError, FrameStream, HandshakeError, PeerGone, check_hello, client_auth,
                         open_stream, server_auth)
@@ -19,23 +24,33 @@ log = logging.getLogger(__name__)
 Handler = Callable[[FrameStream, dict[str, Any]], Awaitable[None]]
 REMIND_FIRST_S = 300.0  # a lost successor that stays unreachable is mentioned again after this long ...
 REMIND_EVERY_S = 1800.0  # ... and then this often (the first loss is logged at once)
+# the longest pause between two attempts to reach a successor that is gone: bounds how long a
+# restarted node waits for its predecessor (attempts start at 0.1 s and grow by half each time)
+RETRY_MAX_S = 1.0
+
+
+class _Replanned(Exception):
+    """A newer ring plan came with the handshake: connect to the successor it names."""
 
 
 class RingLinks:
     """Owns the server socket, the successor connection and liveness of both neighbours.
 
     `on_upstream(stream, hello)` runs for an authenticated predecessor, `on_client` for an
-    authenticated client (only the source accepts clients); each runs until the
-    connection ends. `on_dead(name, reason)` is called once per neighbour failure."""
+    authenticated client (only the source accepts clients), `on_spare` for a spare node
+    announcing itself (only the source); each runs until the connection ends.
+    `on_dead(name, reason)` is called once per neighbour failure."""
 
     def __init__(self, topo: Topology, name: str, key: bytes, hello: dict[str, Any],
                  on_upstream: Handler, on_client: Handler | None,
                  on_downstream_frame: Callable[[Frame], Awaitable[None]],
-                 on_dead: Callable[[str, str], Awaitable[None]]) -> None:
+                 on_dead: Callable[[str, str], Awaitable[None]], on_spare: Handler | None = None,
+                 plan: RingPlan | None = None) -> None:
         self.topo, self.name, self.key, self.hello = topo, name, key, hello
         self.me = topo.node(name)
-        self.succ = topo.successor(name)
-        self.pred = topo.predecessor(name)
+        self.plan = plan or RingPlan.initial(topo)  # who sits where in the ring now
+        self.ousted = asyncio.Event()  # a newer plan has given this node's place to another node
+        self._on_spare = on_spare
         sec = topo.security
         self.max_frame = sec.max_frame_bytes
         self.encrypt = sec.encrypt
@@ -50,10 +65,66 @@ class RingLinks:
         self.up_ready = asyncio.Event()
         self._server: asyncio.base_events.Server | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._connector: asyncio.Task[Any] | None = None  # the loop connecting to the successor
         self.closing = False
         self._refusals = LogLimiter(log)  # refused connections: a stranger can open thousands
 
+    # ------------------------------------------------------------------ the plan
+    @property
+    def succ(self) -> NodeSpec:
+        return self.topo.node(self.plan.successor(self.name))
+
+    @property
+    def pred(self) -> NodeSpec:
+        return self.topo.node(self.plan.predecessor(self.name))
+
+    @property
+    def succ_is_source(self) -> bool:
+        return self.name in self.plan and self.succ.is_source
+
+    def hello_now(self) -> dict[str, Any]:
+        """This node's HELLO, with the ring plan it follows."""
+        return dict(self.hello, plan=self.plan.as_meta())
+
+    async def adopt(self, plan: RingPlan | None) -> bool:
+        """Follow `plan` if it is newer than this node's: reconnect to a new successor, drop a
+        predecessor that is no longer one; True when adopted."""
+        if plan is None or plan.epoch <= self.plan.epoch:
+            return False
+        old = self.plan
+        self.plan = plan
+        if self.name not in plan:
+            log.warning("%s: node %r has taken this node's place in the ring (%s); it leaves the ring",
+                        self.name, plan.order[old.order.index(self.name)] if self.name in old else "?", plan)
+            self.ousted.set()
+            return True
+        log.info("%s: the ring is now %s", self.name, plan)
+        if self.name not in old or old.successor(self.name) != plan.successor(self.name):
+            self._restart_connector()
+        up = self.upstream
+        if up is not None and up.label != self.pred.name:
+            self.upstream = None
+            self.up_ready.clear()
+            await up.close()
+        return True
+
+    def _restart_connector(self) -> None:
+        """Connect to the successor of the current plan (from the next loop iteration when the
+        loop itself adopted the plan)."""
+        if self.closing:
+            return
+        if self._connector is not None and self._connector is not asyncio.current_task():
+            self._connector.cancel()
+        elif self._connector is not None:
+            return  # the connecting loop itself: it checks the successor's name after adopting
+        self._connector = start_supervised(f"{self.name}: the link to the successor", self._connect_loop, log,
+                                           lambda: self.closing or self.ousted.is_set())
+
     # ------------------------------------------------------------------ lifecycle
+    @property
+    def listening(self) -> bool:
+        return self._server is not None
+
     async def start(self) -> None:
         host, port = self.me.address
         try:
@@ -66,14 +137,13 @@ class RingLinks:
                 "(is another node or program using that port?)") from None
         log.info("%s listening on %s:%d", self.name, host, port)
         closing = lambda: self.closing  # noqa: E731
-        self._tasks.append(start_supervised(f"{self.name}: the link to {self.succ.name}", self._connect_loop,
-                                            log, closing))
+        self._restart_connector()
         self._tasks.append(start_supervised(f"{self.name}: the heartbeat watchdog", self._heartbeats, log,
                                             closing))
 
     async def close(self) -> None:
         self.closing = True
-        for t in self._tasks:
+        for t in self._tasks + ([self._connector] if self._connector is not None else []):
             t.cancel()
         if self._server is not None:
             self._server.close()
@@ -104,26 +174,35 @@ class RingLinks:
             if role == "client":
                 if self._on_client is None:
                     raise HandshakeError(f"node {self.name!r} is a stage; clients talk to the source")
-            elif theirs.get("name") != self.pred.name:
-                raise HandshakeError(
-                    f"node {theirs.get('name')!r} connected to {self.name!r}, but the topology says "
-                    f"the predecessor of {self.name!r} is {self.pred.name!r}")
-            await s.send(Frame(FrameType.HELLO, meta=self.hello))
+            elif role == "spare":
+                if self._on_spare is None:
+                    raise HandshakeError(f"node {self.name!r} is a stage; spares announce themselves to the source")
+            else:
+                await self.adopt(RingPlan.from_meta(self.topo, theirs.get("plan")))
+                if self.name not in self.plan:
+                    raise HandshakeError(f"node {self.name!r} is no longer part of the ring ({self.plan})")
+                if theirs.get("name") != self.pred.name:
+                    raise HandshakeError(
+                        f"node {theirs.get('name')!r} connected to {self.name!r}, but in the ring "
+                        f"{self.plan} the predecessor of {self.name!r} is {self.pred.name!r}")
+            await s.send(Frame(FrameType.HELLO, meta=self.hello_now()))
         except (AuthError, HandshakeError, ProtocolError, PeerGone) as e:
             self._refusals.warning("%s: refused a connection from %s: %s", self.name, s.peer, e)
             # tell the peer why: a client with the wrong key gets AuthError, not a bare close
             if isinstance(e, (HandshakeError, AuthError)):
-                try:
-                    await s.send(Frame(FrameType.REJECT, meta={"reason": str(e)}))
+                try:  # an authenticated peer also gets the ring plan: it may have been replaced
+                    await s.send(Frame(FrameType.REJECT, meta={"reason": str(e), **(
+                        {"plan": self.plan.as_meta()} if s.authenticated else {})}))
                 except Exception:  # the peer may be gone already
                     pass
             await s.close()
             return
         s.label = str(theirs.get("name") or "client")
-        if role == "client":
-            assert self._on_client is not None
+        if role in ("client", "spare"):
+            serve = self._on_client if role == "client" else self._on_spare
+            assert serve is not None
             try:
-                await self._on_client(s, theirs)
+                await serve(s, theirs)
             finally:
                 await s.close()
             return
@@ -140,45 +219,61 @@ class RingLinks:
                 self.upstream = None
                 self.up_ready.clear()
                 if not self.closing:
-                    await self._on_dead(self.pred.name, "its connection closed")
+                    await self._on_dead(s.label, "its connection closed")
             await s.close()
 
     # ----------------------------------------------------------------- connecting
     async def _connect_loop(self) -> None:
-        host, port = self.succ.address
         delay = 0.1
         reminder = time.monotonic() + 10.0  # at start: say after a while whom this node waits for
-        while not self.closing:
+        while not self.closing and not self.ousted.is_set():
+            succ = self.succ  # per attempt: a newer plan may name another successor
+            host, port = succ.address
+            s: FrameStream | None = None
             try:
-                s = await open_stream(host, port, self.max_frame, self.read_timeout, self.succ.name)
+                s = await open_stream(host, port, self.max_frame, self.read_timeout, succ.name)
                 await client_auth(s, self.key, encrypt=self.encrypt)
-                await s.send(Frame(FrameType.HELLO, meta=self.hello))
+                await s.send(Frame(FrameType.HELLO, meta=self.hello_now()))
                 f = await s.recv(5.0)
-                if f.type == FrameType.REJECT:
+                if f.type == FrameType.REJECT:  # with a newer plan when this node is out of date
+                    if await self.adopt(RingPlan.from_meta(self.topo, f.meta.get("plan"))):
+                        raise _Replanned
                     raise HandshakeError(str(f.meta.get("reason")))
                 if f.type != FrameType.HELLO:
                     raise ProtocolError("expected HELLO")
                 check_hello(self.hello, f.meta)
-                if f.meta.get("name") != self.succ.name:
+                await self.adopt(RingPlan.from_meta(self.topo, f.meta.get("plan")))
+                if self.ousted.is_set() or self.succ.name != succ.name:
+                    raise _Replanned
+                if f.meta.get("name") != succ.name:
                     raise HandshakeError(
                         f"{host}:{port} is node {f.meta.get('name')!r}, but the topology puts "
-                        f"{self.succ.name!r} there")
+                        f"{succ.name!r} there")
+            except _Replanned:
+                if s is not None:
+                    await s.close()
+                delay = 0.1
+                continue
             except (AuthError, HandshakeError) as e:
-                await self._on_dead(self.succ.name, str(e))
+                if s is not None:
+                    await s.close()
+                await self._on_dead(succ.name, str(e))
                 log.error("%s: %s", self.name, e)
                 await asyncio.sleep(2.0)
                 continue
             except (PeerGone, ProtocolError) as e:
+                if s is not None:
+                    await s.close()
                 if time.monotonic() > reminder:
-                    log.warning("%s: still waiting for %s: %s", self.name, self.succ.name, e)
+                    log.warning("%s: still waiting for %s: %s", self.name, succ.name, e)
                     reminder = time.monotonic() + REMIND_EVERY_S
                 await asyncio.sleep(delay)
-                delay = min(delay * 1.5, 2.0)
+                delay = min(delay * 1.5, RETRY_MAX_S)
                 continue
             delay = 0.1
             self.downstream = s
             self.down_ready.set()
-            log.info("%s: connected to successor %s at %s:%d", self.name, self.succ.name, host, port)
+            log.info("%s: connected to successor %s at %s:%d", self.name, succ.name, host, port)
             try:
                 while True:  # the successor only sends heartbeats and errors back
                     f = await s.recv()
@@ -186,14 +281,15 @@ class RingLinks:
                         await self._on_down_frame(f)
             except (PeerGone, ProtocolError) as e:
                 if not self.closing:
-                    log.warning("%s: %s", self.name, self.gone_message(self.succ.name, str(e)))
+                    log.warning("%s: %s", self.name, self.gone_message(succ.name, str(e)))
                     reminder = time.monotonic() + REMIND_FIRST_S
             finally:
-                self.downstream = None
-                self.down_ready.clear()
+                if self.downstream is s:  # (a connector started for a newer plan may have replaced it)
+                    self.downstream = None
+                    self.down_ready.clear()
                 await s.close()
-            if not self.closing:
-                await self._on_dead(self.succ.name, "its connection closed")
+            if not self.closing and not self.ousted.is_set():
+                await self._on_dead(succ.name, "its connection closed")
 
     def gone_message(self, who: str, reason: str) -> str:
         """One clear line for a neighbour that went away (logged once per loss)."""
@@ -219,8 +315,7 @@ class RingLinks:
             if elapsed > 3 * self.heartbeat:
                 log.warning("%s: this node's event loop did not run for %.1f s; peers are not blamed for it",
                             self.name, elapsed - self.heartbeat)
-            streams = [(s, who) for s, who in ((self.downstream, self.succ.name), (self.upstream, self.pred.name))
-                       if s is not None]
+            streams = [(s, s.label) for s in (self.downstream, self.upstream) if s is not None]
             clocks = {id(s): clocks.get(id(s)) or Silence(2 * self.heartbeat) for s, _ in streams}
             for s, who in streams:
                 silent = clocks[id(s)].tick(s.last_seen, elapsed)

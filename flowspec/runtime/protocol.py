@@ -51,6 +51,7 @@ class FrameType(IntEnum):
     RESET = 12  # a request starts: every stage opens a fresh KV cache for its request id
     FORM = 13  # ring formation probe: each stage appends its description
     FREE = 14  # a request ended (done, failed or cancelled): its KV caches are freed
+    RING = 15  # the ring's order changed (a spare took a dead stage's place): ring_plan.py, failover.py
     HEARTBEAT = 20  # liveness, both directions of every link
     PROBE = 21  # profiler probe: passes around the ring untouched (payload of any size)
     ERROR = 30  # a node reports a failure (travels toward the source)

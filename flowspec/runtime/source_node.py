@@ -21,6 +21,7 @@ from ..spec.logprobs import TokenLogprob
 from .admission import Admission
 from .client_desk import ClientDesk
 from .decode import RING_FAILED, DecodeContext, Decoding, DoneEvent, TokensEvent
+from .failover import Failover
 from .formation import ring_problem
 from .links import RingLinks
 from .probes import ProbeDesk
@@ -34,7 +35,9 @@ from .transport import FrameStream, PeerGone, hello_meta
 log = logging.getLogger(__name__)
 
 __all__ = ["GenRequest", "RequestError", "RingError", "SourceNode"]
-FORM_TIMEOUT_S = 3.0  # a FORM that has not come back around the ring by then is sent again
+# a FORM that has not come back around the ring by then is sent again (it is lost at a stage with no
+# successor; 1 s bounds how long a ring that is whole again waits before it forms)
+FORM_TIMEOUT_S = 1.0
 
 
 class SourceNode:
@@ -44,9 +47,12 @@ class SourceNode:
         self.num_layers, self.model_name = num_layers, model_name
         hello = hello_meta(topo.cluster, fingerprint, name, "source", None)
         self.links = RingLinks(topo, name, key, hello, self._serve_upstream, self._serve_client,
-                               self._from_downstream, self._peer_dead)
+                               self._from_downstream, self._peer_dead,
+                               on_spare=lambda s, h: self.failover.serve_spare(s, h))
         self.ready = asyncio.Event()  # the ring is formed and verified
         self.ring: list[dict[str, Any]] = []  # what FORM collected: one entry per stage
+        # spares, and a spare in the place of a stage that stays dead (failover.py)
+        self.failover = Failover(topo, name, self.links, self.ready, lambda: self.ring, head.weight.numel())
         self.error: str | None = None  # why the ring is not usable, if it is not
         self._form_waiter: asyncio.Future[Frame] | None = None
         self.admission = Admission(topo.decoding.max_active)  # who decodes now, who waits
@@ -100,13 +106,16 @@ class SourceNode:
                 await asyncio.sleep(0.1)
                 continue
             try:
-                await down.send(Frame(FrameType.FORM, meta={"ring": []}))
+                plan = self.links.plan  # the stages follow it (a spare may sit in a dead stage's place)
+                await down.send(Frame(FrameType.FORM, meta={"ring": [], "plan": plan.as_meta()}))
                 f = await asyncio.wait_for(self._form_waiter, FORM_TIMEOUT_S)
             except (asyncio.TimeoutError, PeerGone, ConnectionError, OSError) as e:
                 log.debug("%s: ring formation will be tried again: %s", self.name, e or type(e).__name__)
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.1)
                 continue
-            problem = ring_problem(self.topo, self.num_layers, f.meta.get("ring") or [])
+            if f.meta.get("plan", plan.as_meta()) != plan.as_meta():
+                continue  # a late reply to a FORM sent under an older plan: ask again
+            problem = ring_problem(self.topo, self.num_layers, f.meta.get("ring") or [], list(plan.order[1:]))
             if problem:
                 self.error = problem
                 log.error("%s: ring formation failed (trying again in 5 s): %s", self.name, problem)
@@ -114,6 +123,7 @@ class SourceNode:
                 continue
             self.ring = f.meta["ring"]
             self.error = None
+            self.failover.formed()
             self.ready.set()
             log.info("%s: ring formed: %s", self.name,
                      " -> ".join(f"{r['name']}[{r['layers'][0]}-{r['layers'][1] - 1}]" for r in self.ring))
@@ -121,6 +131,7 @@ class SourceNode:
     # ------------------------------------------------------------------ failures
     async def _peer_dead(self, who: str, reason: str) -> None:
         self._fail(f"node {who!r} is unreachable: {reason}")
+        self.failover.reported(who, self.name)
 
     def _fail(self, message: str) -> None:
         if self.links.closing:
@@ -142,6 +153,7 @@ class SourceNode:
         node, msg = f.meta.get("node", "?"), str(f.meta.get("message", "unknown error"))
         if f.meta.get("broken") is True:  # the ring itself broke: every request is held or fails
             self._fail(msg)
+            self.failover.reported(f.meta.get("dead"), str(node))
             return
         log.warning("%s: %r reports: %s", self.name, node, msg)  # also when no request is there to fail
         targets = [self._active[f.request_id]] if f.request_id in self._active else (
@@ -163,6 +175,8 @@ class SourceNode:
                 elif f.type == FrameType.FORM:
                     if self._form_waiter is not None and not self._form_waiter.done():
                         self._form_waiter.set_result(f)
+                elif f.type == FrameType.RING:
+                    continue  # a new plan that went all the way round: every stage has it
                 elif f.type == FrameType.ERROR:
                     self._on_error(f)
                 elif f.type == FrameType.PROBE:
@@ -300,7 +314,7 @@ class SourceNode:
         return {"formed": self.ready.is_set(), "error": self.error, "ring": self.ring,
                 "cluster": self.topo.cluster, "model": self.model_name, "source": self.name,
                 "busy": self.active > 0, "active": self.active, "max_active": self.admission.max_active,
-                "waiting": self.queued}
+                "waiting": self.queued, "spares": sorted(self.failover.spares), "plan": self.links.plan.as_meta()}
 
     async def _serve_client(self, s: FrameStream, hello: dict[str, Any]) -> None:
         await self._desk.serve(s, hello)

@@ -20,6 +20,7 @@ from ..spec.verify import target_tokens
 from .protocol import Frame, FrameType, ProtocolError, SegmentMsg, UpdateMsg
 from .links import RingLinks
 from .probes import ECHO, ProbeDesk, bench_stage
+from .ring_plan import RingPlan
 from .seal import TamperedFrame
 from .transport import FrameStream, PeerGone, hello_meta
 
@@ -30,34 +31,46 @@ class StageNode:
     """Holds layers [start, end) of the target and serves them in the ring."""
 
     def __init__(self, topo: Topology, name: str, key: bytes, stage: Stage, fingerprint: str,
-                 head: LMHead | None = None) -> None:
+                 head: LMHead | None = None, plan: RingPlan | None = None) -> None:
         self.topo, self.name, self.stage = topo, name, stage
         self.head = head  # the target's lm_head: the last stage chooses the tokens (decoding.verify)
         self.layers = (stage.start, stage.end)
-        self.succ_is_source = topo.successor(name).is_source
         hello = hello_meta(topo.cluster, fingerprint, name, "stage", self.layers)
+        # plan: the ring this node joins (a spare taking a dead stage's place); None: the file's order
         self.links = RingLinks(topo, name, key, hello, self._serve_upstream, None,
-                               self._from_downstream, self._peer_dead)
+                               self._from_downstream, self._peer_dead, plan=plan)
         # one worker thread: segments are computed in order, off the event loop
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-compute")
         # one KV cache per request being decoded (decoding.max_active), allocated up front
         self.caches = CachePool([stage.cache] + [stage.new_cache() for _ in range(topo.decoding.max_active - 1)])
         self.probes = ProbeDesk(name, topo.security.read_timeout_s)  # profiler probes (see probes.py)
 
+    @property
+    def succ_is_source(self) -> bool:
+        return self.links.succ_is_source
+
     async def run(self, stop: asyncio.Event) -> None:
-        await self.links.start()
+        """Serve until `stop`, or until a newer ring plan gives this node's place to another
+        node (``links.ousted``: spare_node.py then keeps the process as a spare)."""
+        if not self.links.listening:  # (a spare starts its links before it says it has taken the place)
+            await self.links.start()
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.links.ousted.wait())]
         try:
-            await stop.wait()
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for w in waits:
+                w.cancel()
             await self.links.close()
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ errors
-    async def _report(self, message: str, rid: int = 0, direction: str = "fwd", broken: bool = False) -> None:
+    async def _report(self, message: str, rid: int = 0, direction: str = "fwd", broken: bool = False,
+                      dead: str | None = None) -> None:
         """Send an error toward the source (about request `rid`, 0: the ring): forward if we
-        can, else back upstream. `broken`: the ring itself is broken (a link is closing)."""
+        can, else back upstream. `broken`: the ring itself is broken (a link is closing);
+        `dead`: the neighbour that is gone (the source replaces it with a spare, failover.py)."""
         f = Frame(FrameType.ERROR, rid, meta={"node": self.name, "message": message,
-                                                         "dir": direction, "broken": broken})
+                                                         "dir": direction, "broken": broken, "dead": dead})
         target = self.links.downstream if direction == "fwd" else self.links.upstream
         if target is None and direction == "fwd":
             f.meta["dir"], target = "back", self.links.upstream
@@ -70,7 +83,8 @@ class StageNode:
     async def _peer_dead(self, who: str, reason: str) -> None:
         msg = f"node {who!r} is unreachable from {self.name!r}: {reason}"
         # a dead successor can only be reported back upstream; a dead predecessor forward
-        await self._report(msg, 0, "back" if who == self.links.succ.name else "fwd", broken=True)
+        back = self.name in self.links.plan and who == self.links.succ.name
+        await self._report(msg, 0, "back" if back else "fwd", broken=True, dead=who)
 
     async def _from_downstream(self, f: Frame) -> None:
         if self.probes.on_reply(f):
@@ -149,7 +163,12 @@ class StageNode:
                 self.caches.close(f.request_id)
                 if not self.succ_is_source:
                     await self._forward(f)
+            elif f.type == FrameType.RING:  # the source's new plan: a spare took a dead stage's place
+                await self.links.adopt(RingPlan.from_meta(self.topo, f.meta.get("plan")))
+                if not self.succ_is_source:
+                    await self._forward(f)
             elif f.type == FrameType.FORM:
+                await self.links.adopt(RingPlan.from_meta(self.topo, f.meta.get("plan")))
                 ring = list(f.meta.get("ring") or [])
                 host, port = self.links.me.address
                 ring.append({"name": self.name, "address": f"{host}:{port}",
