@@ -12,7 +12,8 @@ Endpoints (``api`` section of the topology: host, port, optional Bearer key, que
   ``echo``, legacy ``logprobs: n``; the same other fields. Objects are shaped in api_format.py.
 * ``GET /v1/models``, ``GET /v1/models/{id}``: the one model served, by its short id
   (``model.name``, default from ``model.target``); every response's ``model`` is that id.
-* ``GET /health``: the ring's status per node; 200 when the ring is formed, else 503.
+* ``GET /health``: the ring as it is now (api_health.py: the nodes in ring order, a spare in a
+  dead stage's place, the spares waiting); 200 when the ring is formed, else 503.
 * ``GET /metrics``: Prometheus metrics (metrics.py: latency histograms, speculative-decoding,
   token, request, stage and link counters).
 
@@ -41,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from aiohttp import web
 
 from .api_format import Reply
+from .api_health import ring_health
 from .api_http import TOKENS, Middleware, install_cors, log_access
 from .api_request import ERROR_TYPES, ApiError, GenCall, parse_chat, parse_completion
 from .errors import FlowSpecError, RequestError, RingError
@@ -210,36 +212,6 @@ async def health(request: web.Request) -> web.Response:
     if ctx.key is not None and not _has_key(request, ctx.key):
         return web.json_response({"status": h["status"]}, status=status)
     return web.json_response(h, status=status)
-
-
-def ring_health(node: "SourceNode", topo: "Topology") -> dict[str, Any]:
-    """The ring's status: formed or not, and one entry per node in ring order."""
-    st = node.status()
-    formed = bool(st.get("formed"))
-    reported = {r.get("name"): r for r in st.get("ring") or []}
-    down_ok = node.links.downstream is not None
-    up_ok = node.links.upstream is not None
-    nodes: list[dict[str, Any]] = []
-    for i, n in enumerate(topo.nodes):
-        entry: dict[str, Any] = {"name": n.name, "role": n.role, "address": f"{n.host}:{n.port}"}
-        if n.is_source:
-            entry["status"] = "up"
-        elif formed:
-            entry["status"] = "up"
-        elif i == 1 and not down_ok:
-            entry["status"] = "unreachable"
-        elif i == len(topo.nodes) - 1 and not up_ok:
-            entry["status"] = "not connected"
-        else:
-            entry["status"] = "unknown"
-        r = reported.get(n.name)
-        if r is not None:
-            entry["layers"] = r.get("layers")
-        nodes.append(entry)
-    return {"status": "ok" if formed else "unavailable", "formed": formed, "error": st.get("error"),
-            "cluster": st.get("cluster"), "model": str(topo.model.target), "busy": st.get("busy"),
-            "active": st.get("active"), "max_active": st.get("max_active"), "waiting": st.get("waiting"),
-            "nodes": nodes}
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -10,15 +10,20 @@ disturbing the ring. The ring plan itself is checked without processes.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from flowspec.api_health import ring_health
+from flowspec.chat import health_text
 from flowspec.config import Topology
 from flowspec.runtime.client import RingClient
 from flowspec.runtime.failover import unfit
@@ -62,6 +67,20 @@ async def stream_killing(topo: Topology, key: bytes, req: dict[str, Any], pid: i
     raise AssertionError("the stream ended without a done event")
 
 
+def health(topo: Topology) -> dict[str, Any]:
+    """GET /health of the ring's source (200 or 503), as JSON."""
+    try:
+        with urllib.request.urlopen(f"http://{topo.api.host}:{topo.api.port}/health", timeout=5) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as e:
+        return json.load(e)
+
+
+def ring_of(h: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """/health's nodes as (name, role, status, layers, in_place_of)."""
+    return [(n["name"], n["role"], n["status"], n.get("layers"), n.get("in_place_of")) for n in h["nodes"]]
+
+
 def first_after_pause(t_kill: float, times: list[float]) -> float:
     """The first tokens event after the longest pause since the kill: the resumed answer
     (events right after the kill carry what the ring had computed before it)."""
@@ -74,8 +93,15 @@ def test_a_spare_takes_the_place_of_a_killed_stage(tmp_path: Path, tiny_tok_mode
                           decoding={"resume_window_s": 60, "failover_after_s": 0.5})
     with_spares(path, [{"name": "spare"}])
     topo = Topology.load(str(path))
-    with running_ring(path) as ring:
+    with running_ring(path, node_args=("--dtype", "float32")) as ring:  # the source serves /health
         wait_log(ring, "spare", "waiting for a place in the ring", 30)
+        wait_log(ring, "source", "spare 'spare' is ready", 10)
+        h = health(topo)
+        assert h["formed"] and h["epoch"] == 0 and ring_of(h) == [
+            ("source", "source", "up", None, None), ("stage1", "stage", "up", [0, 2], None),
+            ("stage2", "stage", "up", [2, 4], None), ("stage3", "stage", "up", [4, 6], None)], h
+        assert [(s["name"], s["status"]) for s in h["spares"]] == [("spare", "waiting")], h
+        assert health_text(h)[0] == "ring ok: 4/4 nodes up; 1 spare waiting: spare"
         req = {"prompt_ids": PROMPT, "max_new_tokens": 64, "temperature": 0.0, "strategy": "flowspec"}
         truth = generate(topo, ring.key, req)["token_ids"]
         assert len(truth) >= 40, "the tiny model stopped early; the test needs a long answer"
@@ -93,6 +119,12 @@ def test_a_spare_takes_the_place_of_a_killed_stage(tmp_path: Path, tiny_tok_mode
         src = (ring.log_dir / "source.log").read_text()
         assert "spare 'spare' takes its place (layers 2-3)" in src, src[-3000:]
         assert "stage1 -> spare -> stage3" in (ring.log_dir / "stage1.log").read_text()
+        h = health(topo)  # who holds which layers now; the dead stage is out of the ring
+        assert h["formed"] and h["epoch"] == 1 and ring_of(h) == [
+            ("source", "source", "up", None, None), ("stage1", "stage", "up", [0, 2], None),
+            ("spare", "stage", "up", [2, 4], "stage2"), ("stage3", "stage", "up", [4, 6], None)], h
+        assert [(s["name"], s["status"]) for s in h["spares"]] == [("stage2", "not connected")], h
+        assert health_text(h)[0] == "ring ok: 4/4 nodes up (spare holds stage2's layers 2-3)"
 
         # the dead stage comes back: its place is taken, it waits as a spare, the ring is untouched
         before = len(src)
@@ -102,6 +134,39 @@ def test_a_spare_takes_the_place_of_a_killed_stage(tmp_path: Path, tiny_tok_mode
         assert generate(topo, ring.key, req)["token_ids"] == truth
         after = (ring.log_dir / "source.log").read_text()[before:]
         assert "unreachable" not in after and "spare 'stage2' is ready" in after, after
+        h = health(topo)
+        assert [(s["name"], s["status"]) for s in h["spares"]] == [("stage2", "waiting")], h
+        assert [n["name"] for n in h["nodes"]] == ["source", "stage1", "spare", "stage3"], h
+        assert health_text(h)[0] == "ring ok: 4/4 nodes up (spare holds stage2's layers 2-3); 1 spare waiting: stage2"
+
+
+class _Source:
+    """What ring_health reads of a source node: its status and whether its two links are up."""
+
+    def __init__(self, status: dict[str, Any], downstream: bool, upstream: bool) -> None:
+        self._status = status
+        self.links = type("Links", (), {"downstream": object() if downstream else None,
+                                        "upstream": object() if upstream else None})()
+
+    def status(self) -> dict[str, Any]:
+        return self._status
+
+
+def test_health_of_a_broken_ring_follows_the_plan() -> None:
+    """A spare in a's place, then the ring broken: statuses go by the plan, not the file's order."""
+    topo = small_ring()
+    plan = RingPlan.initial(topo).replaced("a", "sp", 1).as_meta()
+    formed_ring = [{"name": "a", "layers": [0, 15]}, {"name": "b", "layers": [15, 30]}]  # before the failover
+    st = {"formed": False, "error": "node 'sp' is unreachable", "ring": formed_ring, "plan": plan,
+          "spares": [], "down": ["sp"]}
+    h = ring_health(_Source(st, downstream=False, upstream=True), topo)  # type: ignore[arg-type]
+    assert ring_of(h) == [("src", "source", "up", None, None), ("sp", "stage", "unreachable", [0, 15], "a"),
+                          ("b", "stage", "up", [15, 30], None)], h
+    assert [(s["name"], s["status"]) for s in h["spares"]] == [("a", "not connected")] and h["epoch"] == 1
+    h = ring_health(_Source(dict(st, down=[], spares=["a"]), downstream=True, upstream=False), topo)  # type: ignore[arg-type]
+    assert [n["status"] for n in h["nodes"]] == ["up", "up", "not connected"], h
+    assert h["spares"][0]["status"] == "waiting" and h["status"] == "unavailable"
+    assert health_text(h)[0] == "ring unavailable: node 'sp' is unreachable"
 
 
 def small_ring(**spare: Any) -> Topology:

@@ -32,12 +32,29 @@ def health_text(h: dict[str, Any] | None, answering: bool = False) -> tuple[str,
     nodes = h.get("nodes") or []
     up = sum(1 for n in nodes if n.get("status") == "up")
     if h.get("formed"):
-        return f"ring ok: {up}/{len(nodes)} nodes up", "green"
+        return f"ring ok: {up}/{len(nodes)} nodes up" + _replaced(nodes) + _waiting(h.get("spares") or []), "green"
     why = h.get("error") or "not formed"
     if answering:
         return (f"ring degraded: {why}; the answer is held and resumes when the ring is whole again",
                 "bold yellow")
     return f"ring unavailable: {why}", "bold red"
+
+
+def _replaced(nodes: list[dict[str, Any]]) -> str:
+    """' (spare1 holds stage2's layers 10-19)' for the spares serving a dead stage's place."""
+    said = []
+    for n in nodes:
+        if n.get("in_place_of"):
+            lay = n.get("layers")
+            what = f"layers {lay[0]}-{lay[1] - 1}" if isinstance(lay, list) and len(lay) == 2 else "place"
+            said.append(f"{n.get('name')} holds {n['in_place_of']}'s {what}")
+    return f" ({'; '.join(said)})" if said else ""
+
+
+def _waiting(spares: list[dict[str, Any]]) -> str:
+    """'; 1 spare waiting: spare1' for the spares connected to the source."""
+    names = [str(s.get("name")) for s in spares if s.get("status") == "waiting"]
+    return f"; {len(names)} spare{'s' if len(names) != 1 else ''} waiting: {', '.join(names)}" if names else ""
 
 
 def status_panel(t: Turn) -> Any:

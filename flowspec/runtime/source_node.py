@@ -314,7 +314,8 @@ class SourceNode:
         return {"formed": self.ready.is_set(), "error": self.error, "ring": self.ring,
                 "cluster": self.topo.cluster, "model": self.model_name, "source": self.name,
                 "busy": self.active > 0, "active": self.active, "max_active": self.admission.max_active,
-                "waiting": self.queued, "spares": sorted(self.failover.spares), "plan": self.links.plan.as_meta()}
+                "waiting": self.queued, "spares": sorted(self.failover.spares), "plan": self.links.plan.as_meta(),
+                "down": sorted(self.failover.reports)}  # nodes reported dead since the ring broke
 
     async def _serve_client(self, s: FrameStream, hello: dict[str, Any]) -> None:
         await self._desk.serve(s, hello)
