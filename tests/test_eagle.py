@@ -19,6 +19,7 @@ from flowspec.spec.drafters.eagle import LAYER, EagleDrafter, EagleHead
 from flowspec.spec.local_ring import generate_local
 from flowspec.spec.strategies import STRATEGIES, TreeParams
 from flowspec.spec.tree import DraftTree
+from flowspec.training.eagle_pass import forward_train, forward_unrolled
 
 
 def _target(folder: Path) -> tuple[ModelConfig, torch.Tensor, torch.Tensor]:
@@ -110,7 +111,7 @@ def test_head_forward_matches_reference(tiny_llama: Path, input_norm: bool) -> N
     tokens = torch.randint(0, cfg.vocab_size, (T,), generator=g)
     feats = torch.randn(T, cfg.hidden_size, generator=g)
     pos = torch.arange(5, 5 + T)
-    got = head.forward_train(tokens[None], feats[None], pos[None], torch.ones(1, T, dtype=torch.bool))[0]
+    got = forward_train(head, tokens[None], feats[None], pos[None], torch.ones(1, T, dtype=torch.bool))[0]
     ref = _reference(head, w, tokens, feats, pos)
     assert torch.allclose(got.double(), ref, atol=1e-4), (got.double() - ref).abs().max()
 
@@ -131,7 +132,7 @@ def test_drafter_cache_path_equals_full_sequence(tiny_llama: Path, tiny_head: Ea
     # full pass: inputs (token j, feature j-1) for j = 1..n-1, the last row predicts after the root
     tt = torch.tensor(toks[1:])
     ff = torch.stack([hidden[j - 1] for j in range(1, n)])
-    pred = tiny_head.forward_train(tt[None], ff[None], torch.arange(1, n)[None], torch.ones(1, n - 1, dtype=torch.bool))[0]
+    pred = forward_train(tiny_head, tt[None], ff[None], torch.arange(1, n)[None], torch.ones(1, n - 1, dtype=torch.bool))[0]
     lp = torch.log_softmax(tiny_head.logits(pred[-1:]), -1)[0]
     v, i = torch.topk(lp, 5)
     assert [t for t, _ in props] == i.tolist()
@@ -162,16 +163,16 @@ def test_unrolled_passes_equal_drafting_deeper_levels(tiny_head: EagleHead) -> N
     T = len(toks) - 1
     tt = torch.tensor(toks[1:])
     ff = torch.stack([hidden[j - 1] if j - 1 in hidden else torch.zeros(64) for j in range(1, T + 1)])
-    outs = tiny_head.forward_unrolled(tt[None], ff[None], torch.arange(1, T + 1)[None],
-                                      torch.ones(1, T, dtype=torch.bool), depth)
+    outs = forward_unrolled(tiny_head, tt[None], ff[None], torch.arange(1, T + 1)[None],
+                            torch.ones(1, T, dtype=torch.bool), depth)
     for s in range(depth):
         t = n - 2 + s  # row of position n-1+s
         lp = torch.log_softmax(tiny_head.logits(outs[s][0, t : t + 1]), -1)[0]
         got = torch.tensor([drafted[s][i] for i in range(256)])
         assert torch.allclose(got, lp, atol=1e-4), (s, (got - lp).abs().max())
     # and pass 0 is the plain causal pass
-    assert torch.equal(outs[0], tiny_head.forward_train(tt[None], ff[None], torch.arange(1, T + 1)[None],
-                                                        torch.ones(1, T, dtype=torch.bool)))
+    assert torch.equal(outs[0], forward_train(tiny_head, tt[None], ff[None], torch.arange(1, T + 1)[None],
+                                              torch.ones(1, T, dtype=torch.bool)))
 
 
 def test_eagle_layout_loads_like_project_format(tmp_path: Path, tiny_llama: Path) -> None:
@@ -192,9 +193,9 @@ def test_eagle_layout_loads_like_project_format(tmp_path: Path, tiny_llama: Path
     feats = torch.randn(1, 10, 64, generator=g)
     pos = torch.arange(10)[None]
     valid = torch.ones(1, 10, dtype=torch.bool)
-    assert torch.equal(a.forward_train(tokens, feats, pos, valid), b.forward_train(tokens, feats, pos, valid))
+    assert torch.equal(forward_train(a, tokens, feats, pos, valid), forward_train(b, tokens, feats, pos, valid))
     ref = _reference(a, w, tokens[0], feats[0], pos[0])
-    assert torch.allclose(a.forward_train(tokens, feats, pos, valid)[0].double(), ref, atol=1e-4)
+    assert torch.allclose(forward_train(a, tokens, feats, pos, valid)[0].double(), ref, atol=1e-4)
 
 
 def test_bad_head_folders_are_clear_errors(tmp_path: Path, tiny_llama: Path) -> None:

@@ -17,7 +17,10 @@ from safetensors import safe_open
 from flowspec.model.config import ModelConfig
 from flowspec.model.dtypes import dtype_name
 from flowspec.model.loader import EMBED, WeightStore, layer_tensor_names, lm_head_name, resolve_model
-from flowspec.spec.drafters.eagle import LAYER, EagleHead
+from flowspec.spec.drafters.eagle import EagleHead
+from flowspec.spec.drafters.eagle_checkpoint import LAYER, checkpoint_tensors
+
+from .eagle_pass import forward_unrolled
 
 log = logging.getLogger("train_drafter")
 
@@ -203,7 +206,7 @@ def train(args: argparse.Namespace, extra: list[str]) -> None:
         T = w.shape[1]
         autocast = _autocast(args.dtype)
         with autocast:
-            outs = head.forward_unrolled(b["tokens"], b["feats"], b["pos"], b["valid"], o.ttt)
+            outs = forward_unrolled(head, b["tokens"], b["feats"], b["pos"], b["valid"], o.ttt)
             if o.soft:
                 with torch.no_grad():
                     soft = torch.softmax(head.logits(b["target"]), dim=-1)
@@ -276,7 +279,7 @@ def answer_agreement(head: EagleHead, seqs: list, steps: int, vocab_map: torch.T
     for idx in batches(seqs, batch_tokens, max_len, random.Random(0)):
         b = make_batch(seqs, idx, max_len, vocab_map, 0.0, None)
         with _autocast(dtype):
-            outs = head.forward_unrolled(b["tokens"], b["feats"], b["pos"], b["valid"], steps)
+            outs = forward_unrolled(head, b["tokens"], b["feats"], b["pos"], b["valid"], steps)
         ans = b["weight"] == 1.0
         T = ans.shape[1]
         for s, out in enumerate(outs):
@@ -297,20 +300,9 @@ def _autocast(dtype: str) -> torch.autocast:
 
 
 def export(head: EagleHead, folder: Path, args: argparse.Namespace, meta: dict) -> None:
-    bf = EagleHead(head.cfg, {**{k: v.detach().to(torch.bfloat16) for k, v in _flat(head).items()}},
-                   head.embed.weight.detach(), head.lm_head.detach(), head.draft_vocab)
+    w = {k: v.to(torch.bfloat16) for k, v in checkpoint_tensors(head.fc, head.layer).items()}
+    bf = EagleHead(head.cfg, w, head.embed.weight.detach(), head.lm_head.detach(), head.draft_vocab)
     bf.save(folder, {"flowspec": {"target": str(args.model), **meta}})
-
-
-def _flat(head: EagleHead) -> dict[str, torch.Tensor]:
-    from flowspec.spec.drafters.eagle import _HF_NAMES
-
-    t = {"fc.weight": head.fc.weight}
-    if head.fc.bias is not None:
-        t["fc.bias"] = head.fc.bias
-    for name, p_ in head.layer.state_dict().items():
-        t[LAYER + _HF_NAMES.get(name, name)] = p_
-    return t
 
 
 def evaluate(args: argparse.Namespace, extra: list[str]) -> dict:

@@ -6,14 +6,10 @@ target's frozen lm_head turns that into draft log-probabilities for position p+1
 tree levels feed the head its own predicted features (or the target's, once a node has
 been through the ring).
 
-Checkpoint layout (a folder), shared by the project's own heads and published EAGLE-1/2
-heads: ``config.json`` (a Llama config of the single layer) and ``model.safetensors`` or
-``pytorch_model.bin`` with ``fc.weight`` [H, 2H] (+ optional ``fc.bias``),
-``layers.0.self_attn.{q,k,v,o}_proj.weight``, ``layers.0.mlp.{gate,up,down}_proj.weight``,
-``layers.0.post_attention_layernorm.weight``, optional ``layers.0.input_layernorm.weight``
-(EAGLE has none: identity), optional ``embed_tokens.weight`` (else the target's is used),
-and, in the project's format only, ``draft_vocab`` (int64 token ids the drafter ranks;
-verification always uses the full vocabulary).
+The checkpoint layout (a folder, shared by the project's own heads and published EAGLE-1/2
+heads) is :mod:`.eagle_checkpoint`; the head's training pass lives with the training code
+(``flowspec.training.eagle_pass``). Verification always uses the full vocabulary, whatever
+vocabulary the head drafts from.
 """
 
 from __future__ import annotations
@@ -31,29 +27,11 @@ from ...model.config import ModelConfig
 from ...model.kvcache import KVCache
 from ..tree import Node
 from .base import Drafter, DraftView, uncomputed_path
+from .eagle_checkpoint import LAYER, checkpoint_config, checkpoint_tensors, head_weights
+
+__all__ = ["LAYER", "EagleDrafter", "EagleHead"]  # LAYER: re-exported (the checkpoint prefix)
 
 log = logging.getLogger(__name__)
-
-LAYER = "layers.0."
-
-
-def read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a head folder: safetensors, or a .bin read with weights_only=True (no pickle code)."""
-    st = sorted(folder.glob("*.safetensors"))
-    if st:
-        from safetensors.torch import load_file
-
-        out: dict[str, torch.Tensor] = {}
-        for f in st:
-            out.update(load_file(str(f)))
-        return out
-    bins = sorted(folder.glob("*.bin"))
-    if bins:
-        out = {}
-        for f in bins:
-            out.update(torch.load(str(f), map_location="cpu", weights_only=True))
-        return out
-    raise ModelError(f"{folder}: no model.safetensors or pytorch_model.bin in the EAGLE head folder")
 
 
 class EagleHead(nn.Module):
@@ -96,22 +74,7 @@ class EagleHead(nn.Module):
         d = json.loads(cfg_path.read_text())
         d.setdefault("model_type", "llama")
         cfg = ModelConfig.from_hf_dict(d, source=str(cfg_path))
-        raw = read_checkpoint(folder)
-        # some published heads prefix names with "model." or "ea_layer."
-        w: dict[str, torch.Tensor] = {}
-        for k, v in raw.items():
-            for pre in ("ea_layer.", "model."):
-                if k.startswith(pre):
-                    k = k[len(pre):]
-            w[k] = v
-        need = ["fc.weight"] + [LAYER + n for n in (
-            "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-            "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-            "post_attention_layernorm.weight")]
-        missing = [n for n in need if n not in w]
-        if missing:
-            raise ModelError(f"{folder}: not an EAGLE head: missing {', '.join(missing)}")
-        dv = w.pop("draft_vocab", None)
+        w, dv = head_weights(folder)
         w = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in w.items()}
         return cls(cfg, w, embed, lm_head, dv)
 
@@ -121,20 +84,10 @@ class EagleHead(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        c = self.cfg
-        config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c.hidden_size,
-                  "intermediate_size": c.intermediate_size, "num_hidden_layers": 1,
-                  "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
-                  "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
-                  "rope_scaling": c.rope_scaling, "vocab_size": c.vocab_size,
-                  "max_position_embeddings": c.max_position_embeddings, "bias": self.fc.bias is not None}
+        config = checkpoint_config(self.cfg, self.fc.bias is not None)
         config.update(extra_config or {})
         (folder / "config.json").write_text(json.dumps(config, indent=2))
-        t = {"fc.weight": self.fc.weight.detach()}
-        if self.fc.bias is not None:
-            t["fc.bias"] = self.fc.bias.detach()
-        for name, p in self.layer.state_dict().items():
-            t[LAYER + _HF_NAMES.get(name, name)] = p.detach()
+        t = checkpoint_tensors(self.fc, self.layer)
         if self.draft_vocab is not None:
             t["draft_vocab"] = self.draft_vocab
         save_file({k: v.contiguous() for k, v in t.items()}, str(folder / "model.safetensors"))
@@ -157,58 +110,6 @@ class EagleHead(nn.Module):
         """Draft logits (float32) over the drafting vocabulary, or all tokens with full=True."""
         w = self.lm_head if full or self._draft_rows is None else self._draft_rows
         return (pred.to(w.dtype) @ w.T).float()
-
-    def forward_train(self, tokens: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,
-                      valid: torch.Tensor) -> torch.Tensor:
-        """Causal full-sequence pass for training: tokens/positions [B, T], feats [B, T, H],
-        valid [B, T] (False = padding). Returns predicted features [B, T, H]."""
-        return self.forward_unrolled(tokens, feats, positions, valid, 1)[0]
-
-    def forward_unrolled(self, tokens: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,
-                         valid: torch.Tensor, steps: int) -> list[torch.Tensor]:
-        """Teacher-forced pass followed by `steps - 1` passes that feed the head its own
-        predictions, as drafting deeper tree levels does ("training-time test").
-
-        Pass s (0-based) at position t is the entry a draft chain of depth s+1 writes there:
-        its feature is pass s-1's output at t-1, and it attends to the teacher-forced keys at
-        positions <= t-s plus, for each earlier pass r >= 1, the single key pass r wrote at
-        t-(s-r) -- exactly the head cache a drafter holds at that depth. Its output is only
-        meaningful where t >= s. Returns one [B, T, H] tensor per pass."""
-        layer = self.layer
-        B, T = tokens.shape
-        cos, sin = rope_cos_sin(self.inv_freq, positions.reshape(-1))
-        cos, sin = cos.view(B, T, -1), sin.view(B, T, -1)
-        keys: list[torch.Tensor] = []
-        values: list[torch.Tensor] = []
-        outs: list[torch.Tensor] = []
-        f = feats
-        for s in range(steps):
-            x = self.fuse(tokens, f)
-            q, k, v = layer.qkv(x, cos, sin)
-            keys.append(k)
-            values.append(v)
-            first = torch.ones(T, T, dtype=torch.bool).tril(-s)[None] & valid[:, None, :]
-            parts = [first] + [torch.eye(T, dtype=torch.bool).roll(-(s - r), dims=1).tril()[None].expand(B, T, T)
-                               for r in range(1, s + 1)]
-            if s == 0:
-                parts[0] = parts[0] | torch.eye(T, dtype=torch.bool)[None]  # padded rows see themselves
-            mask = torch.cat(parts, dim=-1)
-            att = layer.attend(q, torch.cat(keys, dim=-2), torch.cat(values, dim=-2), mask)
-            out = layer.mlp(layer.output(x, att))
-            outs.append(out)
-            f = torch.cat((torch.zeros_like(out[:, :1]), out[:, :-1]), dim=1)
-        return outs
-
-
-_HF_NAMES = {
-    "input_norm.weight": "input_layernorm.weight", "post_norm.weight": "post_attention_layernorm.weight",
-    "q_proj.weight": "self_attn.q_proj.weight", "k_proj.weight": "self_attn.k_proj.weight",
-    "v_proj.weight": "self_attn.v_proj.weight", "o_proj.weight": "self_attn.o_proj.weight",
-    "q_proj.bias": "self_attn.q_proj.bias", "k_proj.bias": "self_attn.k_proj.bias",
-    "v_proj.bias": "self_attn.v_proj.bias", "o_proj.bias": "self_attn.o_proj.bias",
-    "gate_proj.weight": "mlp.gate_proj.weight", "up_proj.weight": "mlp.up_proj.weight",
-    "down_proj.weight": "mlp.down_proj.weight",
-}
 
 
 class EagleDrafter(Drafter):
