@@ -138,8 +138,10 @@ def cmd_check(args: argparse.Namespace) -> int:
               file=sys.stderr)
         model_line, total, rows = "", "", _layers_only_rows(topo, reached)
         failed = True
+    count = len(topo.spares)  # outside the ring until a stage stays dead
+    spares = f", {count} spare{'s' if count > 1 else ''}" if count else ""
     print(f"{path}: valid: cluster {topo.cluster!r}, {len(topo.stages)} stage(s), "
-          f"{len(topo.nodes)} nodes in ring order")
+          f"{len(topo.stages) + 1} nodes in ring order{spares}")
     for line in [model_line] + table(rows) + [total]:
         if line:
             print(line)

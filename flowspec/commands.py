@@ -137,7 +137,33 @@ def _summary_table(status: dict[str, Any], topo: Topology, procs: dict[str, Any]
         a, b = r["layers"]
         t.add_row(r["name"], r["address"], f"{a}-{b - 1}", f"{r['weight_bytes'] / 1e6:.1f} MB", "ready",
                   *proc(r["name"]))
+    in_ring = {src.name} | {r["name"] for r in status.get("ring", [])}
+    waiting = set(status.get("spares") or [])
+    for n in topo.nodes:  # the spares: outside the ring until a stage stays dead (decoding.failover_after_s)
+        if n.name not in in_ring:
+            t.add_row(n.name, f"{n.host}:{n.port}", "-", "" if n.memory_gb is None else f"up to {n.memory_gb:g} GiB",
+                      "spare, waiting" if n.name in waiting else "spare, not connected", *proc(n.name))
     return t
+
+
+async def spares_announced(topo: Topology, key: bytes, status: dict[str, Any], local: set[str],
+                           timeout: float) -> dict[str, Any]:
+    """The source's status once the spares started here have announced themselves (they load
+    no layers, so they are ready about when the ring forms), or as it is after `timeout`."""
+    from .runtime.client import RingClient
+
+    deadline = time.monotonic() + timeout
+    while local - set(status.get("spares") or []) and time.monotonic() < deadline:
+        await asyncio.sleep(0.3)
+        try:
+            c = await RingClient.connect(topo, key, timeout=2.0)
+            try:
+                status = await c.status()
+            finally:
+                await c.close()
+        except (FlowSpecError, OSError, asyncio.TimeoutError) as e:
+            log.debug("the status of the ring, for its spares: %s", e)
+    return status
 
 
 def wait_api(host: str, port: int, timeout: float, alive: Callable[[], None]) -> None:
@@ -192,6 +218,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         if ring.serves_api:
             wait_api(topo.api.host, topo.api.port, 30.0, ring.check_alive)
             api_line = f"; API at http://{topo.api.host}:{topo.api.port}"
+        local_spares = {p.name for p in ring.procs if topo.node(p.name).is_spare}
+        st = run_async(lambda: spares_announced(client_topology(ring, topo), ring.key, st, local_spares, 10.0))
         console.print(_summary_table(st, topo, {p.name: p for p in ring.procs}))
         if isinstance(ring, Testbed):
             console.print("emulated: " + "; ".join(ring.describe()))

@@ -68,6 +68,8 @@ def test_check_shipped_topologies(path: Path, default_model_dir: Path, capsys: p
     out = capsys.readouterr().out
     topo = Topology.load(path)
     assert f"{path}: valid" in out and "30 layers" in out
+    spares = f", {len(topo.spares)} spare" if topo.spares else ""  # counted apart from the ring's nodes
+    assert f"{len(topo.stages)} stage(s), {len(topo.stages) + 1} nodes in ring order{spares}\n" in out, out
     rows = [ln for ln in out.splitlines() if ln.split(" ")[0] in {n.name for n in topo.nodes}]
     assert [r.split()[0] for r in rows] == [n.name for n in topo.nodes]  # ring order
     by_name = {r.split()[0]: r for r in rows}

@@ -37,6 +37,7 @@ from typing import Any, Iterator
 import psutil
 import pytest
 import torch
+import yaml
 
 from flowspec.config import Topology
 from flowspec.errors import FlowSpecError
@@ -47,8 +48,8 @@ from flowspec.runtime.protocol import HEADER, MAGIC, VERSION, Frame, FrameType, 
 from flowspec.runtime.transport import AuthError, client_auth, hello_meta, open_stream
 
 from ring_helpers import tiny_tok_model  # noqa: F401  (a fixture, used by name)
-from ring_helpers import (formed, generate, impersonate, kill_leftovers, new_key, node_env, ring_logs, running_ring,
-                          wait_gone, wait_log, write_topology)
+from ring_helpers import (formed, free_ports, generate, impersonate, kill_leftovers, new_key, node_env, ring_logs,
+                          running_ring, wait_gone, wait_log, write_topology)
 
 pytestmark = pytest.mark.slow
 
@@ -553,6 +554,10 @@ def _read_until(stream: Any, marker: str, timeout: float) -> tuple[str, bool]:
 @pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
 def test_up_prints_ring_and_stops_every_node(how: str, tiny_tok_model: Path, tmp_path: Path) -> None:
     path = write_topology(tmp_path, 3, tiny_tok_model)
+    data = yaml.safe_load(path.read_text())  # and a spare: listed in the table, outside the ring
+    data["nodes"].append({"name": "spare1", "host": "127.0.0.1", "port": free_ports(1)[0], "role": "spare",
+                          "memory_gb": 2})
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     env = dict(node_env(new_key()), COLUMNS="200")
     err = open(tmp_path / "up.err", "w")
     up = subprocess.Popen([*CLI, "up", str(path), "--threads", "1", "--dtype", "float32", "--timeout", "90"],
@@ -566,11 +571,13 @@ def test_up_prints_ring_and_stops_every_node(how: str, tiny_tok_model: Path, tmp
         assert formed, f"no summary: {out}\n{(tmp_path / 'up.err').read_text()[-3000:]}"
         for word in ("source", "stage1", "stage2", "0-2", "3-5", "ready"):
             assert word in out, (word, out)
+        spare = next((ln for ln in out.splitlines() if "spare1" in ln), "")
+        assert "spare, waiting" in spare and "up to 2 GiB" in spare, out
         children = [c.pid for c in psutil.Process(up.pid).children(recursive=True)]
-        assert len(children) == 3, children
+        assert len(children) == 4, children
         for pid in children:  # every node's PID and log are printed (issue 14, defect 5)
             assert str(pid) in out, (pid, out)
-        assert out.count(".log") >= 3 and "API at http://127.0.0.1:" in out, out
+        assert out.count(".log") >= 4 and "API at http://127.0.0.1:" in out, out
         if how == "SIGTERM":
             up.send_signal(signal.SIGTERM)
         else:  # the terminal sends SIGINT to the whole foreground process group
