@@ -137,7 +137,8 @@ def test_a_spare_takes_the_place_of_a_killed_stage(tmp_path: Path, tiny_tok_mode
         h = health(topo)
         assert [(s["name"], s["status"]) for s in h["spares"]] == [("stage2", "waiting")], h
         assert [n["name"] for n in h["nodes"]] == ["source", "stage1", "spare", "stage3"], h
-        assert health_text(h)[0] == "ring ok: 4/4 nodes up (spare holds stage2's layers 2-3); 1 spare waiting: stage2"
+        assert health_text(h)[0] == ("ring ok: 4/4 nodes up (spare holds stage2's layers 2-3); "
+                                     "1 spare waiting: stage2")
 
 
 class _Source:
