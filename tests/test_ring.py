@@ -44,7 +44,8 @@ from flowspec.errors import FlowSpecError
 from flowspec.model.pipeline import LocalPipeline, greedy_generate
 from flowspec.model.tokenizer import Tokenizer
 from flowspec.runtime.client import RingClient
-from flowspec.runtime.protocol import HEADER, MAGIC, VERSION, Frame, FrameType, SegmentMsg
+from flowspec.runtime import protocol
+from flowspec.runtime.protocol import HEADER, HEADER_SIZE, MAGIC, VERSION, Frame, FrameType, ProtocolError, SegmentMsg
 from flowspec.runtime.transport import AuthError, client_auth, hello_meta, open_stream
 
 from ring_helpers import tiny_tok_model  # noqa: F401  (a fixture, used by name)
@@ -251,7 +252,10 @@ def test_one_connection_many_requests_and_status(ring2: Any, tiny_tok_model: Pat
 
 
 # ---------------------------------------------------------------------- authentication
-def test_wrong_key_is_refused_and_ring_still_serves(ring2: Any, tiny_tok_model: Path) -> None:
+def test_wrong_key_is_refused_and_ring_still_serves(ring2: Any, tiny_tok_model: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """So are a wrong key and a node of the previous protocol version (both ways, with a message
+    naming the two versions)."""
     topo, ring = ring2
     wrong = b"not-the-cluster-key-" + os.urandom(8).hex().encode()
 
@@ -267,21 +271,44 @@ def test_wrong_key_is_refused_and_ring_still_serves(ring2: Any, tiny_tok_model: 
         finally:
             await s.close()
 
+    async def previous_version() -> bytes:
+        """A node of the previous protocol version at stage1's door: the challenge it reads, and
+        the AUTH frame it answers with (any key: the version is checked first)."""
+        r, w = await asyncio.open_connection(*topo.node("stage1").address)
+        try:
+            challenge = await r.readexactly(HEADER_SIZE)
+            w.write(raw_header(int(FrameType.AUTH), 0, 48, version=VERSION - 1) + os.urandom(48))
+            await w.drain()
+            assert await closed_within(r, 4.0)
+        finally:
+            w.close()
+        return challenge
+
     asyncio.run(attempts())
+    challenge = asyncio.run(previous_version())
     for name in ("source", "stage1"):
         log = wait_log(ring, name, "wrong cluster key")
         assert "refused a connection" in log and "wrong cluster key" in log, log[-2000:]
+    # the newer node names both versions ...
+    log = wait_log(ring, "stage1", "this node speaks")
+    assert f"protocol version {VERSION - 1}, this node speaks {VERSION}; upgrade the older node" in log, log[-2000:]
+    # ... and so does the older one, reading the newer node's challenge (the RING frame is not sent to it)
+    monkeypatch.setattr(protocol, "VERSION", VERSION - 1)
+    with pytest.raises(ProtocolError, match=f"^protocol version {VERSION}, this node speaks {VERSION - 1}; "
+                                            "upgrade the older node$"):
+        protocol.parse_header(challenge, 4096)
+    monkeypatch.undo()
     ring.check_alive()
     res = generate(topo, ring.key, {"prompt_ids": TINY_PROMPTS[0], "max_new_tokens": 8})
     assert res["token_ids"] == reference(tiny_tok_model, TINY_PROMPTS[0], 8)
 
 
 # ---------------------------------------------------------------- malformed connections
-def raw_header(ftype: int, mlen: int, plen: int) -> bytes:
+def raw_header(ftype: int, mlen: int, plen: int, version: int = VERSION) -> bytes:
     import struct
     import zlib
 
-    head = HEADER.pack(MAGIC, VERSION, ftype, 0, 0, mlen, plen, 0)
+    head = HEADER.pack(MAGIC, version, ftype, 0, 0, mlen, plen, 0)
     return head[:-4] + struct.pack("!I", zlib.crc32(head[:-4]))
 
 

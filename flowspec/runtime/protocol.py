@@ -29,7 +29,10 @@ import torch
 from ..errors import FlowSpecError
 
 MAGIC = b"FS"
-VERSION = 2  # 2: every frame after the handshake is sealed (seal.py)
+# 2: every frame after the handshake is sealed (seal.py); 3: the RING frame and ring plans in HELLO,
+# REJECT and FORM (spares, ring_plan.py). A peer of another version is refused at its first frame,
+# with a message naming both versions.
+VERSION = 3
 HEADER = struct.Struct("!2sBBIIIII")
 HEADER_SIZE = HEADER.size  # 24
 MAX_META = 1 << 20  # metadata is small; 1 MiB is generous
