@@ -2,21 +2,21 @@
 
 ``parse_chat`` and ``parse_completion`` turn a request body into the fields
 ``SourceNode.prepare`` takes, or raise ApiError with the HTTP status and the name of the
-bad field; the fields both routes have are checked by the same code. Fields FlowSpec
-cannot honour are refused unless they carry their neutral value; nothing is silently
-ignored.
+bad field; the fields both routes have are checked by the same code. The decoding fields
+are translated to a :class:`~flowspec.spec.request.DecodeRequest`'s (``max_tokens`` ->
+``max_new_tokens``, ``top_logprobs`` -> ``logprobs``) and checked by its one checker; an
+error names the field as the client sent it. Fields FlowSpec cannot honour are refused
+unless they carry their neutral value; nothing is silently ignored.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .config import STRATEGIES
-from .spec.logprobs import MAX_TOP_LOGPROBS
-from .spec.params import VERIFY_AT
+from .spec.bounds import FieldError
+from .spec.request import check_decode, check_field
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -30,6 +30,8 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
     "best_of": (None, 1), "suffix": (None, ""),
 }
+# the decoding fields both routes take under a DecodeRequest's own names
+_SHARED = ("temperature", "top_p", "top_k", "seed", "stop", "strategy", "verify")
 COMPLETION_MAX_TOKENS = 16  # a text completion's max_tokens when the request has none (OpenAI's default)
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -73,19 +75,17 @@ def parse_chat(body: Any, ctx: ModelNames) -> GenCall:
     body = _common(body, ctx)
     meta: dict[str, Any] = {"messages": _messages(body.get("messages"))}
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    mt = _max_tokens(body, name, None)
-    if mt is not None:
-        meta["max_new_tokens"] = mt
     want = body.get("logprobs")
     if want is not None and not isinstance(want, bool):
         raise ApiError(400, f"logprobs must be true or false, not {_short(want)}", param="logprobs")
     top = body.get("top_logprobs")
-    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
-        raise ApiError(400, f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, not {_short(top)}",
-                       param="top_logprobs")
+    if top is not None:
+        _checked("logprobs", top, "top_logprobs")
     if top and not want:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    return _finish(body, meta, "chat", (top or 0) if want else None)
+    logprobs = (top if top is not None else 0) if want else None
+    return _finish(body, meta, "chat", {"max_new_tokens": body.get(name), "logprobs": logprobs},
+                   {"max_new_tokens": name, "logprobs": "top_logprobs"})
 
 
 def parse_completion(body: Any, ctx: ModelNames) -> GenCall:
@@ -96,18 +96,18 @@ def parse_completion(body: Any, ctx: ModelNames) -> GenCall:
         raise ApiError(400, "max_completion_tokens is a chat completions field; text completions take max_tokens",
                        param="max_completion_tokens")
     meta = _prompt(body.get("prompt"))
-    meta["max_new_tokens"] = _max_tokens(body, "max_tokens", COMPLETION_MAX_TOKENS)
     echo = body.get("echo")
     if echo is not None and not isinstance(echo, bool):
         raise ApiError(400, f"echo must be true or false, not {_short(echo)}", param="echo")
     n = body.get("logprobs")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_TOP_LOGPROBS):
-        raise ApiError(400, f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS} (the most likely "
-                       f"alternatives to report with each token), not {_short(n)}", param="logprobs")
+    if n is not None:
+        _checked("logprobs", n, "logprobs")
     if echo and n is not None:
         raise ApiError(400, "echo with logprobs is not supported: FlowSpec reports the target's logprobs of the "
                        "generated tokens, not of the prompt; leave out echo or logprobs", param="echo")
-    call = _finish(body, meta, "text", n)
+    mt = body.get("max_tokens")
+    call = _finish(body, meta, "text", {"max_new_tokens": COMPLETION_MAX_TOKENS if mt is None else mt,
+                                        "logprobs": n}, {"max_new_tokens": "max_tokens"})
     call.echo = bool(echo)
     return call
 
@@ -135,50 +135,33 @@ def _common(body: Any, ctx: ModelNames) -> dict[str, Any]:
     return body
 
 
-def _max_tokens(body: dict[str, Any], name: str, default: int | None) -> int | None:
-    mt = body.get(name)
-    if mt is None:
-        return default
-    if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
-        raise ApiError(400, f"{name} must be an integer >= 1, not {_short(mt)}", param=name)
-    return mt
+def _checked(name: str, value: Any, param: str) -> Any:
+    """One decoding field checked alone; ApiError(400) names it `param`, as the client sent it."""
+    try:
+        return check_field(name, value)
+    except FieldError as e:
+        raise ApiError(400, f"{param}: {e.reason}", param=param) from None
 
 
-def _finish(body: dict[str, Any], meta: dict[str, Any], kind: str, logprobs: int | None) -> GenCall:
-    """The sampling, stop, FlowSpec and streaming fields every generation route shares."""
-    for k, lo, hi in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
-        v = body.get(k)
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi \
-                or (k == "top_p" and v == 0):
-            raise ApiError(400, f"{k} must be a number in {'(' if k == 'top_p' else '['}{lo:g}, {hi:g}], "
-                           f"not {_short(v)}", param=k)
-        meta[k] = float(v)
-    for k, lo in (("seed", None), ("top_k", 0)):
-        v = body.get(k)
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
-            raise ApiError(400, f"{k} must be an integer{f' >= {lo}' if lo is not None else ''}, not {_short(v)}",
-                           param=k)
-        meta[k] = v
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or len(stop) > 4
-                             or not all(isinstance(s, str) and s for s in stop)):
-        raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", param="stop")
-    if stop:
-        meta["stop"] = stop
-    for key, allowed in (("strategy", STRATEGIES), ("verify", VERIFY_AT)):  # FlowSpec's own fields
-        v = body.get(key)
-        if v is not None:
-            if v not in allowed:
-                raise ApiError(400, f"unknown {key} {_short(v)}; choose one of {', '.join(allowed)}", param=key)
-            meta[key] = v
-    if logprobs is not None:
-        meta["logprobs"] = logprobs
+def _finish(body: dict[str, Any], meta: dict[str, Any], kind: str, own: dict[str, Any],
+            params: dict[str, str]) -> GenCall:
+    """The decoding fields every generation route shares (sampling, stop, FlowSpec's strategy
+    and verify), with `own` (the route's translated max tokens and logprobs; `params` names
+    them as the client did), checked as one DecodeRequest; then the streaming fields."""
+    given = {k: body.get(k) for k in _SHARED if body.get(k) is not None}
+    given.update({k: v for k, v in own.items() if v is not None})
+    try:
+        req = check_decode(given)
+    except FieldError as e:
+        top = e.field.split("[")[0].split(".")[0]  # "stop[1]" is in "stop"
+        param = params.get(top, top)
+        raise ApiError(400, f"{param}{e.field[len(top):]}: {e.reason}", param=param) from None
+    for k in given:  # the checked values, of the fields the request gave
+        v = getattr(req, k)
+        if k != "stop" or v:
+            meta[k] = list(v) if k == "stop" else v
+    stop = list(req.stop)
+    logprobs = req.logprobs
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -193,7 +176,7 @@ def _finish(body: dict[str, Any], meta: dict[str, Any], kind: str, logprobs: int
     if usage is not None and not isinstance(usage, bool):
         raise ApiError(400, f"stream_options.include_usage must be true or false, not {_short(usage)}",
                        param="stream_options")
-    return GenCall(meta, stream, bool(usage), list(stop or []), kind, logprobs)
+    return GenCall(meta, stream, bool(usage), stop, kind, logprobs)
 
 
 def _prompt(v: Any) -> dict[str, Any]:

@@ -21,7 +21,9 @@ from .cli_common import (
 )
 from .config.schema import DTYPES
 from .errors import UsageError
+from .spec.bounds import FieldError
 from .spec.params import STRATEGIES
+from .spec.request import check_decode
 
 __all__ = ["build_parser", "main", "run_reporting"]
 
@@ -57,7 +59,16 @@ def _emit(args: argparse.Namespace, text: str, token_ids: list[int], stats: dict
               f"{s.get('tokens_per_s', 0):.1f} tokens/s decode]", file=sys.stderr)
 
 
+# the flags of `generate` that set a decoding request's fields
+_REQUEST_FLAGS = {"max_new_tokens": "--max-new-tokens", "strategy": "--strategy", "temperature": "--temperature",
+                  "top_p": "--top-p", "top_k": "--top-k", "seed": "--seed"}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    try:  # the bounds of a request's fields, said before anything starts (exit 2)
+        req = check_decode({k: getattr(args, k) for k in _REQUEST_FLAGS})
+    except FieldError as e:
+        raise UsageError(f"{_REQUEST_FLAGS[e.field]}: {e.reason}") from None
     if args.topology and args.model is not None:
         raise UsageError("--model generates in this process, --topology on a ring: give one of them")
     if args.model is None:  # $FLOWSPEC_TOPOLOGY stands in for --topology unless --model is given
@@ -96,12 +107,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         from .spec.drafters import make_drafter, parse_drafter
         from .spec.local_ring import generate_local
-        from .spec.sampling import SamplingParams
         from .spec.strategies import TreeParams
 
         kind, path = parse_drafter(args.drafter or "eagle")
         drafter = make_drafter(kind, path, pipe.cfg.vocab_size, dtype, ctx, target_folder=folder)
-        sampling = SamplingParams(args.temperature or 0.0, args.top_p or 1.0, args.top_k or 0, args.seed or 0)
+        sampling = req.sampling(0)  # single-process mode: seed 0 unless --seed
         tree = TreeParams(in_flight=max(1, len(pipe.stages)))
         res2 = generate_local(pipe, strategy, prompt, args.max_new_tokens, drafter, tok.eos_ids, sampling, tree)
         ids, stats = res2["token_ids"], dict(res2["stats"], drafter=args.drafter or "eagle")

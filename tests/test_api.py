@@ -541,7 +541,7 @@ def test_completion_requests_are_checked(api_ring: dict[str, Any]) -> None:
         ({"prompt": [3, 10**9]}, "prompt", "prompt (token ids) must be"),
         ({"messages": QUESTION}, "prompt", "prompt is required"),
         ({"prompt": "x", "logprobs": 21}, "logprobs", "from 0 to 20"),
-        ({"prompt": "x", "logprobs": True}, "logprobs", "logprobs must be an integer"),
+        ({"prompt": "x", "logprobs": True}, "logprobs", "logprobs: must be an integer"),
         ({"prompt": "x", "logprobs": 1, "echo": True}, "echo", "echo with logprobs"),
         ({"prompt": "x", "suffix": "!"}, "suffix", "suffix is not supported"),
         ({"prompt": "x", "best_of": 3}, "best_of", "best_of is not supported"),

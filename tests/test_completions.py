@@ -97,7 +97,7 @@ def test_logprobs_are_refused_where_the_source_has_no_logits(default_model_dir: 
         check_request(topo, tok, 49152, {"prompt": "x", "raw": True, "logprobs": 0})
     assert e.value.param == "logprobs" and "last stage" in str(e.value) and '"verify": "source"' in str(e.value)
     assert check_request(topo, tok, 49152, {"prompt": "x", "logprobs": 3, "verify": "source"}).logprobs == 3
-    with pytest.raises(RequestError, match="logprobs must be an integer from 0 to 20"):
+    with pytest.raises(RequestError, match="logprobs: must be an integer from 0 to 20"):
         check_request(topo, tok, 49152, {"prompt": "x", "logprobs": 21, "verify": "source"})
     # a completion's prompt that does not fit names `prompt`, not `messages`
     plan = check_request(topo, tok, 49152, {"prompt": "x", "raw": True, "max_new_tokens": 2000})

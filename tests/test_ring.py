@@ -174,7 +174,7 @@ def test_request_tree_settings_take_effect_and_stay_exact(ring2: Any, tiny_tok_m
         depth += d
         peak = max(peak, depth)
     assert 1 < peak <= 5, peak
-    with pytest.raises(FlowSpecError, match="tree.in_flight must be within"):
+    with pytest.raises(FlowSpecError, match="tree.in_flight: must be an integer from 1 to 64"):
         generate(topo, ring.key, {"prompt_ids": prompt, "max_new_tokens": 4, "tree": {"in_flight": 0}})
 
 

@@ -30,6 +30,8 @@ from typing import Any
 from ..cli_common import add_topology_option, drafter_arg
 from ..config import DTYPES, STRATEGIES, Topology
 from ..errors import FlowSpecError, UsageError
+from ..spec.bounds import FieldError
+from ..spec.request import check_field
 from .options import BenchOptions
 from .output import check_plot_available, plot_report, print_report
 from .prompts import MTBENCH, load_prompts, parse_strategies
@@ -67,8 +69,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_plot_available()
     if args.max_new_tokens < 1 or args.warmup < 0 or args.limit < 0:
         raise UsageError("--max-new-tokens must be >= 1, --warmup and --limit >= 0")
-    if args.temperature < 0:
-        raise UsageError("--temperature must be >= 0")
+    try:  # a request's bound, as the ring will check it
+        check_field("temperature", args.temperature)
+    except FieldError as e:
+        raise UsageError(f"--temperature: {e.reason}") from None
     join = bool(args.join or args.url)
     if join and args.emulate:
         raise UsageError("--emulate starts a ring; it cannot be combined with --join / --url")

@@ -14,6 +14,8 @@ from typing import Any
 from ..cli_common import TOPOLOGY_ENV, env_default, env_value
 from ..config import STRATEGIES, Topology
 from ..errors import FlowSpecError, UsageError
+from ..spec.bounds import FieldError
+from ..spec.request import check_field
 from .client import ApiClient, ChatError, api_url, error_message, normalize_url, wait_ready
 from .history import history_path, line_editing
 from .runner import keep_sigint_on_main_thread, new_runner
@@ -35,6 +37,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if bool(args.topology) == bool(args.url):
         raise UsageError(f"chat needs either --topology FILE (start or join a ring; or ${TOPOLOGY_ENV}) or "
                          "--url URL (a running HTTP API), not both or neither")
+    for flag, name, value in (("--temperature", "temperature", args.temperature),
+                              ("--max-tokens", "max_new_tokens", args.max_tokens)):
+        if value is not None:  # the bounds of a request's field, said before the ring starts
+            try:
+                check_field(name, value)
+            except FieldError as e:
+                raise UsageError(f"{flag}: {e.reason}") from None
     opts = ChatOptions(args.temperature, args.strategy, args.max_tokens, args.system)
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     notices = RingNotices()

@@ -9,7 +9,9 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..config import STRATEGIES
+from ..spec.bounds import FieldError, rule_of
+from ..spec.params import STRATEGIES
+from ..spec.request import DecodeRequest, check_field
 from .client import ApiClient, ChatError
 from .turn import Turn
 from .view import ChatView
@@ -22,6 +24,7 @@ COMMANDS = {
     "/help": "this list",
     "/quit": "leave (also Ctrl-D)",
 }
+TEMPERATURE = rule_of(DecodeRequest, "temperature")  # what /temperature allows: a request's bound
 HEALTH_EVERY_S = 2.0  # how often the ring's health is polled during an answer
 
 
@@ -80,21 +83,20 @@ class ChatSession:
             self.messages.clear()
             self.last = None
             self.view.cleared()
-        elif cmd == "/temperature":
+        elif cmd == "/temperature":  # checked as a request's temperature is, wherever it comes from
             try:
-                v = float(arg)
-                if not 0.0 <= v <= 2.0:
-                    raise ValueError
-            except ValueError:
-                self.view.bad_temperature(arg)
+                v = check_field("temperature", float(arg))
+            except ValueError:  # not a number, or out of bounds (a FieldError)
+                self.view.bad_temperature(arg, TEMPERATURE.allowed)
                 return False
             self.opts.temperature = v
             self.view.temperature_set(v)
         elif cmd == "/strategy":
-            if arg not in STRATEGIES:
+            try:
+                self.opts.strategy = check_field("strategy", arg)
+            except FieldError:
                 self.view.unknown_strategy(arg, STRATEGIES)
                 return False
-            self.opts.strategy = arg
             self.view.strategy_set(arg)
         elif cmd == "/stats":
             self.view.show_stats(self.last)

@@ -153,10 +153,11 @@ class ChatView:
     def cleared(self) -> None:
         self.console.print("[dim]conversation cleared[/]")
 
-    def bad_temperature(self, arg: str) -> None:
+    def bad_temperature(self, arg: str, allowed: str) -> None:
+        """`allowed`: what a request's temperature may be ("a number in [0, 2]")."""
         from rich.markup import escape
 
-        self.console.print(f"[red]/temperature needs a number from 0 to 2, not {escape(repr(arg))}[/]")
+        self.console.print(f"[red]/temperature needs {escape(allowed)}, not {escape(repr(arg))}[/]")
 
     def temperature_set(self, v: float) -> None:
         self.console.print(f"[dim]temperature {v:g}[/]")

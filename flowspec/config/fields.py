@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from ..errors import TopologyError
+from ..spec.bounds import FieldError, rule_of
 from .messages import _join, _kind, _suggest
 
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -100,6 +101,14 @@ class _Fields:
         if hi is not None and (v > hi or (hi_open and v == hi)):
             raise self.error(path, f"must be {allowed}, not {v!r}")
         return int(v) if integer else float(v)
+
+    def ruled(self, cls: type, name: str, v: Any, path: str) -> Any:
+        """A value checked by the rule the algorithm declares on field `name` of the dataclass
+        `cls` (:mod:`flowspec.spec.bounds`)."""
+        try:
+            return rule_of(cls, name).read(v)
+        except FieldError as e:
+            raise self.error(e.within(path).field, e.reason) from None
 
     def string(self, v: Any, path: str, allowed: str, pattern: re.Pattern[str] | None = None) -> str:
         if not isinstance(v, str) or not v.strip() or (pattern is not None and not pattern.match(v)):

@@ -5,8 +5,9 @@ Shared by :mod:`flowspec.config.parse` and :mod:`flowspec.config.topology`.
 
 from __future__ import annotations
 
-import difflib
-from typing import Any, Sequence
+from typing import Any
+
+from ..spec.bounds import suggest as _suggest  # noqa: F401 -- one "did you mean" for requests and topologies
 
 
 def _join(path: str, key: str) -> str:
@@ -21,8 +22,3 @@ def _kind(v: Any) -> str:
     if isinstance(v, dict):
         return "a mapping"
     return repr(v)
-
-
-def _suggest(word: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import TopologyError, TopologyErrors
 from ..layer_plan import plan_layers as _plan_layers
-from ..spec.params import STRATEGIES, VERIFY_AT
+from ..spec.bounds import FieldError, rule_of, show
+from ..spec.params import TreeParams
+from ..spec.request import check_decode
 from .fields import _ENV_RE, _Fields, _Recorded
 from .hosts import _host_key, _is_loopback, _is_wildcard
 from .messages import _kind, _suggest
@@ -44,6 +46,8 @@ _API_KEYS = ("host", "port", "api_key_env", "api_key_file", "queue_size", "allow
 _DECODING_KEYS = ("strategy", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "tree",
                   "prefill_chunk", "max_active", "resume_window_s", "verify", "failover_after_s")
 _TREE_KEYS = ("depth", "top_k", "total", "segment", "expand", "in_flight")
+# the decoding keys that set a request's defaults (checked as spec.request.DecodeRequest's fields)
+_REQUEST_KEYS = ("strategy", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "verify")
 _SECURITY_KEYS = ("key_env", "key_file", "encrypt", "max_frame_mb", "read_timeout_s", "heartbeat_s", "dead_after_s")
 _TESTBED_KEYS = ("link", "links", "cpu_quota", "cpu_period_ms", "threads", "cpus")
 _LINK_KEYS = ("latency_ms", "jitter_ms", "bandwidth_mbit", "stall_prob", "stall_ms")
@@ -274,16 +278,13 @@ class _Parser(_Fields):
     def decoding(self, v: Any) -> DecodingSpec:
         d = self.mapping({} if v is None else v, "decoding", _DECODING_KEYS)
         dflt = DecodingSpec()
+        try:  # a request's defaults: null is a value here (seed: null = random), never "not given"
+            r = check_decode({k: d[k] for k in _REQUEST_KEYS if k in d}, null_is_default=False)
+        except FieldError as e:
+            raise self.error(f"decoding.{e.field}", e.reason) from None
         return DecodingSpec(
-            strategy=self.choice(d.get("strategy", dflt.strategy), "decoding.strategy", STRATEGIES,
-                                 "strategy"),
-            max_new_tokens=self.number(d.get("max_new_tokens", dflt.max_new_tokens),
-                                       "decoding.max_new_tokens", integer=True, lo=1),
-            temperature=self.number(d.get("temperature", dflt.temperature), "decoding.temperature",
-                                    lo=0),
-            top_p=self.number(d.get("top_p", dflt.top_p), "decoding.top_p", lo=0, hi=1, lo_open=True),
-            top_k=self.number(d.get("top_k", dflt.top_k), "decoding.top_k", integer=True, lo=0),
-            seed=self.number(d.get("seed"), "decoding.seed", integer=True, nullable="random"),
+            strategy=r.strategy, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+            top_k=r.top_k, seed=r.seed, verify=r.verify,
             tree=self.tree(d.get("tree")),
             prefill_chunk=self.number(d.get("prefill_chunk", dflt.prefill_chunk),
                                       "decoding.prefill_chunk", integer=True, lo=1),
@@ -291,7 +292,6 @@ class _Parser(_Fields):
                                    integer=True, lo=1, hi=64),
             resume_window_s=self.number(d.get("resume_window_s", dflt.resume_window_s),
                                         "decoding.resume_window_s", lo=0, hi=86400),
-            verify=self.choice(d.get("verify", dflt.verify), "decoding.verify", VERIFY_AT, "place"),
             failover_after_s=self.number(d.get("failover_after_s", dflt.failover_after_s),
                                          "decoding.failover_after_s", lo=0, hi=86400),
         )
@@ -302,18 +302,15 @@ class _Parser(_Fields):
         p = "decoding.tree"
         in_flight = d.get("in_flight", dflt.in_flight)
         if in_flight != "auto":
-            if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
-                raise self.error(f"{p}.in_flight", "must be an integer >= 1 or \"auto\" (= number of "
-                                 f"stages), not {in_flight!r}")
-        return TreeSpec(
-            depth=self.number(d.get("depth", dflt.depth), f"{p}.depth", integer=True, lo=1, hi=32),
-            top_k=self.number(d.get("top_k", dflt.top_k), f"{p}.top_k", integer=True, lo=1, hi=64),
-            total=self.number(d.get("total", dflt.total), f"{p}.total", integer=True, lo=1),
-            segment=self.number(d.get("segment", dflt.segment), f"{p}.segment", integer=True, lo=1,
-                                hi=512),
-            expand=self.number(d.get("expand", dflt.expand), f"{p}.expand", integer=True, lo=1),
-            in_flight=in_flight,
-        )
+            rule = rule_of(TreeParams, "in_flight")
+            try:
+                rule.read(in_flight)
+            except FieldError:
+                raise self.error(f"{p}.in_flight", f"must be {rule.allowed} or \"auto\" (= number of "
+                                 f"stages), not {show(in_flight)}") from None
+        sizes = {k: self.ruled(TreeParams, k, d.get(k, getattr(dflt, k)), f"{p}.{k}")
+                 for k in ("depth", "top_k", "total", "segment", "expand")}
+        return TreeSpec(**sizes, in_flight=in_flight)
 
     def security(self, v: Any) -> SecuritySpec:
         d = self.mapping({} if v is None else v, "security", _SECURITY_KEYS)

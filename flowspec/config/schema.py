@@ -3,13 +3,21 @@
 Each dataclass is one section of the YAML file (``model``, ``nodes[i]``, ``api``,
 ``decoding``, ``security``, ``testbed``); :class:`~flowspec.config.topology.Topology`
 holds them. Nothing here validates: :mod:`flowspec.config.parse` builds these from
-plain data and checks every field.
+plain data and checks every field. The ``decoding`` section embeds the algorithm's request
+settings: their defaults and bounds are those of :class:`~flowspec.spec.request.DecodeRequest`
+and :class:`~flowspec.spec.params.TreeParams`, declared there once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import PurePath
+
+from ..spec.params import TreeParams
+from ..spec.request import DecodeRequest
+
+_REQUEST = DecodeRequest()  # the built-in request defaults
+_TREE = TreeParams()  # the built-in draft tree
 
 ROLES = ("source", "stage", "spare")
 DTYPES = ("auto", "bfloat16", "float32")  # auto: per node, see flowspec.model.dtypes
@@ -119,32 +127,41 @@ class ApiSpec:
 
 @dataclass(frozen=True)
 class TreeSpec:
-    """Shape of the speculative token tree."""
+    """Shape of the speculative token tree: TreeParams, with in_flight "auto" allowed (bounds:
+    TreeParams' fields)."""
 
-    depth: int = 5  # levels drafted per expansion, 1..32
-    top_k: int = 8  # children kept per node, 1..64
-    total: int = 64  # nodes kept in the tree (>= 1)
-    segment: int = 16  # nodes per segment sent into the ring, 1..512
-    expand: int = 32  # nodes added per dynamic expansion (>= 1)
-    in_flight: int | str = "auto"  # segments in flight: int >= 1 or "auto" (= number of stages)
+    depth: int = _TREE.depth  # levels drafted per expansion
+    top_k: int = _TREE.top_k  # children kept per node
+    total: int = _TREE.total  # nodes kept in the tree
+    segment: int = _TREE.segment  # nodes per segment sent into the ring
+    expand: int = _TREE.expand  # nodes added per dynamic expansion
+    in_flight: int | str = "auto"  # segments in flight: an integer (TreeParams' bounds) or "auto" (= number of stages)
 
 
 @dataclass(frozen=True)
 class DecodingSpec:
-    """How tokens are generated (defaults for requests that do not say otherwise)."""
+    """How tokens are generated (defaults for requests that do not say otherwise: the fields
+    that DecodeRequest also has take its defaults and bounds), and how the ring serves them."""
 
-    strategy: str = "flowspec"  # autoregressive | chunked | pipedec | flowspec
-    max_new_tokens: int = 128  # >= 1
-    temperature: float = 0.0  # >= 0; 0 = greedy
-    top_p: float = 1.0  # in (0, 1]
-    top_k: int = 0  # >= 0; 0 = off
-    seed: int | None = None  # sampling seed, None = random
+    strategy: str = _REQUEST.strategy  # autoregressive | chunked | pipedec | flowspec
+    max_new_tokens: int = _REQUEST.max_new_tokens  # tokens per answer
+    temperature: float = _REQUEST.temperature  # 0 = greedy
+    top_p: float = _REQUEST.top_p  # nucleus mass
+    top_k: int = _REQUEST.top_k  # 0 = off
+    seed: int | None = _REQUEST.seed  # sampling seed, None = random
     tree: TreeSpec = field(default_factory=TreeSpec)  # speculative tree shape
     prefill_chunk: int = 256  # prompt tokens per prefill segment (>= 1)
     max_active: int = 4  # requests decoding on the ring at once, 1..64 (every stage holds a KV cache for each)
     resume_window_s: float = 60.0  # a broken ring holds its requests this long, then fails them (0: at once)
     failover_after_s: float = 5.0  # a stage dead this long is replaced by a spare node, if one is connected
-    verify: str = "source"  # where the target's tokens are chosen: "source" (its lm_head) | "last_stage"
+    verify: str = _REQUEST.verify  # where the target's tokens are chosen: "source" (its lm_head) | "last_stage"
+
+    @property
+    def request(self) -> DecodeRequest:
+        """The request a client gets when it sets nothing (the draft tree is the ring's own)."""
+        return DecodeRequest(strategy=self.strategy, max_new_tokens=self.max_new_tokens,
+                             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+                             verify=self.verify)
 
 
 @dataclass(frozen=True)

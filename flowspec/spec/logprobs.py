@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-MAX_TOP_LOGPROBS = 20  # most likely alternatives a request may ask for per token (OpenAI's bound)
+from .params import MAX_TOP_LOGPROBS  # noqa: F401 -- re-exported; declared with the request's other bounds
 
 
 @dataclass(frozen=True)

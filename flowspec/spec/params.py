@@ -1,31 +1,57 @@
-"""What a decoding request may set about the algorithm, without torch: the strategy names
-and the shape of the draft tree, with the bounds a request may give each setting."""
+"""What a decoding request may set about the algorithm, without torch: the strategy names,
+the shape of the draft tree and the target's sampling settings, with the bounds of each
+field declared next to it (:mod:`.bounds`). :mod:`.request` gathers them into one request."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+
+from .bounds import Integer, Number, allows
 
 STRATEGIES = ("autoregressive", "chunked", "pipedec", "flowspec")
 # Where the target's token after each returned row is chosen: at the source (it holds the
 # lm_head) or at the last stage (which then returns token ids with the hidden states).
 VERIFY_AT = ("source", "last_stage")
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1  # a seed is hashed as a signed 64-bit integer
+MAX_TOP_LOGPROBS = 20  # most likely alternatives a request may ask for per token (OpenAI's bound)
 
 
 @dataclass(frozen=True)
 class TreeParams:
-    """Shape of the draft tree and of the stream of segments."""
+    """Shape of the draft tree and of the stream of segments. The bounds are those a topology
+    or a request (a tuning run of `flowspec bench`) may give; a request's token budget
+    (max_context) bounds them further."""
 
-    depth: int = 5  # levels below the root a draft may reach
-    top_k: int = 8  # children per node, and width of each drafted level
-    total: int = 64  # nodes in a round's tree (chunked) / live unverified nodes (flowspec)
-    segment: int = 16  # nodes per segment
-    expand: int = 32  # nodes added per dynamic expansion (flowspec)
-    in_flight: int = 3  # segments in the ring at once (pipedec, flowspec)
+    depth: int = field(default=5, metadata=allows(Integer(1, 32)))  # levels below the root a draft may reach
+    top_k: int = field(default=8, metadata=allows(Integer(1, 64)))  # children per node, and width of each drafted level
+    # nodes in a round's tree (chunked) / live unverified nodes (flowspec)
+    total: int = field(default=64, metadata=allows(Integer(1, 4096)))
+    segment: int = field(default=16, metadata=allows(Integer(1, 512)))  # nodes per segment
+    expand: int = field(default=32, metadata=allows(Integer(1, 4096)))  # nodes added per dynamic expansion (flowspec)
+    # segments in the ring at once (pipedec, flowspec)
+    in_flight: int = field(default=3, metadata=allows(Integer(1, 64)))
 
 
-# Inclusive bounds of each TreeParams field where a request may set it (a tuning run of
-# `flowspec bench`); the request's token budget (max_context) bounds them further.
+# Inclusive bounds of each TreeParams field, as (lo, hi): read from the fields' rules
 TREE_LIMITS: dict[str, tuple[int, int]] = {
-    "depth": (1, 32), "top_k": (1, 64), "total": (1, 4096), "segment": (1, 512),
-    "expand": (1, 4096), "in_flight": (1, 64),
+    f.name: (f.metadata["allows"].lo, f.metadata["allows"].hi) for f in dataclasses.fields(TreeParams)
 }
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the target's next token is chosen (:mod:`.sampling` does it)."""
+
+    # 0 = greedy; > 0 = sample from softmax(logits / temperature); at most 2, as in OpenAI's API
+    temperature: float = field(default=0.0, metadata=allows(Number(0.0, 2.0)))
+    # nucleus: keep the smallest set of tokens whose mass reaches top_p
+    top_p: float = field(default=1.0, metadata=allows(Number(0.0, 1.0, lo_open=True)))
+    # keep the k most likely tokens (0 = all); a ring also caps it at its vocabulary
+    top_k: int = field(default=0, metadata=allows(Integer(0)))
+    # seed of the per-position random numbers
+    seed: int = field(default=0, metadata=allows(Integer(SEED_MIN, SEED_MAX)))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0

@@ -10,26 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from dataclasses import dataclass
 
 import torch
 
+from .params import SEED_MAX, SEED_MIN, SamplingParams
 
-SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1  # a seed is hashed as a signed 64-bit integer
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the target's next token is chosen."""
-
-    temperature: float = 0.0  # 0 = greedy; > 0 = sample from softmax(logits / temperature)
-    top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose mass reaches top_p
-    top_k: int = 0  # keep the k most likely tokens (0 = all)
-    seed: int = 0  # seed of the per-position random numbers, in [SEED_MIN, SEED_MAX]
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
+__all__ = ["SEED_MAX", "SEED_MIN", "SamplingParams", "choose_token", "position_uniform", "sample_from",
+           "target_probs"]  # SamplingParams and the seed bounds are declared in params.py (no torch)
 
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
