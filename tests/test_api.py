@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
 import signal
 import time
@@ -115,6 +116,39 @@ def test_text_stream_holds_back_what_may_change() -> None:
     ts2 = TextStream(lambda ids: "ab" * len(ids), ["b!"])
     assert ts2.push([1]) == "a"  # "b" may start the stop string "b!"
     assert ts2.finish("abab") == "bab"
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_text_deltas_are_never_taken_back_and_decode_short_windows(seed: int) -> None:
+    """Random pieces (some completing a character only with the next token) and random stop
+    strings: the deltas, joined, are a prefix of the whole answer decoded at once and cut
+    before the first stop string, the rest comes with finish(), and the pushes decode short
+    windows (O(n) tokens in all), never the whole answer again."""
+    rng = random.Random(seed)
+    alphabet = ["a", "b", "ab", " ", "\ufffd", "ba", "b!", "!"]
+    pieces = {i: rng.choice(alphabet) for i in range(1, 9)}
+    decoded = [0]
+
+    def decode(ids: list[int]) -> str:
+        decoded[0] += len(ids)
+        text = "".join(pieces[i] for i in ids)
+        return text.replace("\ufffd!", "é")  # a character completed by the next token
+
+    stops = rng.sample(["ab!", "b a", "é", "aa", "!b"], rng.randint(0, 2))
+    ids = [rng.randint(1, 8) for _ in range(rng.randint(1, 400))]
+    ts = TextStream(decode, stops)
+    out = ""
+    for i in range(0, len(ids), 3):
+        out += ts.push(ids[i:i + 3])
+        if ts.stopped:
+            break
+    assert decoded[0] <= 12 * len(ids) + 12  # windows, never the whole answer again
+    final = ts.final_text()
+    assert final.startswith(out)
+    full = decode(ids)
+    cuts = [full.find(s) for s in stops if s in full]
+    assert final == (full[:min(cuts)] if cuts else full)
+    assert out + ts.finish(final) == final and ts.sent == final
 
 
 class _Ctx:
