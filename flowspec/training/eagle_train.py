@@ -339,7 +339,7 @@ def evaluate(args: argparse.Namespace, extra: list[str]) -> dict:
             raise SystemExit(f"--draft-vocab ranks the answer tokens in {Path(args.out) / 'data'}, which holds none; "
                              "run `train_drafter.py data` first or point --out at a folder that has data")
         dv = draft_vocabulary(counted, o.draft_vocab, pipe.cfg.vocab_size)
-        head = EagleHead(head.cfg, _flat(head), emb, pipe.head.weight, dv)
+        head = EagleHead(head.cfg, checkpoint_tensors(head.fc, head.layer), emb, pipe.head.weight, dv)
     if o.write_head:
         meta = json.loads((head_dir / "config.json").read_text()).get("flowspec", {})
         if head.draft_vocab is not None:
