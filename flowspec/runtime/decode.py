@@ -151,9 +151,11 @@ class Decoding:
                 while not self.results.empty():  # every result that came back while the source was busy
                     items.append(self.results.get_nowait())
                 results: list[tuple[list[int], torch.Tensor, list[int] | None]] = []
+                failed: str | None = None  # the ring broke after these results came back
                 for got_rid, item in items:
                     if got_rid == RING_FAILED:
-                        raise RingError(str(item))
+                        failed = str(item)
+                        break
                     msg, t_back = item
                     hops.add(msg.hops, msg.t_sent, t_back)
                     if msg.score is not None and not self._unchosen:  # it asked the last stage, which did not
@@ -166,14 +168,22 @@ class Decoding:
                     if trace is not None and len(trace["segments"]) < TRACE_MAX_SEGMENTS:
                         trace["segments"].append({"t_sent": msg.t_sent, "t_back": t_back,
                                                   "rows": len(msg.node_ids), "hops": msg.hops})
+                if failed is not None and not results:
+                    raise RingError(failed)
                 t_work = time.time()
                 # scored with the rows of every other request waiting, in one lm_head pass
                 sends, new, delta, lps = await ctx.scorer.respond(spec, results, lambda sc: step(results, sc))
                 if trace is not None and len(trace["source"]) < 2 * TRACE_MAX_SEGMENTS:
                     trace["source"].append([t_work, time.time(), len(sends)])
-                if ctx.downstream() is not down:
-                    raise RingError(ctx.error() or "the link to the first stage was lost")
-                await self._send(down, sends)
+                # once every token is known the ring is not needed any more: a link lost after the
+                # last result came back does not fail the answer
+                finished = spec.done or text.stopped
+                if not finished:
+                    if failed is not None:
+                        raise RingError(failed)
+                    if ctx.downstream() is not down:
+                        raise RingError(ctx.error() or "the link to the first stage was lost")
+                    await self._send(down, sends)
                 live: dict[str, Any] | None = None
                 if new:  # read the statistics before the compute thread touches spec again
                     if t_first is None:
@@ -189,7 +199,7 @@ class Decoding:
                 more = await thinking
                 if trace is not None and len(trace["source"]) < 2 * TRACE_MAX_SEGMENTS:
                     trace["source"].append([t_think, time.time(), len(more)])  # the drafting span
-                if more:
+                if more and not text.stopped:
                     await self._send(down, more)
         except RingError as e:
             raise RingError(str(e), {"text": text.sent, "token_ids": prior + spec.output[:emitted]}) from None
