@@ -90,7 +90,7 @@ def test_bundled_topology_contents() -> None:
     edge = Topology.load(TOPOLOGIES / "edge-5.yaml")
     assert len(edge.stages) == 4 and [n.port for n in edge.nodes] == list(range(7710, 7715))
     assert edge.model.drafter == DrafterSpec("eagle", None)
-    assert edge.api.port == 8010 and edge.in_flight == 4
+    assert edge.api.port == 8010 and edge.decoding.tree.auto == ("segment", "in_flight", "expand")
     assert edge.testbed is not None and edge.testbed.cpu_quota == 0.35 and edge.testbed.threads == 1
     assert edge.link("edge2") == LinkSpec(latency_ms=2, jitter_ms=0, bandwidth_mbit=100)
     assert edge.cpu_quota("edge3") == 0.35
@@ -220,9 +220,9 @@ def test_drafter_paths_resolve_against_yaml_folder(write: Callable[[Any], Path],
 def test_defaults() -> None:
     topo = Topology.from_dict(base())
     assert topo.model.dtype == "auto" and topo.model.max_context == 2048
-    assert topo.decoding.strategy == "flowspec" and topo.decoding.tree.segment == 16
+    assert topo.decoding.strategy == "flowspec" and topo.decoding.tree.segment == "auto"
     assert topo.security.key_env == "FLOWSPEC_CLUSTER_KEY" and topo.security.max_frame_bytes == 64 << 20
-    assert topo.api.queue_size == 16 and topo.in_flight == 3
+    assert topo.api.queue_size == 16 and topo.decoding.tree.auto == ("segment", "in_flight", "expand")
     assert topo.link("source") is None and topo.cpu_quota("stage1") is None
 
 
@@ -426,6 +426,8 @@ def test_negative_temperature(write: Callable[[Any], Path]) -> None:
     ("decoding", "top_k", "8", "decoding.top_k: must be an integer >= 0, not '8'"),
     ("decoding", "tree", {"depth": 40}, "decoding.tree.depth: must be an integer from 1 to 32, not 40"),
     ("decoding", "tree", {"in_flight": 0}, 'decoding.tree.in_flight: must be an integer from 1 to 64 or "auto"'),
+    ("decoding", "tree", {"segment": "big"}, 'decoding.tree.segment: must be an integer from 1 to 512 or "auto"'),
+    ("decoding", "tree", {"expand": 0}, 'decoding.tree.expand: must be an integer from 1 to 4096 or "auto"'),
     ("model", "max_context", 32, "model.max_context: must be an integer >= 64, not 32"),
     ("api", "queue_size", 0, "api.queue_size: must be an integer >= 1, not 0"),
     ("api", "port", 7700, "api.port: 7700 is already the ring port of nodes[0] (source)"),

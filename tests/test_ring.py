@@ -251,6 +251,36 @@ def test_one_connection_many_requests_and_status(ring2: Any, tiny_tok_model: Pat
     assert set(seen) <= {FrameType.TOKENS, FrameType.STATUS, FrameType.DONE}, seen
 
 
+def test_auto_tree_settings_are_measured_for_the_ring(ring2: Any, tiny_tok_model: Path) -> None:
+    """With segment, in_flight and expand "auto" (the default), the source measures its ring
+    once it has formed (stage passes, links, its lm_head) and every request gets what it
+    chose; the answer stays exact."""
+    topo, ring = ring2
+    assert topo.decoding.tree.auto == ("segment", "in_flight", "expand")
+
+    async def run() -> tuple[dict[str, Any], dict[str, Any]]:
+        c = await RingClient.connect(topo, ring.key)
+        try:
+            deadline = time.monotonic() + 30
+            while "trip_ms" not in (tree := (await c.status())["tree"]):
+                assert time.monotonic() < deadline, f"the ring was not measured: {tree}"
+                await asyncio.sleep(0.2)
+            res = await asyncio.wait_for(c.generate({"prompt_ids": TINY_PROMPTS[1], "max_new_tokens": 12,
+                                                     "strategy": "flowspec"}), 30)
+            return tree, res
+        finally:
+            await c.close()
+
+    tree, res = asyncio.run(run())
+    top_k = topo.decoding.tree.top_k
+    assert 1 <= tree["segment"] <= 2 * top_k and tree["in_flight"] >= 1
+    assert tree["expand"] == tree["segment"] * tree["in_flight"] and tree["trip_ms"] >= tree["bottleneck_ms"] > 0
+    used = res["stats"]["tree"]
+    assert (used["segment"], used["in_flight"], used["expand"]) == (tree["segment"], tree["in_flight"],
+                                                                     tree["expand"])
+    assert res["token_ids"] == reference(tiny_tok_model, TINY_PROMPTS[1], 12)
+
+
 # ---------------------------------------------------------------------- authentication
 def test_wrong_key_is_refused_and_ring_still_serves(ring2: Any, tiny_tok_model: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:

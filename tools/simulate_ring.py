@@ -43,8 +43,8 @@ from flowspec.model.loader import resolve_model  # noqa: E402
 from flowspec.model.stage import LMHead, Segment, Stage  # noqa: E402
 from flowspec.model.tokenizer import Tokenizer  # noqa: E402
 from flowspec.spec.drafters import make_drafter  # noqa: E402
-from flowspec.spec.params import TreeParams  # noqa: E402
 from flowspec.spec.strategies import Send, Speculator  # noqa: E402
+from flowspec.spec.tuning import RingCosts, tune  # noqa: E402
 
 log = logging.getLogger("simulate_ring")
 
@@ -405,8 +405,13 @@ def main(argv: list[str] | None = None) -> int:
                   link.bandwidth_mbit if link else None, cfg.hidden_size * torch.empty((), dtype=parse_dtype(dtype)).element_size())
     log.info("cost table in %.1f s: %s", time.time() - t0, table)
     prompts = load_prompts(args.prompts, None, args.limit)
-    t = topo.decoding.tree
-    base_tree = TreeParams(t.depth, t.top_k, t.total, t.segment, t.expand, topo.in_flight)
+    spec_tree = topo.decoding.tree
+    ring_costs = RingCosts(tuple(tuple((n, ms * costs.slow[j + 1]) for n, ms in c) for j, c in enumerate(table)),
+                           costs.link_ms * (len(stages) + 1),
+                           tuple((n, ms * costs.slow[0]) for n, ms in src_tables["lm_head"]))
+    tuning = tune(ring_costs, spec_tree.params(), spec_tree.auto)
+    base_tree = spec_tree.params(tuning.tree)
+    print(f"auto settings for this cost table: {tuning.describe()}")
     labels = [s.strip() for s in args.strategies.split(",") if s.strip()]
     results: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
     for i, p in enumerate(prompts):  # prompt by prompt, strategies rotating (as flowspec bench does)

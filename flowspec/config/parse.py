@@ -21,6 +21,7 @@ from ..layer_plan import plan_layers as _plan_layers
 from ..spec.bounds import FieldError, rule_of, show
 from ..spec.params import TreeParams
 from ..spec.request import check_decode
+from ..spec.tuning import AUTO, TUNABLE
 from .fields import _ENV_RE, _Fields, _Recorded
 from .hosts import _host_key, _is_loopback, _is_wildcard
 from .messages import _kind, _suggest
@@ -300,17 +301,20 @@ class _Parser(_Fields):
         d = self.mapping({} if v is None else v, "decoding.tree", _TREE_KEYS)
         dflt = TreeSpec()
         p = "decoding.tree"
-        in_flight = d.get("in_flight", dflt.in_flight)
-        if in_flight != "auto":
-            rule = rule_of(TreeParams, "in_flight")
-            try:
-                rule.read(in_flight)
-            except FieldError:
-                raise self.error(f"{p}.in_flight", f"must be {rule.allowed} or \"auto\" (= number of "
-                                 f"stages), not {show(in_flight)}") from None
+        auto = {}
+        for k in TUNABLE:  # an integer, or "auto": chosen for the ring once it has formed
+            value = d.get(k, getattr(dflt, k))
+            if value != AUTO:
+                rule = rule_of(TreeParams, k)
+                try:
+                    rule.read(value)
+                except FieldError:
+                    raise self.error(f"{p}.{k}", f"must be {rule.allowed} or \"auto\" (chosen from what the "
+                                     f"ring's nodes and links cost), not {show(value)}") from None
+            auto[k] = value
         sizes = {k: self.ruled(TreeParams, k, d.get(k, getattr(dflt, k)), f"{p}.{k}")
-                 for k in ("depth", "top_k", "total", "segment", "expand")}
-        return TreeSpec(**sizes, in_flight=in_flight)
+                 for k in ("depth", "top_k", "total")}
+        return TreeSpec(**sizes, **auto)
 
     def security(self, v: Any) -> SecuritySpec:
         d = self.mapping({} if v is None else v, "security", _SECURITY_KEYS)

@@ -15,6 +15,7 @@ from pathlib import PurePath
 
 from ..spec.params import TreeParams
 from ..spec.request import DecodeRequest
+from ..spec.tuning import AUTO, TUNABLE
 
 _REQUEST = DecodeRequest()  # the built-in request defaults
 _TREE = TreeParams()  # the built-in draft tree
@@ -127,15 +128,28 @@ class ApiSpec:
 
 @dataclass(frozen=True)
 class TreeSpec:
-    """Shape of the speculative token tree: TreeParams, with in_flight "auto" allowed (bounds:
-    TreeParams' fields)."""
+    """Shape of the speculative token tree: TreeParams (bounds: its fields), where segment,
+    expand and in_flight may be "auto": chosen once the ring has formed, from what its nodes
+    and links cost (spec/tuning.py)."""
 
     depth: int = _TREE.depth  # levels drafted per expansion
     top_k: int = _TREE.top_k  # children kept per node
     total: int = _TREE.total  # nodes kept in the tree
-    segment: int = _TREE.segment  # nodes per segment sent into the ring
-    expand: int = _TREE.expand  # nodes added per dynamic expansion
-    in_flight: int | str = "auto"  # segments in flight: an integer (TreeParams' bounds) or "auto" (= number of stages)
+    segment: int | str = "auto"  # nodes per segment sent into the ring, or "auto"
+    expand: int | str = "auto"  # nodes added per dynamic expansion, or "auto" (= segment x in_flight)
+    in_flight: int | str = "auto"  # segments in flight, or "auto" (as many as the ring holds without queueing)
+
+    @property
+    def auto(self) -> tuple[str, ...]:
+        """The settings the source chooses for its ring."""
+        return tuple(k for k in TUNABLE if getattr(self, k) == AUTO)
+
+    def params(self, chosen: TreeParams | None = None) -> TreeParams:
+        """As TreeParams: the "auto" settings from `chosen` (the source's tuning), else TreeParams' defaults."""
+        src = chosen or _TREE
+        return TreeParams(self.depth, self.top_k, self.total,
+                          *(getattr(src if getattr(self, k) == AUTO else self, k)
+                            for k in ("segment", "expand", "in_flight")))
 
 
 @dataclass(frozen=True)

@@ -177,12 +177,6 @@ class Topology:
         """Spare nodes: outside the ring until one takes a dead stage's place (runtime/failover.py)."""
         return tuple(n for n in self.nodes if n.is_spare)
 
-    @property
-    def in_flight(self) -> int:
-        """Segments in flight: ``decoding.tree.in_flight`` with "auto" resolved to the stage count."""
-        v = self.decoding.tree.in_flight
-        return len(self.stages) if v == "auto" else int(v)
-
     def node(self, name: str) -> NodeSpec:
         """The node called name."""
         for n in self.nodes:

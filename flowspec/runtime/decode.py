@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -212,7 +213,7 @@ class Decoding:
         n = len(spec.output)  # of this run (the rates are this run's)
         stats: dict[str, Any] = dict(st)
         stats.update({
-            "strategy": req.strategy, "prompt_tokens": len(req.prompt_ids),
+            "strategy": req.strategy, "prompt_tokens": len(req.prompt_ids), "tree": dataclasses.asdict(req.tree),
             "prefill_s": round((t_first or t_end) - t0, 4), "decode_s": round(decode_s, 4),
             "total_s": round(t_end - t0, 4),
             "tokens_per_s": round((n - 1) / decode_s, 2) if decode_s > 0 and n > 1 else 0.0,

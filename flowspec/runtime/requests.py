@@ -120,13 +120,14 @@ def check_request(topo: Topology, tok: Tokenizer, vocab: int, meta: dict[str, An
     return Plan(encode, req, sampling, meta.get("trace") is True, prompt_field)
 
 
-def finish_request(topo: Topology, plan: Plan, ids: list[int]) -> GenRequest:
-    """The request with its tokens, once they fit max_context with the new tokens and the tree."""
+def finish_request(topo: Topology, plan: Plan, ids: list[int], tree_defaults: TreeParams | None = None
+                   ) -> GenRequest:
+    """The request with its tokens, once they fit max_context with the new tokens and the tree.
+    tree_defaults: the topology's tree with its "auto" settings chosen for the ring (the
+    source's tuning); without it they take TreeParams' defaults."""
     ctx = topo.model.max_context
-    t = topo.decoding.tree
     r = plan.request
-    tree = dataclasses.replace(TreeParams(t.depth, t.top_k, t.total, t.segment, t.expand, topo.in_flight),
-                               **r.tree)
+    tree = dataclasses.replace(tree_defaults or topo.decoding.tree.params(), **r.tree)
     in_flight = tree.in_flight
     reserve = tree.total + tree.segment * (in_flight + 1) if r.strategy != "autoregressive" else 2
     if len(ids) + r.max_new_tokens + reserve > ctx:

@@ -28,6 +28,7 @@ from .probes import ProbeDesk
 from .protocol import Frame, FrameType, ProtocolError, SegmentMsg
 from .seal import TamperedFrame
 from .requests import GenRequest, check_request, finish_request
+from .tuning import RingTuner
 from .scoring import SharedHead
 from .tasks import start_supervised
 from .transport import FrameStream, PeerGone, hello_meta
@@ -73,6 +74,9 @@ class SourceNode:
                                   topo.decoding.prefill_chunk, topo.security.read_timeout_s,
                                   lambda: self.links.downstream, lambda: self.error, self._next_seq)
         self._desk = ClientDesk(self)
+        # the draft tree's "auto" settings, chosen for the ring once it has formed (tuning.py)
+        self.tuner = RingTuner(topo, name, self.probes, head, self._pool, self.admission)
+        self._tuning: asyncio.Task[None] | None = None
 
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
@@ -87,6 +91,8 @@ class SourceNode:
             await stop.wait()
         finally:
             former.cancel()
+            if self._tuning is not None:
+                self._tuning.cancel()
             await self.links.close()
             self._tok_pool.shutdown(wait=False, cancel_futures=True)
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -127,6 +133,8 @@ class SourceNode:
             self.ready.set()
             log.info("%s: ring formed: %s", self.name,
                      " -> ".join(f"{r['name']}[{r['layers'][0]}-{r['layers'][1] - 1}]" for r in self.ring))
+            if self._tuning is None or self._tuning.done():
+                self._tuning = asyncio.create_task(self.tuner.formed(self.ring, down, self.links.succ.name))
 
     # ------------------------------------------------------------------ failures
     async def _peer_dead(self, who: str, reason: str) -> None:
@@ -200,9 +208,10 @@ class SourceNode:
             ids = await asyncio.get_running_loop().run_in_executor(self._tok_pool, plan.encode)
         except ModelError as e:
             raise RequestError(str(e), "messages") from None
+            await self.tuner.idle.wait()  # the ring is being measured: its tree settings come next
         finally:
             self.preparing -= 1
-        return finish_request(self.topo, plan, ids)
+        return finish_request(self.topo, plan, ids, self.tuner.tree)
 
     async def generate(self, req: GenRequest) -> AsyncIterator[TokensEvent | DoneEvent]:
         """Run one request on the ring, alongside the others that are active; yields
@@ -315,7 +324,8 @@ class SourceNode:
                 "cluster": self.topo.cluster, "model": self.model_name, "source": self.name,
                 "busy": self.active > 0, "active": self.active, "max_active": self.admission.max_active,
                 "waiting": self.queued, "spares": sorted(self.failover.spares), "plan": self.links.plan.as_meta(),
-                "down": sorted(self.failover.reports)}  # nodes reported dead since the ring broke
+                "down": sorted(self.failover.reports),  # nodes reported dead since the ring broke
+                "tree": self.tuner.status()}  # the draft tree requests get, chosen for this ring where "auto"
 
     async def _serve_client(self, s: FrameStream, hello: dict[str, Any]) -> None:
         await self._desk.serve(s, hello)
