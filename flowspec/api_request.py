@@ -70,14 +70,20 @@ class GenCall:
     echo: bool = False  # text completions: the answer starts with the prompt's text
 
 
+def _flag(body: dict[str, Any], name: str) -> bool | None:
+    """A true/false field of the body (None when absent); ApiError(400) names it otherwise."""
+    v = body.get(name)
+    if v is not None and not isinstance(v, bool):
+        raise ApiError(400, f"{name} must be true or false, not {_short(v)}", param=name)
+    return v
+
+
 def parse_chat(body: Any, ctx: ModelNames) -> GenCall:
     """Check an OpenAI chat completion body; ApiError(400/404) names the bad field."""
     body = _common(body, ctx)
     meta: dict[str, Any] = {"messages": _messages(body.get("messages"))}
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    want = body.get("logprobs")
-    if want is not None and not isinstance(want, bool):
-        raise ApiError(400, f"logprobs must be true or false, not {_short(want)}", param="logprobs")
+    want = _flag(body, "logprobs")
     top = body.get("top_logprobs")
     if top is not None:
         _checked("logprobs", top, "top_logprobs")
@@ -96,9 +102,7 @@ def parse_completion(body: Any, ctx: ModelNames) -> GenCall:
         raise ApiError(400, "max_completion_tokens is a chat completions field; text completions take max_tokens",
                        param="max_completion_tokens")
     meta = _prompt(body.get("prompt"))
-    echo = body.get("echo")
-    if echo is not None and not isinstance(echo, bool):
-        raise ApiError(400, f"echo must be true or false, not {_short(echo)}", param="echo")
+    echo = _flag(body, "echo")
     n = body.get("logprobs")
     if n is not None:
         _checked("logprobs", n, "logprobs")
