@@ -9,7 +9,7 @@ import pytest
 
 from flowspec.config import Topology
 from flowspec.spec.params import TreeParams
-from flowspec.spec.tuning import RingCosts, at, fallback, pick_segment, trip, tune
+from flowspec.spec.tuning import RingCosts, at, fallback, fit, pick_segment, trip, tune
 
 # an 8-layer stage where several rows cost little more than one (native bfloat16), in ms
 FLAT = ((1, 11.6), (2, 12.2), (4, 13.2), (8, 15.9), (12, 18.0), (16, 19.5), (24, 23.9), (32, 28.3))
@@ -22,18 +22,23 @@ def scaled(curve: tuple[tuple[int, float], ...], k: float) -> tuple[tuple[int, f
     return tuple((n, ms * k) for n, ms in curve)
 
 
-def test_cost_curve_interpolates_and_extrapolates() -> None:
-    assert at(FLAT, 8) == 15.9 and at(FLAT, 10) == pytest.approx(16.95)
-    assert at(FLAT, 40) == pytest.approx(28.3 + (28.3 - 23.9))  # beyond the last size: its slope
-    assert at(((4, 8.0),), 1) == 8.0 and at(((4, 8.0),), 8) == 16.0 and at((), 3) == 0.0
+def test_a_line_through_the_measured_passes() -> None:
+    base, per_row = fit(FLAT)
+    assert base == pytest.approx(11.23, abs=0.01) and per_row == pytest.approx(0.533, abs=0.001)
+    assert at(FLAT, 8) == pytest.approx(base + 8 * per_row)
+    # a throttled device's passes jump (4 ms CFS periods): the line does not
+    jumpy = ((1, 47.8), (2, 47.6), (4, 71.2), (8, 70.1), (12, 73.4), (16, 89.1), (32, 117.5))
+    assert pick_segment([jumpy], most=8) == 8
+    assert fit(((4, 8.0),)) == (8.0, 0.0) and fit(()) == (0.0, 0.0)
+    assert fit(((1, 10.0), (2, 9.0))) == (9.5, 0.0)  # never a negative cost per row
 
 
 def test_segment_is_the_most_rows_at_nearly_the_price_of_one() -> None:
     assert pick_segment([FLAT] * 4, most=8) == 8  # at most two levels of a top-k 4 tree
-    assert pick_segment([FLAT] * 4, most=16) == 8  # 12 rows cost 1.55 one-token steps: too dear
-    assert pick_segment([STEEP] * 4, most=16) == 2  # 4 rows already cost 2x: small segments
+    assert pick_segment([FLAT] * 4, most=16) == 9  # 10 rows cost more than 1.4 one-token steps
+    assert pick_segment([STEEP] * 4, most=16) == 1  # rows cost in proportion: no more than one
     # the dearest stage decides: one stage with a steep curve holds every segment small
-    assert pick_segment([FLAT, FLAT, STEEP], most=16) == 2
+    assert pick_segment([FLAT, FLAT, STEEP], most=16) == 1
     assert pick_segment([((1, 5.0), (2, 50.0))], most=16) == 1
 
 

@@ -33,7 +33,7 @@ from .transport import FrameStream
 
 log = logging.getLogger(__name__)
 
-SIZES = [1, 2, 4, 8, 12, 16, 24, 32]  # rows per timed pass
+SIZES = [1, 4, 8, 16, 32]  # rows per timed pass (a line is fitted through them)
 REPS = 3  # timed passes per size (the median counts)
 CONTEXT = 256  # committed tokens before the timed passes
 

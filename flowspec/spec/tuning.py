@@ -7,8 +7,9 @@ lm_head by rows: ``runtime/tuning.py``) and these pure rules turn the costs into
 * **segment**: the most rows a stage passes at nearly the price of one, and no more than
   two levels of the tree (``2 * top_k``). A round of speculation is bound by its latency
   (the ring trip of its first segment, then one segment after another), so a segment may
-  only grow while it stays cheap: the largest measured size whose pass costs every stage
-  at most ``SEGMENT_COST_RATIO`` times a one-token step. Rows beyond the first two levels
+  only grow while it stays cheap: the most rows whose pass costs every stage at most
+  ``SEGMENT_COST_RATIO`` times a one-token step, on a straight line fitted through the
+  stage's measured passes (single measurements jump on a throttled device). Rows beyond the first two levels
   add little to a round (they are mostly pruned) but lengthen every trip. Where several
   rows cost almost as much as one (weights read once from memory) this takes 8 or more;
   where they cost rows in proportion (no native bfloat16, a slow core) it takes 1 to 4.
@@ -63,25 +64,35 @@ class Tuning:
                 f"{self.bottleneck_ms:.1f} ms per segment)")
 
 
+def fit(curve: Curve) -> tuple[float, float]:
+    """(ms of a pass, ms per row): a least-squares line through the measured passes. A pass
+    of a few rows costs the weights' reading plus a little per row; the line keeps the
+    choice steady where single measurements jump (a throttled device, a busy host)."""
+    pts = [(float(n), float(ms)) for n, ms in curve]
+    if not pts:
+        return 0.0, 0.0
+    if len({n for n, _ in pts}) < 2:
+        n, ms = pts[0]
+        return ms, 0.0
+    mn = sum(n for n, _ in pts) / len(pts)
+    mm = sum(ms for _, ms in pts) / len(pts)
+    slope = sum((n - mn) * (ms - mm) for n, ms in pts) / sum((n - mn) ** 2 for n, _ in pts)
+    slope = max(slope, 0.0)
+    return max(mm - slope * mn, 0.0), slope
+
+
 def at(curve: Curve, rows: int) -> float:
-    """The curve's milliseconds at `rows`: linear between measured sizes, beyond the last by its slope."""
-    if not curve:
-        return 0.0
-    if rows <= curve[0][0] or len(curve) == 1:
-        return curve[0][1] * (rows / curve[0][0] if rows > curve[0][0] else 1.0)
-    for (r0, m0), (r1, m1) in zip(curve, curve[1:]):
-        if rows <= r1:
-            return m0 + (m1 - m0) * (rows - r0) / (r1 - r0)
-    (r0, m0), (r1, m1) = curve[-2], curve[-1]
-    return m1 + (m1 - m0) * (rows - r1) / (r1 - r0)
+    """The fitted cost of a pass of `rows` rows."""
+    base, per_row = fit(curve)
+    return base + per_row * rows
 
 
 def pick_segment(stages: Sequence[Curve], most: int, ratio: float = SEGMENT_COST_RATIO) -> int:
-    """The largest measured size up to `most` that costs every stage at most `ratio` one-token steps."""
-    sizes = sorted({n for c in stages for n, _ in c if n <= most})
+    """The most rows, up to `most`, that cost every stage at most `ratio` one-token steps."""
+    lines = [fit(c) for c in stages if c]
     best = 1
-    for n in sizes:
-        if all(at(c, n) <= ratio * at(c, 1) for c in stages if c):
+    for n in range(2, max(most, 1) + 1):
+        if all(base + per_row * n <= ratio * (base + per_row) for base, per_row in lines):
             best = n
     lo, hi = TREE_LIMITS["segment"]
     return min(max(best, lo), hi)
