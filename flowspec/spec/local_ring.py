@@ -2,7 +2,8 @@
 
 Every stage receives updates and segments in the order the source sends them (FIFO, as
 on a TCP stream) and results come back in the same order, so a strategy behaves exactly
-as it does over the network; only the timing differs.
+as it does over the network; only the timing differs. ``run_local_together`` decodes
+several requests at once, drafting them together (spec/drafting.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Sequence
 
 from ..model.pipeline import LocalPipeline
 from .drafters.base import Drafter
+from .drafting import DraftingStats, run_together
 from .sampling import SamplingParams
 from .strategies import Send, Speculator, TreeParams
 from .verify import choose_rows
@@ -49,6 +51,44 @@ def run_local(spec: Speculator, pipe: LocalPipeline, verify: str = "source") -> 
     stats = spec.result_stats()
     stats["total_s"] = round(time.perf_counter() - t0, 4)
     return {"token_ids": list(spec.output), "stats": stats}
+
+
+def run_local_together(specs: Sequence[Speculator], pipes: Sequence[LocalPipeline],
+                       stats: DraftingStats | None = None) -> list[list[int]]:
+    """Decode several requests at once, each through its own in-process stages (e.g. forks
+    of one pipeline), the way the source interleaves them: each round, every request that
+    is not done verifies its next returned segment, then every expansion grows; what they
+    draft is served together, one shared drafter pass per tree level (``stats`` counts
+    them). Returns each request's tokens: its own, as alone."""
+    if len(specs) != len(pipes):
+        raise ValueError("one pipeline per request")
+    queues: list[deque] = [deque() for _ in specs]
+
+    def deliver(i: int, sends: list[Send]) -> None:
+        for s in sends:
+            if s.commit or s.drop:
+                pipes[i].apply_update(s.commit, s.drop)
+            if s.segment is not None:
+                out = pipes[i].run_stages(s.segment)
+                queues[i].append((out.node_ids, out.hidden))
+
+    for i, spec in enumerate(specs):
+        pipes[i].reset()
+        deliver(i, spec.start())
+    while True:
+        live = [i for i, spec in enumerate(specs) if not spec.done]
+        if not live:
+            break
+        for i in live:
+            if not queues[i]:
+                raise RuntimeError(f"strategy {specs[i].strategy!r} stalled with nothing in flight")
+        answered = run_together([specs[i].respond_steps(*queues[i].popleft()) for i in live], stats)
+        for i, sends in zip(live, answered):
+            deliver(i, sends)
+        thought = run_together([specs[i].think_steps() for i in live], stats)
+        for i, sends in zip(live, thought):
+            deliver(i, sends)
+    return [list(spec.output) for spec in specs]
 
 
 def generate_local(pipe: LocalPipeline, strategy: str, prompt: Sequence[int], max_new_tokens: int,

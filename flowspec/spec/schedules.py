@@ -6,12 +6,17 @@ decides what to draft (``plan``), what the next segments carry (``fill``), when 
 segment may be verified (``may_verify``) and whether drafting waits until the ring has been
 fed (``sends_first``). Schedules are pure and deterministic like the rest of the algorithm;
 each Speculator has its own instance, so a schedule may keep per-request state.
+
+``plan``, ``returned`` and ``fill`` are stepped (generators, see ``Steps``): where they draft
+they yield the drafter call and take its proposals back, so a driver can serve the calls of
+several requests together; ``yield from ()`` marks one that never drafts.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .drafters.base import Steps
 from .params import STRATEGIES, TreeParams
 from .tree import Node
 
@@ -33,17 +38,19 @@ class Schedule:
         """Whether the returned segments may be verified now."""
         return True
 
-    def returned(self, s: Speculator) -> None:
+    def returned(self, s: Speculator) -> Steps[None]:
         """A returned segment has been verified (and the request is not done)."""
+        yield from ()
 
-    def plan(self, s: Speculator) -> None:
+    def plan(self, s: Speculator) -> Steps[None]:
         """Decide which nodes exist before filling the ring."""
+        yield from ()
 
     def pick(self, s: Speculator, unsent: list[Node]) -> list[Node]:
         """The nodes of the next segment, from the unsent ones in score order."""
         return unsent[: s.p.segment]
 
-    def fill(self, s: Speculator, plan: bool = True) -> list[Send]:
+    def fill(self, s: Speculator, plan: bool = True) -> Steps[list[Send]]:
         """Segments of unsent nodes while the ring has room; plan=False sends only what is drafted."""
         sends: list[Send] = []
         if s.done:
@@ -54,7 +61,7 @@ class Schedule:
                 break
             sends.append(s._send(s._segment(nodes)))
             if plan:
-                s._plan()
+                yield from s._plan()
         return sends
 
 
@@ -77,16 +84,18 @@ class Chunked(Schedule):
     def may_verify(self, s: Speculator) -> bool:
         return s.in_flight == 0
 
-    def returned(self, s: Speculator) -> None:
+    def returned(self, s: Speculator) -> Steps[None]:
         if s.in_flight == 0:
             self.round_open = False
+        yield from ()
 
-    def plan(self, s: Speculator) -> None:
+    def plan(self, s: Speculator) -> Steps[None]:
         if self.round_open or s.tree[s.tree.root].known():
             return
-        s._grow(s.p.total, s.p.top_k, s.p.depth)
+        yield from s._grow_steps(s.p.total, s.p.top_k, s.p.depth)
 
-    def fill(self, s: Speculator, plan: bool = True) -> list[Send]:
+    def fill(self, s: Speculator, plan: bool = True) -> Steps[list[Send]]:
+        yield from ()
         if s.done or self.round_open:
             return []
         unsent = s.tree.unsent()
@@ -101,7 +110,7 @@ class PipeDec(Schedule):
     """One new tree level per segment; levels stream through the ring and are verified as
     they come back."""
 
-    def plan(self, s: Speculator) -> None:
+    def plan(self, s: Speculator) -> Steps[None]:
         tree = s.tree
         if any(not n.sent for n in tree) or len(tree) - 1 >= s.p.total:
             return
@@ -109,7 +118,7 @@ class PipeDec(Schedule):
         if deepest >= s.p.depth:
             return
         level = sorted((n for n in tree if tree.depth(n.id) == deepest and not n.expanded), key=Node.sort_key)
-        new = s._draft_level(level[: s.p.top_k], s.p.top_k)
+        new = yield from s._draft_level_steps(level[: s.p.top_k], s.p.top_k)
         for n in new[s.p.top_k :]:  # the level keeps its best top_k nodes
             del tree[n.parent].children[n.token]
             del tree.nodes[n.id]
@@ -129,7 +138,7 @@ class FlowSpec(Schedule):
 
     sends_first = True
 
-    def returned(self, s: Speculator) -> None:
+    def returned(self, s: Speculator) -> Steps[None]:
         """Where the target's token matched no draft, the new root travels with its children:
         one level, drafted before it is sent (one head pass), so a round's first segment can
         accept two tokens when it comes back. Deeper levels follow from ``think`` while the
@@ -138,13 +147,13 @@ class FlowSpec(Schedule):
         1.77x)."""
         root = s.tree[s.tree.root]
         if s.p.segment > 1 and not root.sent and not root.children:
-            s._grow(min(s.p.segment - 1, s.p.total), s.p.top_k, 1)
+            yield from s._grow_steps(min(s.p.segment - 1, s.p.total), s.p.top_k, 1)
 
-    def plan(self, s: Speculator) -> None:
+    def plan(self, s: Speculator) -> Steps[None]:
         unsent = sum(1 for n in s.tree if not n.sent)
         live = len(s.tree) - 1
         if unsent < s.p.segment and live < s.p.total:
-            s._grow(min(s.p.expand, s.p.total - live), s.p.top_k, s.p.depth)
+            yield from s._grow_steps(min(s.p.expand, s.p.total - live), s.p.top_k, s.p.depth)
 
 
 SCHEDULES: dict[str, type[Schedule]] = {

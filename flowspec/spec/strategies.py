@@ -23,18 +23,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import torch
 
 from ..model.stage import Segment
-from .drafters.base import Drafter, DraftView, NoDrafter
+from .drafters.base import DraftCall, Drafter, DraftView, NoDrafter, Steps
 from .logprobs import TokenLogprob, token_logprob
 from .params import STRATEGIES, TREE_LIMITS, TreeParams  # noqa: F401 -- STRATEGIES, TREE_LIMITS re-exported
 from .sampling import SamplingParams
 from .schedules import SCHEDULES
 from .tree import DraftTree, Node
 from .verify import accept_deterministic
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -147,8 +149,8 @@ class Speculator:
                           score_from=len(chunk) - 1 if a + len(chunk) == len(ids) else None)  # the root's row
             sends.append(self._send(seg))
         self.tree[self.tree.root].sent = True
-        self._plan()
-        return sends + self._fill()
+        self._alone(self._plan())
+        return sends + self._alone(self._fill())
 
     def on_result(self, node_ids: Sequence[int], hidden: torch.Tensor,
                   targets: Sequence[int] | None = None) -> list[Send]:
@@ -180,6 +182,12 @@ class Speculator:
         `targets`: the target's token after each row where the last stage chose it (-1
         elsewhere); `scored` maps node ids to target logits computed beforehand (see
         ``rows_to_score``); rows with neither go through the lm_head here."""
+        return self._alone(self.respond_steps(node_ids, hidden, scored, targets))
+
+    def respond_steps(self, node_ids: Sequence[int], hidden: torch.Tensor,
+                      scored: Mapping[int, torch.Tensor] | None = None,
+                      targets: Sequence[int] | None = None) -> Steps[list[Send]]:
+        """``respond``, stepped: what it drafts is asked of the driver (see ``think_steps``)."""
         self.in_flight -= 1
         if self.done:
             return []
@@ -214,19 +222,39 @@ class Speculator:
             self.stats.verifications += 1
         if self.done:
             return []
-        self.schedule.returned(self)
+        yield from self.schedule.returned(self)
         if self.schedule.sends_first:
-            return self._fill(plan=False)
-        self._plan()
-        return self._fill()
+            return (yield from self._fill(plan=False))
+        yield from self._plan()
+        return (yield from self._fill())
 
     def think(self) -> list[Send]:
         """Second half of on_result: expand the tree from the new frontier (drafting) and send
         what fits into the ring; what does not fit waits, drafted, for the next ``respond``."""
+        return self._alone(self.think_steps())
+
+    def think_steps(self) -> Steps[list[Send]]:
+        """``think``, stepped: a generator that yields a ``DraftCall`` each time the expansion
+        needs children (one tree level), takes the proposals back, and returns the sends. A
+        driver may advance several requests' expansions level by level and serve all their
+        calls in shared drafter passes (spec/drafting.py); the tree grows exactly as it does
+        alone. Nothing else may touch this request until the generator has returned."""
         if self.done or not self.schedule.sends_first:
             return []
-        self._plan()
-        return self._fill()
+        yield from self._plan()
+        return (yield from self._fill())
+
+    def _alone(self, steps: Steps[T]) -> T:
+        """Run a stepped expansion, each call served by this request's drafter alone."""
+        try:
+            call = next(steps)
+            while True:
+                t0 = time.perf_counter()
+                props = call.drafter.propose(call.view, call.frontier, call.k)
+                call.seconds = time.perf_counter() - t0
+                call = steps.send(props)
+        except StopIteration as stop:
+            return stop.value
 
     # ------------------------------------------------------------- verification
     def _verify(self) -> bool:
@@ -280,13 +308,16 @@ class Speculator:
 
     def _draft_level(self, frontier: list[Node], width: int) -> list[Node]:
         """Children of the frontier; the best `width` new nodes are returned (all are kept)."""
+        return self._alone(self._draft_level_steps(frontier, width))
+
+    def _draft_level_steps(self, frontier: list[Node], width: int) -> Steps[list[Node]]:
         view = self._view()
         frontier = [n for n in frontier if self.drafter.ready(view, n)]
         if not frontier:
             return []
-        t0 = time.perf_counter()
-        props = self.drafter.propose(view, frontier, self.p.top_k)
-        self.stats.draft_s += time.perf_counter() - t0
+        call = DraftCall(self.drafter, view, frontier, self.p.top_k)
+        props = yield call
+        self.stats.draft_s += call.seconds
         new: list[Node] = []
         for node, plist in zip(frontier, props):
             node.expanded = True
@@ -303,10 +334,13 @@ class Speculator:
         previous level's new nodes; then keep the best `budget` new nodes by cumulative score.
         A child never scores above its parent and sorts after it on ties, so the kept nodes
         form a tree; a parent whose children were all dropped may be expanded again later."""
+        return self._alone(self._grow_steps(budget, width, max_depth))
+
+    def _grow_steps(self, budget: int, width: int, max_depth: int) -> Steps[int]:
         pool: list[Node] = []
         frontier = self.tree.frontier(width, max_depth)
         while frontier:
-            new = self._draft_level(frontier, width)
+            new = yield from self._draft_level_steps(frontier, width)
             if not new:
                 again = self.tree.frontier(width, max_depth)
                 if [n.id for n in again] == [n.id for n in frontier]:
@@ -333,12 +367,12 @@ class Speculator:
         self.stats.drafted += added
         return added
 
-    def _plan(self) -> None:
+    def _plan(self) -> Steps[None]:
         """Decide which nodes exist before filling the ring (the schedule's choice)."""
         if not self.done:
-            self.schedule.plan(self)
+            yield from self.schedule.plan(self)
 
-    def _fill(self, plan: bool = True) -> list[Send]:
+    def _fill(self, plan: bool = True) -> Steps[list[Send]]:
         """Segments of unsent nodes while the ring has room; plan=False sends only what is drafted."""
         return self.schedule.fill(self, plan)
 

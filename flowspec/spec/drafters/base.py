@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Generator, Sequence, TypeVar
 
 import torch
 
 from ..tree import DraftTree, Node
+
+Proposals = list[list[tuple[int, float]]]  # per frontier node: (token, log-probability) children, best first
+T = TypeVar("T")
+# A stepped expansion: it yields a DraftCall whenever it needs children, takes their proposals
+# back, and returns its result (see Speculator.think_steps and spec/drafting.py).
+Steps = Generator["DraftCall", Proposals, T]
 
 
 @dataclass
@@ -38,6 +44,31 @@ def uncomputed_path(tree: DraftTree, frontier: list[Node], computed: Callable[[N
     return list(need.values())
 
 
+@dataclass
+class DraftCall:
+    """One request's need for children: the arguments of ``Drafter.propose``, with the drafter
+    (the request's own state) that serves them. A request's expansion yields these one at a
+    time (``Speculator.think_steps``), so a driver may serve several requests' calls together."""
+
+    drafter: "Drafter"  # the request's drafter
+    view: DraftView  # its accepted sequence and live tree
+    frontier: list[Node]  # the nodes whose children are wanted
+    k: int  # children per node, at most
+    seconds: float = 0.0  # drafting time charged to this call (set by whoever serves it)
+
+
+@dataclass
+class PassCount:
+    """Drafter passes (a forward over the drafter's weights) spent on a set of calls."""
+
+    run: int = 0  # passes run
+    alone: int = 0  # passes the same calls would have run one by one
+
+    def add(self, other: "PassCount") -> None:
+        self.run += other.run
+        self.alone += other.alone
+
+
 class Drafter(ABC):
     """Proposes children with draft log-probabilities for frontier nodes of the tree."""
 
@@ -60,6 +91,24 @@ class Drafter(ABC):
     @abstractmethod
     def propose(self, view: DraftView, frontier: list[Node], k: int) -> list[list[tuple[int, float]]]:
         """Up to k (token, log-probability) children for each frontier node, best first."""
+
+    def batch_key(self) -> object | None:
+        """Drafters whose keys are the same object (not None) serve their calls together in
+        one ``propose_together`` (per-request states over the same weights); None: alone."""
+        return None
+
+    @classmethod
+    def propose_together(cls, calls: Sequence[DraftCall]) -> tuple[list[Proposals | Exception], PassCount]:
+        """Every call's proposals, as each call's own ``propose`` returns them (up to float
+        rounding), or the exception that call met; the calls share one ``batch_key``. This
+        default serves them one by one."""
+        out: list[Proposals | Exception] = []
+        for c in calls:
+            try:
+                out.append(c.drafter.propose(c.view, c.frontier, c.k))
+            except Exception as e:  # noqa: BLE001 -- it stays with its own call
+                out.append(e)
+        return out, PassCount()
 
 
 class NoDrafter(Drafter):

@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Generator, Sequence
 
 import torch
 from torch import nn
 
 from ...errors import ModelError
-from ...model.blocks import DecoderLayer, rope_cos_sin, rope_inv_freq
+from ...model.blocks import CacheRows, DecoderLayer, rope_cos_sin, rope_inv_freq
 from ...model.config import ModelConfig
-from ...model.kvcache import KVCache
+from ...model.kvcache import KVCache, SegmentPlan
 from ..tree import Node
-from .base import Drafter, DraftView, uncomputed_path
+from .base import Drafter, DraftCall, DraftView, PassCount, Proposals, uncomputed_path
 from .eagle_checkpoint import LAYER, checkpoint_config, checkpoint_tensors, head_weights
 
 __all__ = ["LAYER", "EagleDrafter", "EagleHead"]  # LAYER: re-exported (the checkpoint prefix)
@@ -141,21 +143,9 @@ class EagleDrafter(Drafter):
             return True
         return len(view.chain_ids) >= 2 and view.chain_ids[-2] in view.hidden
 
-    @torch.inference_mode()
-    def _run(self, hids: list[int], parents: list[int], positions: list[int], tokens: list[int],
-             feats: list[torch.Tensor]) -> None:
-        plan = self.cache.plan(hids, parents)
-        if not plan.keep:
-            return
-        keep = plan.keep
-        x = self.head.fuse(torch.tensor([tokens[i] for i in keep]), torch.stack([feats[i] for i in keep]))
-        cos, sin = rope_cos_sin(self.head.inv_freq, torch.tensor([positions[i] for i in keep]))
-        out = self.head.layer(x, cos, sin, self.cache.keys[0], self.cache.values[0], plan.slots, plan.span,
-                              plan.mask)
-        for j, i in enumerate(keep):
-            self._pred[hids[i]] = out[j]
-
-    def _sync(self, view: DraftView) -> None:
+    def _sync_rows(self, view: DraftView) -> _Rows | None:
+        """Drop stale tree entries; the accepted tokens not yet in the head cache (with the
+        target's true features), or None when there are none."""
         chain, toks = view.chain_ids, view.chain_tokens
         tree = view.tree
         in_chain = set(chain)
@@ -171,16 +161,39 @@ class EagleDrafter(Drafter):
                 break
             new.append(j)
         if not new:
-            return
-        ids = [2 * chain[j] for j in new]
-        self._run(ids, [2 * chain[j - 1] if j >= 2 else -1 for j in new], new, [toks[j] for j in new],
-                  [view.hidden[chain[j - 1]] for j in new])
-        self.cache.commit(ids)
-        for j in new[:-1]:
-            self._pred.pop(2 * chain[j], None)
+            return None
+        return _Rows([2 * chain[j] for j in new], [2 * chain[j - 1] if j >= 2 else -1 for j in new], new,
+                     [toks[j] for j in new], [view.hidden[chain[j - 1]] for j in new])
+
+    def _synced(self, view: DraftView, rows: _Rows) -> None:
+        """The accepted rows have run: commit them and forget predictions no one reads."""
+        chain = view.chain_ids
+        self.cache.commit(rows.hids)
+        for h in rows.hids[:-1]:
+            self._pred.pop(h, None)
         if self._chain_done >= 1:
             self._pred.pop(2 * chain[self._chain_done], None)
-        self._chain_done = new[-1]
+        self._chain_done = rows.positions[-1]
+
+    def _passes(self, view: DraftView, frontier: list[Node]) -> Generator[_Rows, None, list[int]]:
+        """The layer passes a ``propose`` needs, one at a time (each reads the features the
+        previous one predicted): the accepted tokens not cached yet, then one pass per level
+        of uncomputed ancestors of the frontier. Returns the frontier's head cache ids."""
+        sync = self._sync_rows(view)
+        if sync is not None:
+            yield sync
+            self._synced(view, sync)
+        tree = view.tree
+        need = uncomputed_path(tree, frontier, lambda n: n.id == tree.root or (2 * n.id + 1) in self._pred)
+        by_depth: dict[int, list[Node]] = {}
+        for n in need:
+            by_depth.setdefault(n.position, []).append(n)
+        for pos in sorted(by_depth):  # one head pass per level: a level only needs its parents'
+            nodes = by_depth[pos]
+            yield _Rows([2 * n.id + 1 for n in nodes], [self._entry(view, tree[n.parent]) for n in nodes],
+                        [n.position for n in nodes], [n.token for n in nodes],
+                        [self._parent_feature(view, n) for n in nodes])
+        return [self._entry(view, f) for f in frontier]
 
     def _entry(self, view: DraftView, n: Node) -> int:
         return 2 * n.id if n.id == view.tree.root else 2 * n.id + 1
@@ -192,30 +205,116 @@ class EagleDrafter(Drafter):
         return self._pred[self._entry(view, p)]
 
     def propose(self, view: DraftView, frontier: list[Node], k: int) -> list[list[tuple[int, float]]]:
-        self._sync(view)
-        tree = view.tree
-        need = uncomputed_path(tree, frontier, lambda n: n.id == tree.root or (2 * n.id + 1) in self._pred)
-        by_depth: dict[int, list[Node]] = {}
-        for n in need:
-            by_depth.setdefault(n.position, []).append(n)
-        for pos in sorted(by_depth):  # one head pass per level: a level only needs its parents'
-            nodes = by_depth[pos]
-            self._run([2 * n.id + 1 for n in nodes], [self._entry(view, tree[n.parent]) for n in nodes],
-                      [n.position for n in nodes], [n.token for n in nodes],
-                      [self._parent_feature(view, n) for n in nodes])
-        out: list[list[tuple[int, float]]] = []
-        entries = [self._entry(view, f) for f in frontier]
-        have = [e for e in entries if e in self._pred]
-        if not have:
-            return [[] for _ in frontier]
-        logits = self.head.logits(torch.stack([self._pred[e] for e in have]))
-        lp = torch.log_softmax(logits, dim=-1)
-        kk = min(k, lp.shape[-1])
-        vals, idx = torch.topk(lp, kk, dim=-1)
-        if self.head.draft_vocab is not None:
-            idx = self.head.draft_vocab[idx]
-        row = {e: r for r, e in enumerate(have)}
-        for e in entries:
-            r = row.get(e)
-            out.append([] if r is None else [(int(t), float(s)) for t, s in zip(idx[r], vals[r])])
-        return out
+        (got,), _ = self.propose_together([DraftCall(self, view, frontier, k)])
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    def batch_key(self) -> object | None:
+        return self.head  # every request's drafter over these weights can share a pass
+
+    @classmethod
+    @torch.inference_mode()
+    def propose_together(cls, calls: Sequence[DraftCall]) -> tuple[list[Proposals | Exception], PassCount]:
+        """Several requests' calls (drafters over one head, each with its own cache) in shared
+        passes: round r runs the r-th layer pass of every call in one grouped layer pass
+        (each call's rows attend only to its own cache), and one draft-logits pass ranks
+        every call's frontier. Alone, the calls would run one pass each."""
+        drafters = [c.drafter for c in calls]
+        if not all(isinstance(d, EagleDrafter) and d.head is drafters[0].head for d in drafters):
+            raise ValueError("propose_together needs EAGLE drafters over one head")
+        head = drafters[0].head
+        count = PassCount()
+        errors: list[Exception | None] = [None] * len(calls)
+        entries: list[list[int]] = [[] for _ in calls]
+        gens = [d._passes(c.view, c.frontier) for d, c in zip(drafters, calls)]  # type: ignore[union-attr]
+        waiting: dict[int, _Rows] = {}
+
+        def advance(i: int, first: bool) -> None:
+            try:
+                waiting[i] = next(gens[i]) if first else gens[i].send(None)
+            except StopIteration as stop:
+                entries[i] = stop.value
+                waiting.pop(i, None)
+            except Exception as e:  # noqa: BLE001 -- it stays with its own call
+                errors[i] = e
+                waiting.pop(i, None)
+
+        for i in range(len(calls)):
+            advance(i, True)
+        while waiting:
+            order = list(waiting)
+            failed = _run_together(head, [(drafters[i], waiting[i]) for i in order], count)  # type: ignore[misc]
+            for i, err in zip(order, failed):
+                if err is not None:
+                    errors[i] = err
+                    waiting.pop(i)
+                    gens[i].close()
+                else:
+                    advance(i, False)
+        out: list[Proposals | Exception] = [e if e is not None else [] for e in errors]
+        rows = [(i, e) for i in range(len(calls)) if errors[i] is None
+                for e in entries[i] if e in drafters[i]._pred]  # type: ignore[union-attr]
+        if rows:
+            logits = head.logits(torch.stack([drafters[i]._pred[e] for i, e in rows]))  # type: ignore[union-attr]
+            lp = torch.log_softmax(logits, dim=-1)
+            count.run += 1
+            count.alone += len({i for i, _ in rows})
+            props: dict[tuple[int, int], list[tuple[int, float]]] = {}
+            for k in sorted({calls[i].k for i, _ in rows}):
+                at = [r for r, (i, _) in enumerate(rows) if calls[i].k == k]
+                vals, idx = torch.topk(lp[at], min(k, lp.shape[-1]), dim=-1)
+                if head.draft_vocab is not None:
+                    idx = head.draft_vocab[idx]
+                for r, v, t in zip(at, vals.tolist(), idx.tolist()):
+                    props[rows[r]] = list(zip(t, v))
+            for i in range(len(calls)):
+                if errors[i] is None:
+                    out[i] = [props.get((i, e), []) for e in entries[i]]
+        else:
+            out = [e if e is not None else [[] for _ in calls[i].frontier] for i, e in enumerate(errors)]
+        return out, count
+
+
+@dataclass
+class _Rows:
+    """Rows one drafter needs run through the head's layer, into its own cache."""
+
+    hids: list[int]  # head cache ids of the rows
+    parents: list[int]  # head cache ids of their parents
+    positions: list[int]  # sequence positions
+    tokens: list[int]  # token ids
+    feats: list[torch.Tensor]  # the feature each row reads (its predecessor's)
+
+
+def _run_together(head: EagleHead, work: list[tuple[EagleDrafter, _Rows]], count: PassCount) -> list[Exception | None]:
+    """One grouped layer pass over the rows of several drafters, each into its own cache;
+    the predicted features land in each drafter's ``_pred``. Returns per drafter the
+    exception its rows met (a full cache, a broken parent), or None."""
+    parts: list[tuple[EagleDrafter, _Rows, SegmentPlan]] = []
+    failed: list[Exception | None] = []
+    for d, rows in work:
+        try:
+            plan = d.cache.plan(rows.hids, rows.parents)
+        except Exception as e:  # noqa: BLE001 -- it stays with its own drafter
+            failed.append(e)
+            continue
+        failed.append(None)
+        if plan.keep:
+            parts.append((d, rows, plan))
+    if not parts:
+        return failed
+    pick = [(rows, i) for _, rows, plan in parts for i in plan.keep]
+    x = head.fuse(torch.tensor([rows.tokens[i] for rows, i in pick]), torch.stack([rows.feats[i] for rows, i in pick]))
+    cos, sin = rope_cos_sin(head.inv_freq, torch.tensor([rows.positions[i] for rows, i in pick]))
+    groups = [CacheRows(len(plan.keep), d.cache.keys[0], d.cache.values[0], plan.slots, plan.span, plan.mask)
+              for d, _, plan in parts]
+    out = head.layer.forward_groups(x, cos, sin, groups)
+    a = 0
+    for d, rows, plan in parts:
+        for j, i in enumerate(plan.keep):
+            d._pred[rows.hids[i]] = out[a + j]
+        a += len(plan.keep)
+    count.run += 1
+    count.alone += len(parts)
+    return failed
