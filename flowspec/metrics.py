@@ -230,3 +230,12 @@ class _NodeCollector(Collector):
                                   "share them)", value=sc.passes)
         yield CounterMetricFamily("flowspec_lm_head_segments", "returned segments scored in those passes",
                                   value=sc.results)
+        dr = node.drafting.stats
+        yield CounterMetricFamily("flowspec_draft_calls", "drafter calls at the source (one per request and tree "
+                                  "level)", value=dr.calls)
+        yield CounterMetricFamily("flowspec_draft_calls_shared", "drafter calls served in one pass with another "
+                                  "request's", value=dr.shared_calls)
+        yield CounterMetricFamily("flowspec_draft_passes", "drafter passes run at the source (requests that "
+                                  "draft at once share them)", value=dr.passes.run)
+        yield CounterMetricFamily("flowspec_draft_passes_saved", "drafter passes that drafting each request "
+                                  "alone would have run on top", value=dr.passes_saved)

@@ -4,8 +4,10 @@ Many of these run at once, one per active request, each with its own request id,
 queue, strategy state and drafter; they share the source's compute thread (drafting,
 verifying and detokenizing run there one step at a time, so the event loop never waits
 behind them), its lm_head passes (``scoring.SharedHead``: the segments of every request
-that wait are scored together) and the link to the first stage. A returning segment is answered first with
-what is already drafted ("send first, think later"); the tree grows while the ring works.
+that wait are scored together), its drafter passes (``drafting.SharedDrafter``: the trees of
+every request due to grow are expanded together, one pass per level) and the link to the
+first stage. A returning segment is answered first with what is already drafted ("send
+first, think later"); the tree grows while the ring works.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from ..errors import RingError
 from ..model.stage import LMHead
 from ..model.tokenizer import Tokenizer
 from ..spec.drafters import Drafter
+from ..spec.drafters.base import Steps
 from ..spec.logprobs import TokenLogprob
 from ..spec.strategies import Send, Speculator
 from ..telemetry import HopStats
+from .drafting import SharedDrafter
 from .protocol import Frame, FrameType, SegmentMsg, UpdateMsg
 from .requests import GenRequest
 from .scoring import SharedHead
@@ -74,6 +78,7 @@ class DecodeContext:
     name: str  # the source's name (log lines)
     head: LMHead  # the target's lm_head
     scorer: SharedHead  # lm_head passes shared by every request's returned segments
+    drafting: SharedDrafter  # drafter passes shared by every request whose tree grows
     tok: Tokenizer  # detokenizing, end-of-sequence ids
     pool: concurrent.futures.ThreadPoolExecutor  # the compute thread
     prefill_chunk: int  # prompt tokens per prefill segment
@@ -126,18 +131,21 @@ class Decoding:
 
         def step(results: list[tuple[list[int], torch.Tensor, list[int] | None]],
                  scored: dict[int, torch.Tensor]
-                 ) -> tuple[list[Send], list[int], str, list[TokenLogprob] | None]:
+                 ) -> Steps[tuple[list[Send], list[int], str, list[TokenLogprob] | None]]:
             """In the compute thread: verify the returned segments in order and send what is
-            drafted; the new tokens, their text and their logprobs (when asked for)."""
+            drafted; the new tokens, their text and their logprobs (when asked for). Stepped:
+            what it drafts is served with the other requests' (SharedHead)."""
             self._apply_share()
-            sends = [s for ids, hidden, targets in results for s in spec.respond(ids, hidden, scored, targets)]
+            sends: list[Send] = []
+            for ids, hidden, targets in results:
+                sends += yield from spec.respond_steps(ids, hidden, scored, targets)
             new = spec.output[emitted:]
             lps = spec.token_logprobs[emitted:] if req.logprobs is not None else None
             return sends, new, text.push(new) if new else "", lps
 
-        def think() -> list[Send]:
+        def think() -> Steps[list[Send]]:
             self._apply_share()
-            return spec.think()
+            return spec.think_steps()
 
         try:
             await self._send(down, await loop.run_in_executor(ctx.pool, spec.start), reset=True)
@@ -171,6 +179,7 @@ class Decoding:
                                                   "rows": len(msg.node_ids), "hops": msg.hops})
                 if failed is not None and not results:
                     raise RingError(failed)
+                ctx.drafting.make_way()  # verification first: drafting in progress waits behind it
                 t_work = time.time()
                 # scored with the rows of every other request waiting, in one lm_head pass
                 sends, new, delta, lps = await ctx.scorer.respond(spec, results, lambda sc: step(results, sc))
@@ -193,8 +202,9 @@ class Decoding:
                     self.kept_logprobs.extend(lps or ())
                     live = live_stats(spec, hops, time.perf_counter() - t_first, time.time() - wall0)
                 # send first, think later: the tree grows while the ring works on what was sent
+                # (with the trees of the other requests due to grow: one drafter pass per level)
                 t_think = time.time()
-                thinking = loop.run_in_executor(ctx.pool, think)
+                thinking = ctx.drafting.think(think)
                 if live is not None:
                     yield TokensEvent(new, delta, live, lps)
                 more = await thinking

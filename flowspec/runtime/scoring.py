@@ -10,18 +10,25 @@ scores all their rows in one pass before each request verifies its own, in order
 
 The text does not change: a row's logits do not depend on which other rows share the
 pass (float32 is exact; bfloat16 rounds as it does for any batch of rows).
+
+What the requests draft while they verify (a new root's first level, or the whole plan of
+strategies that draft as segments return) is shared too: a verification that is stepped
+(its ``then`` returns a generator, e.g. driving ``Speculator.respond_steps``) is advanced
+together with the others, one drafter pass per tree level (spec/drafting.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import torch
 
+from ..spec.drafting import DraftingStats, Expansion, step
 from ..spec.strategies import Speculator
 
 T = TypeVar("T")
@@ -33,7 +40,7 @@ Result = tuple[Sequence[int], torch.Tensor, Sequence[int] | None]
 class _Job(Generic[T]):
     spec: Speculator  # the request's strategy (its tree says which rows need logits)
     results: list[Result]  # its returned segments, in the order they came back
-    then: Callable[[dict[int, torch.Tensor]], T]  # verifies them, given logits by node id
+    then: Callable[[dict[int, torch.Tensor]], Any]  # verifies them, given logits by node id (or its Steps)
     done: asyncio.Future[T]  # resolved with what `then` returned
 
 
@@ -55,16 +62,19 @@ class SharedHead:
     (ahead of any drafting submitted meanwhile: verification comes first)."""
 
     def __init__(self, head: Callable[[torch.Tensor], torch.Tensor],
-                 pool: concurrent.futures.ThreadPoolExecutor) -> None:
+                 pool: concurrent.futures.ThreadPoolExecutor, drafting: DraftingStats | None = None) -> None:
         self.head, self.pool = head, pool
         self.stats = ScoringStats()
+        self.drafting = drafting if drafting is not None else DraftingStats()  # what the verifications drafted
         self._waiting: list[_Job[Any]] = []
         self._busy = False
 
     async def respond(self, spec: Speculator, results: list[Result],
-                      then: Callable[[dict[int, torch.Tensor]], T]) -> T:
+                      then: Callable[[dict[int, torch.Tensor]], Any]) -> T:
         """Score the rows of `results` (with whatever else waits), then run `then(logits by
-        node id)` on the compute thread and return what it returns (or raise what it raised)."""
+        node id)` on the compute thread and return what it returns (or raise what it raised);
+        when it returns a generator (stepped drafting), what that generator returns, its
+        drafter calls served together with the other verifications'."""
         loop = asyncio.get_running_loop()
         job: _Job[T] = _Job(spec, results, then, loop.create_future())
         self._waiting.append(job)
@@ -128,9 +138,19 @@ class SharedHead:
             self.stats.results += len(parts)
             self.stats.rows += a
         out: list[tuple[bool, Any]] = []
+        stepped: list[tuple[int, Expansion[Any]]] = []  # (index in out, a stepped verification)
         for job, sc in zip(jobs, scored):
             try:
-                out.append((True, job.then(sc)))
+                value = job.then(sc)
             except Exception as e:  # noqa: BLE001 -- handed to the job's own request
                 out.append((False, e))
+                continue
+            if inspect.isgenerator(value):
+                stepped.append((len(out), Expansion(value)))
+            out.append((True, value))
+        exps = [e for _, e in stepped]
+        while not all(e.done for e in exps):
+            self.drafting.add(step(exps))
+        for i, e in stepped:
+            out[i] = (False, e.error) if e.error is not None else (True, e.result)
         return out

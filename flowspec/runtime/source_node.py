@@ -21,6 +21,7 @@ from ..spec.logprobs import TokenLogprob
 from .admission import Admission
 from .client_desk import ClientDesk
 from .decode import RING_FAILED, DecodeContext, Decoding, DoneEvent, TokensEvent
+from .drafting import SharedDrafter
 from .failover import Failover
 from .formation import ring_problem
 from .links import RingLinks
@@ -69,8 +70,9 @@ class SourceNode:
                                           "verifications": 0, "held": 0}
         self.last_stats: dict[str, Any] = {}
         self.probes = ProbeDesk(name, topo.security.read_timeout_s)  # profiler probes (see probes.py)
-        self.scorer = SharedHead(head, self._pool)
-        self._ctx = DecodeContext(name, head, self.scorer, tokenizer, self._pool,
+        self.drafting = SharedDrafter(self._pool)  # drafter passes shared by the requests' expansions
+        self.scorer = SharedHead(head, self._pool, self.drafting.stats)
+        self._ctx = DecodeContext(name, head, self.scorer, self.drafting, tokenizer, self._pool,
                                   topo.decoding.prefill_chunk, topo.security.read_timeout_s,
                                   lambda: self.links.downstream, lambda: self.error, self._next_seq)
         self._desk = ClientDesk(self)
