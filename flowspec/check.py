@@ -72,6 +72,8 @@ def _model_line(topo: Topology, cfg: Any) -> str:
     size = planning_bytes(dtype)
     weights = (f"dtype auto, sized at float32 ({size} bytes a weight: the most auto may choose; half where a "
                "node runs bfloat16)" if dtype == "auto" else f"dtype {dtype} ({size} bytes a weight)")
+    if topo.model.stage_weights == "int8":
+        weights += "; the stages' projections in int8 (1 byte a weight; model.stage_weights: int8)"
     return (f"model {topo.model.target}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocabulary "
             f"{cfg.vocab_size}; {weights}; drafter {topo.model.drafter}; tokens chosen at the "
             f"{topo.decoding.verify.replace('_', ' ')}")

@@ -19,7 +19,7 @@ from . import __version__
 from .cli_common import (
     TOPOLOGY_ENV, drafter_arg, env_default, env_value, run_reporting, use_help_formatter,
 )
-from .config.schema import DTYPES
+from .config.schema import DTYPES, STAGE_WEIGHTS
 from .errors import UsageError
 from .spec.bounds import FieldError
 from .spec.params import STRATEGIES
@@ -74,6 +74,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.model is None:  # $FLOWSPEC_TOPOLOGY stands in for --topology unless --model is given
         args.topology = args.topology or env_value(TOPOLOGY_ENV)
     if args.topology:
+        if args.stage_weights is not None:
+            raise UsageError("--stage-weights is for single-process mode; a ring takes model.stage_weights "
+                             "from its topology file (every node must agree)")
         from .commands import generate_on_ring
 
         res = generate_on_ring(args)
@@ -99,7 +102,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = tok.encode_prompt(args.prompt, raw=args.raw)
     dtype = args.dtype or "auto"
     ctx = args.max_context or 2048
-    pipe = LocalPipeline.load(folder, args.stages or 1, dtype=dtype, max_context=ctx)
+    stage_weights = args.stage_weights or "same"
+    pipe = LocalPipeline.load(folder, args.stages or 1, dtype=dtype, max_context=ctx, stage_weights=stage_weights)
     strategy = args.strategy or "autoregressive"
     if strategy == "autoregressive" and not args.temperature:
         res = greedy_generate(pipe, prompt, args.max_new_tokens, tok.eos_ids)
@@ -115,7 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         tree = TreeParams(in_flight=max(1, len(pipe.stages)))
         res2 = generate_local(pipe, strategy, prompt, args.max_new_tokens, drafter, tok.eos_ids, sampling, tree)
         ids, stats = res2["token_ids"], dict(res2["stats"], drafter=args.drafter or "eagle")
-    stats.update(strategy=strategy, stages=len(pipe.stages), dtype=dtype)
+    stats.update(strategy=strategy, stages=len(pipe.stages), dtype=dtype, stage_weights=stage_weights)
     _emit(args, tok.decode(ids), ids, stats)
     return 0
 
@@ -146,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     g.add_argument("--dtype", choices=DTYPES, default=None,
                    help="override model.dtype (single-process mode: default auto)")
+    g.add_argument("--stage-weights", choices=STAGE_WEIGHTS, default=None,
+                   help="single-process mode: the layers' projections in int8 (opt-in: changes the model), "
+                        "or the same as --dtype (default: same)")
     g.add_argument("--max-context", type=int, default=0,
                    help="KV-cache slots (0: the topology's model.max_context; 2048 in single-process mode)")
     g.add_argument("--strategy", choices=STRATEGIES, default=None,

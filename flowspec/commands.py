@@ -44,6 +44,7 @@ def build_node(topo: Topology, name: str) -> Any:
     from .footprint import layer_ranges
     from .model.config import ModelConfig
     from .model.dtypes import describe
+    from .model.int8 import describe as describe_stage_weights
     from .model.loader import model_fingerprint, resolve_model
     from .model.stage import LMHead, Stage
 
@@ -51,12 +52,14 @@ def build_node(topo: Topology, name: str) -> Any:
     key = topo.cluster_key()
     folder = resolve_model(topo.model.target)
     cfg = ModelConfig.from_file(str(folder / "config.json"))
-    dtype = topo.model.dtype
+    dtype, stage_weights = topo.model.dtype, topo.model.stage_weights
     log.info("%s: weights in %s", name, describe(dtype))
+    if stage_weights != "same":
+        log.warning("%s: the stages hold their %s", name, describe_stage_weights(stage_weights, describe(dtype)))
     # the same split on every node (and in `flowspec check`): `auto` is planned at its largest (float32),
     # whatever this CPU picks; with decoding.verify: last_stage the last stage holds the lm_head too
     ranges = layer_ranges(topo, cfg)
-    fingerprint = model_fingerprint(str(topo.model.target), cfg)
+    fingerprint = model_fingerprint(str(topo.model.target), cfg, stage_weights)
     if me.is_source:
         from .model.tokenizer import Tokenizer
         from .spec.drafters import make_drafter
@@ -73,9 +76,10 @@ def build_node(topo: Topology, name: str) -> Any:
     if me.is_spare:  # no layers until it takes a dead stage's place
         return SpareNode(topo, name, key, fingerprint)
     a, b = ranges[name]
-    stage = Stage.load(folder, a, b, dtype=dtype, max_context=topo.model.max_context, cfg=cfg)
-    log.info("%s: layers %d-%d loaded (%d parameters, %.1f MB)", name, a, b - 1, stage.num_params(),
-             stage.weight_bytes() / 1e6)
+    stage = Stage.load(folder, a, b, dtype=dtype, max_context=topo.model.max_context, cfg=cfg,
+                       stage_weights=stage_weights)
+    log.info("%s: layers %d-%d loaded (%d parameters, %.1f MB%s)", name, a, b - 1, stage.num_params(),
+             stage.weight_bytes() / 1e6, "" if stage_weights == "same" else f", projections in {stage_weights}")
     head = None
     if topo.decoding.verify == "last_stage" and topo.stages[-1].name == name:
         head = LMHead.load(folder, dtype=dtype, cfg=cfg)

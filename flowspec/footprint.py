@@ -17,6 +17,7 @@ from .config import Topology
 from .errors import ModelError
 from .model.config import ModelConfig
 from .model.dtypes import planning_bytes
+from .model.int8 import layer_bytes as int8_layer_bytes
 
 KV_BYTES = 4  # keys and values are float32 whatever the weights' dtype (model/kvcache.py)
 _FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
@@ -40,16 +41,28 @@ def lm_head_layers(cfg: ModelConfig) -> float:
     return cfg.vocab_size * cfg.hidden_size / cfg.layer_params()
 
 
+def layer_bytes(topo: Topology, cfg: ModelConfig) -> int:
+    """Bytes of one decoder layer on a stage: in the planning dtype, or with int8 projections
+    (``model.stage_weights: int8``; scales, norms and biases in the planning dtype)."""
+    if topo.model.stage_weights == "int8":
+        return int8_layer_bytes(cfg, planning_bytes(topo.model.dtype))
+    return cfg.layer_params() * planning_bytes(topo.model.dtype)
+
+
 def layer_ranges(topo: Topology, cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """Every stage's half-open layer range, as every node computes it (TopologyError when it cannot)."""
-    layer_bytes = cfg.layer_params() * planning_bytes(topo.model.dtype)
-    return topo.resolve_layers(cfg.num_layers, layer_bytes, lm_head_layers(cfg))
+    per_layer = layer_bytes(topo, cfg)
+    if topo.model.stage_weights == "int8":  # the lm_head stays in the planning dtype: more int8 layers' memory
+        head_bytes = cfg.vocab_size * cfg.hidden_size * planning_bytes(topo.model.dtype)
+        return topo.resolve_layers(cfg.num_layers, per_layer, head_bytes / per_layer, lm_head_layers(cfg))
+    return topo.resolve_layers(cfg.num_layers, per_layer, lm_head_layers(cfg))
 
 
 def plan_ring(topo: Topology, cfg: ModelConfig, drafter_params: int = 0) -> list[NodePlan]:
     """One NodePlan per node in ring order. drafter_params: what the source's drafter holds
     besides the target's lm_head (see drafter_params)."""
     size = planning_bytes(topo.model.dtype)
+    per_layer = layer_bytes(topo, cfg)
     ranges = layer_ranges(topo, cfg)
     vh = cfg.vocab_size * cfg.hidden_size
     kv_per_layer = 2 * cfg.num_kv_heads * cfg.head_dim * topo.model.max_context * KV_BYTES
@@ -67,7 +80,7 @@ def plan_ring(topo: Topology, cfg: ModelConfig, drafter_params: int = 0) -> list
             out.append(NodePlan(n.name, n.role, address, None, holds, 0, 0))
             continue
         a, b = ranges[n.name]
-        params = (b - a) * cfg.layer_params()
+        params = 0  # besides the layers: embedding, norm, lm_head (in the planning dtype)
         parts = [f"layers {a}-{b - 1}" if b - a > 1 else f"layer {a}"]
         if a == 0:
             params += vh
@@ -79,7 +92,8 @@ def plan_ring(topo: Topology, cfg: ModelConfig, drafter_params: int = 0) -> list
                 params += vh
                 parts.append("lm_head")
         kv = (b - a) * kv_per_layer * topo.decoding.max_active
-        out.append(NodePlan(n.name, n.role, address, (a, b), " + ".join(parts), params * size, kv))
+        weights = (b - a) * per_layer + params * size
+        out.append(NodePlan(n.name, n.role, address, (a, b), " + ".join(parts), weights, kv))
     return out
 
 

@@ -33,7 +33,7 @@ from .messages import _join, _kind, _suggest
 from .parse import _Parser
 from .schema import (
     CPU_PERIOD_MS_RANGE, DEFAULT_KEY_ENV, DEFAULT_TARGET, DRAFTER_KINDS, DTYPES, MAX_CPU_QUOTA,
-    MIN_KEY_BYTES, ROLES, ApiSpec, DecodingSpec, DrafterSpec, LinkSpec, ModelSpec, NodeSpec,
+    MIN_KEY_BYTES, ROLES, STAGE_WEIGHTS, ApiSpec, DecodingSpec, DrafterSpec, LinkSpec, ModelSpec, NodeSpec,
     SecuritySpec, TestbedSpec, TreeSpec,
 )
 from .topology import Topology, _abs_override, _warn_if_readable
@@ -41,7 +41,7 @@ from .yaml_load import _parse_yaml, _StrictLoader
 
 __all__ = [
     "CPU_PERIOD_MS_RANGE", "DEFAULT_KEY_ENV", "DEFAULT_TARGET", "DRAFTER_KINDS", "DTYPES",
-    "MAX_CPU_QUOTA", "MIN_KEY_BYTES", "ROLES", "STRATEGIES", "VERIFY_AT",
+    "MAX_CPU_QUOTA", "MIN_KEY_BYTES", "ROLES", "STAGE_WEIGHTS", "STRATEGIES", "VERIFY_AT",
     "ApiSpec", "DecodingSpec", "DrafterSpec", "LinkSpec", "ModelSpec", "NodeSpec", "SecuritySpec",
     "TestbedSpec", "Topology", "TopologyError", "TreeSpec", "is_local_host",
     # private helpers, still importable from flowspec.config as before the split

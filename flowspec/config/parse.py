@@ -26,7 +26,7 @@ from .fields import _ENV_RE, _Fields, _Recorded
 from .hosts import _host_key, _is_loopback, _is_wildcard
 from .messages import _kind, _suggest
 from .schema import (
-    CPU_PERIOD_MS_RANGE, DEFAULT_TARGET, DRAFTER_KINDS, DTYPES, MAX_CPU_QUOTA, ROLES, ApiSpec,
+    CPU_PERIOD_MS_RANGE, DEFAULT_TARGET, DRAFTER_KINDS, DTYPES, MAX_CPU_QUOTA, ROLES, STAGE_WEIGHTS, ApiSpec,
     DecodingSpec, DrafterSpec, LinkSpec, ModelSpec, NodeSpec, SecuritySpec, TestbedSpec, TreeSpec,
 )
 
@@ -40,7 +40,7 @@ _ORIGIN_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#]+$")
 _LAYERS_RE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 _TOP_KEYS = ("cluster", "model", "nodes", "api", "decoding", "security", "testbed")
-_MODEL_KEYS = ("target", "drafter", "dtype", "max_context", "num_layers", "name")
+_MODEL_KEYS = ("target", "drafter", "dtype", "max_context", "num_layers", "name", "stage_weights")
 _NODE_KEYS = ("name", "host", "port", "role", "layers", "memory_gb", "speed")
 _API_KEYS = ("host", "port", "api_key_env", "api_key_file", "queue_size", "allow_unauthenticated", "cors_origins",
              "access_log")
@@ -104,6 +104,8 @@ class _Parser(_Fields):
             target = self.resolve(target)
         drafter = self.drafter(d.get("drafter", "lookup"))
         dtype = self.choice(d.get("dtype", "auto"), "model.dtype", DTYPES, "dtype")
+        stage_weights = self.choice(d.get("stage_weights", "same"), "model.stage_weights", STAGE_WEIGHTS,
+                                    "stage weights")
         max_context = self.number(d.get("max_context", 2048), "model.max_context", integer=True, lo=64)
         num_layers = self.number(d.get("num_layers"), "model.num_layers", integer=True, lo=1,
                                  nullable="read from the model")
@@ -113,7 +115,7 @@ class _Parser(_Fields):
                                "at most 128 characters, e.g. SmolLM2-135M-Instruct), or null to derive it from "
                                "model.target", _MODEL_NAME_RE)
         return ModelSpec(target=target, drafter=drafter, dtype=dtype, max_context=max_context,
-                         num_layers=num_layers, name=name)
+                         num_layers=num_layers, name=name, stage_weights=stage_weights)
 
     def drafter(self, v: Any) -> DrafterSpec:
         allowed = "none, lookup, eagle, eagle:PATH, model:PATH"

@@ -22,6 +22,7 @@ _TREE = TreeParams()  # the built-in draft tree
 
 ROLES = ("source", "stage", "spare")
 DTYPES = ("auto", "bfloat16", "float32")  # auto: per node, see flowspec.model.dtypes
+STAGE_WEIGHTS = ("same", "int8")  # same: as model.dtype; int8: see flowspec.model.int8 (changes the model)
 DRAFTER_KINDS = ("none", "lookup", "eagle", "model")
 DEFAULT_TARGET = "default"  # SmolLM2-135M-Instruct, see flowspec.model.loader
 DEFAULT_TARGET_NAME = "SmolLM2-135M-Instruct"  # the default model's id in the HTTP API
@@ -53,6 +54,9 @@ class ModelSpec:
     max_context: int  # KV-cache slots per stage (>= 64)
     num_layers: int | None = None  # decoder layers, when known without reading the model
     name: str | None = None  # the model's id in the HTTP API; None = derived from target (see served_name)
+    # "same": the stages' weights in dtype; "int8": their decoder layers' projections stored as int8
+    # with per-output-channel scales, computed in dtype (opt-in: it changes the model; every node agrees)
+    stage_weights: str = "same"
 
     @property
     def served_name(self) -> str:

@@ -101,7 +101,8 @@ class Topology:
         out: dict[str, Any] = {
             "cluster": self.cluster,
             "model": {"target": m.target, "drafter": str(m.drafter), "dtype": m.dtype,
-                      "max_context": m.max_context, "num_layers": m.num_layers, "name": m.name},
+                      "max_context": m.max_context, "num_layers": m.num_layers, "name": m.name,
+                      "stage_weights": m.stage_weights},
             "nodes": nodes,
             "api": dict(dataclasses.asdict(self.api), cors_origins=list(self.api.cors_origins)),
             "decoding": dec,
@@ -281,7 +282,8 @@ class Topology:
 
     # ------------------------------------------------------------------ layers
     def resolve_layers(self, num_layers: int, layer_bytes: int | None = None,
-                       lm_head_layers: float = 0.0) -> dict[str, tuple[int, int]]:
+                       lm_head_layers: float = 0.0, lm_head_work: float | None = None
+                       ) -> dict[str, tuple[int, int]]:
         """Half-open layer range of every stage, in ring order, with ``auto`` stages split.
 
         ``auto`` stages between two explicit ones (or the model's ends) share the layers left
@@ -289,7 +291,9 @@ class Topology:
         (bytes of one decoder layer) is given, no more than its memory_gb holds.
         lm_head_layers: the lm_head's size in decoder layers; with ``decoding.verify:
         last_stage`` the last stage holds it: its memory must hold that many layers more,
-        and an auto split charges it LM_HEAD_WORK of that in work.
+        and an auto split charges it LM_HEAD_WORK of that in work. lm_head_work: the lm_head's
+        work in decoder layers when it differs from its size in them (int8 layers are smaller,
+        not faster); default lm_head_layers.
         """
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise TopologyError(f"{self.origin}: the model's layer count must be an integer >= 1, "
@@ -304,7 +308,7 @@ class Topology:
                                 f"{num_layers} layers; fix model.num_layers or remove it")
         last = self.stages[-1].name
         extra = {last: lm_head_layers} if self.decoding.verify == "last_stage" else {}
-        work = {k: v * LM_HEAD_WORK for k, v in extra.items()}
+        work = {k: (v if lm_head_work is None else lm_head_work) * LM_HEAD_WORK for k, v in extra.items()}
         return _plan_layers(self.origin, self.stages, num_layers, layer_bytes, extra, work)
 
 

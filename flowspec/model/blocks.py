@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .int8 import Int8Linear, scale_name
 
 
 class RMSNorm(nn.Module):
@@ -77,8 +78,11 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.cfg = cfg
 
-        def lin(name: str, bias: bool = False) -> nn.Linear:
+        def lin(name: str, bias: bool = False) -> nn.Module:
             weight = w[prefix + name + ".weight"]
+            scale = w.get(scale_name(prefix + name + ".weight"))
+            if scale is not None:  # model.stage_weights: int8 (opt-in; see int8.py)
+                return Int8Linear(weight, scale, w[prefix + name + ".bias"] if bias else None)
             layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias, dtype=weight.dtype)
             layer.weight = nn.Parameter(weight, requires_grad=False)
             if bias:

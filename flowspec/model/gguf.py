@@ -25,7 +25,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from ..errors import ModelError
 
 log = logging.getLogger(__name__)
 
+# a loader's hook on each tensor as soon as it is read: (name, rows of it in float32, the
+# hook's to overwrite) -> the entries to keep, row for row (a conversion of each row on its own)
+Convert = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
 GGUF_INDEX = "gguf.json"  # the index file in a prepared folder
 INDEX_VERSION = 1  # bumped when the index format changes
 # GGUF architecture -> (Hugging Face model_type, architectures entry, Q/K rows reordered)
@@ -231,8 +234,12 @@ class GGUFWeights:
             raise ModelError(f"{path} changed since {folder} was prepared; delete {folder} and run again")
         return cls(path, tensors)
 
-    def load(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Dequantize exactly these tensors into dtype, one block of rows at a time."""
+    def load(self, names: Iterable[str], dtype: torch.dtype, convert: Convert | None = None
+             ) -> dict[str, torch.Tensor]:
+        """Dequantize exactly these tensors into dtype, one block of rows at a time. `convert`
+        (a conversion row by row, such as int8 with a scale per row) is applied to each block
+        of float32 rows as soon as it is dequantized, and its entries are joined by rows: the
+        tensor is never whole in float."""
         names = list(names)
         total = sum(self.tensors[n].nbytes for n in names)
         start = last = time.monotonic()
@@ -240,7 +247,10 @@ class GGUFWeights:
         with open(self.path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             for i, n in enumerate(names, 1):
-                out[n] = self._read(fh, size, self.tensors[n], dtype)
+                if convert is None:
+                    out[n] = self._read(fh, size, self.tensors[n], dtype)
+                else:
+                    out.update(self._read_converted(fh, size, n, convert))
                 if time.monotonic() - last >= PROGRESS_S and i < len(names):
                     last = time.monotonic()
                     log.info("reading %s: %d/%d tensors", self.path.name, i, len(names))
@@ -249,8 +259,28 @@ class GGUFWeights:
         return out
 
     def _read(self, fh: BinaryIO, size: int, ref: TensorRef, dtype: torch.dtype) -> torch.Tensor:
+        """One tensor in dtype, written block by block into the final tensor."""
+        blocks = self._blocks(fh, size, ref)  # the layout checked before anything is allocated
+        out = torch.empty((ref.shape[0] if len(ref.shape) > 1 else 1, ref.shape[-1]), dtype=dtype)
+        for a, part in blocks:
+            out[a:a + part.shape[0]].copy_(part)
+        out = out.reshape(ref.shape)
+        return undo_qk_reorder(out, ref.heads) if ref.heads else out
+
+    def _read_converted(self, fh: BinaryIO, size: int, name: str, convert: Convert) -> dict[str, torch.Tensor]:
+        """The entries `convert` makes of one tensor, block of rows by block, joined by rows."""
+        ref = self.tensors[name]
+        pieces: dict[str, list[torch.Tensor]] = {}
+        for _, part in self._blocks(fh, size, ref):
+            for k, v in convert(name, part).items():
+                pieces.setdefault(k, []).append(v)
+        got = {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in pieces.items()}
+        return {k: undo_qk_reorder(v, ref.heads) if ref.heads else v for k, v in got.items()}
+
+    def _blocks(self, fh: BinaryIO, size: int, ref: TensorRef) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, float32 rows [n, cols]) of a tensor, dequantized a block at a time (the
+        rows are the caller's: writable, not kept). The tensor's layout is checked at once."""
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-        from gguf.quants import dequantize
 
         try:
             qtype = GGMLQuantizationType(ref.qtype)
@@ -262,7 +292,15 @@ class GGUFWeights:
         row_bytes = cols // block * type_size
         if cols % block or rows * row_bytes != ref.nbytes or ref.offset + ref.nbytes > size:
             raise ModelError(f"{self.path}: tensor {ref.gguf_name} does not fit its shape; the file is damaged")
-        out = torch.empty((rows, cols), dtype=dtype)
+        if ref.heads and ref.shape[0] % (2 * ref.heads):
+            raise ModelError(f"{self.path}: tensor {ref.gguf_name} has {ref.shape[0]} rows, not a whole number "
+                             f"of {ref.heads} heads; the file does not match its metadata")
+        return self._dequantized(fh, ref, qtype, rows, cols, row_bytes)
+
+    def _dequantized(self, fh: BinaryIO, ref: TensorRef, qtype: Any, rows: int, cols: int, row_bytes: int
+                     ) -> Iterator[tuple[int, torch.Tensor]]:
+        from gguf.quants import dequantize
+
         per_block = max(1, BLOCK_BYTES // (4 * cols))
         for a in range(0, rows, per_block):
             n = min(per_block, rows - a)
@@ -279,9 +317,4 @@ class GGUFWeights:
                 ) from None
             if part.dtype != np.float32 or not part.flags.writeable:  # torch needs writable float32
                 part = np.array(part, dtype=np.float32)
-            out[a:a + n].copy_(torch.from_numpy(part.reshape(n, cols)))
-        out = out.reshape(ref.shape)
-        if ref.heads and ref.shape[0] % (2 * ref.heads):
-            raise ModelError(f"{self.path}: tensor {ref.gguf_name} has {ref.shape[0]} rows, not a whole number "
-                             f"of {ref.heads} heads; the file does not match its metadata")
-        return undo_qk_reorder(out, ref.heads) if ref.heads else out
+            yield a, torch.from_numpy(part.reshape(n, cols))

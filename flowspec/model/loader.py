@@ -28,7 +28,7 @@ from safetensors import safe_open
 
 from ..errors import ModelError
 from .config import ModelConfig
-from .gguf import GGUF_INDEX, INDEX_VERSION, GGUFWeights, write_model_files, write_tokenizer
+from .gguf import BLOCK_BYTES, GGUF_INDEX, INDEX_VERSION, Convert, GGUFWeights, write_model_files, write_tokenizer
 from .hub import find_cached_snapshot, gguf_in_snapshot, looks_like_repo_id
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,14 @@ def _file_digest(path: Path) -> str:
     return digest
 
 
-def model_fingerprint(name: str, cfg: ModelConfig) -> str:
-    """What nodes compare at the handshake: the architecture and the weights."""
-    return hashlib.sha256(f"{cfg.fingerprint()}|{weights_digest(name)}".encode()).hexdigest()[:16]
+def model_fingerprint(name: str, cfg: ModelConfig, stage_weights: str = "same") -> str:
+    """What nodes compare at the handshake: the architecture, the weights and, when the stages
+    store theirs otherwise than in the node's dtype (``model.stage_weights: int8``), that too:
+    it changes the model the ring computes, so every node must agree on it."""
+    blob = f"{cfg.fingerprint()}|{weights_digest(name)}"
+    if stage_weights != "same":  # the default fingerprint stays what it always was
+        blob += f"|stage_weights={stage_weights}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager
@@ -210,21 +215,41 @@ class WeightStore:
     def has(self, name: str) -> bool:
         return name in self.files
 
-    def load(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Read exactly these tensors, converted to dtype."""
+    def load(self, names: Iterable[str], dtype: torch.dtype, convert: Convert | None = None
+             ) -> dict[str, torch.Tensor]:
+        """Read exactly these tensors, converted to dtype. With `convert` (name, rows) -> entries,
+        a conversion row by row (int8 with a scale per row), each tensor is handed to it as
+        soon as it is read, in blocks of float32 rows (dtype is not used), and its entries
+        are joined by rows."""
         by_file: dict[Path, list[str]] = {}
         for n in names:
             if n not in self.files:
                 raise ModelError(f"{self.folder}: tensor {n!r} is missing from the checkpoint")
             by_file.setdefault(self.files[n], []).append(n)
         if self.gguf is not None:
-            return self.gguf.load([n for ns in by_file.values() for n in ns], dtype)
+            return self.gguf.load([n for ns in by_file.values() for n in ns], dtype, convert)
         out: dict[str, torch.Tensor] = {}
         for f, ns in by_file.items():
             with safe_open(str(f), framework="pt") as sf:
                 for n in ns:
-                    out[n] = sf.get_tensor(n).to(dtype)
+                    if convert is None:
+                        out[n] = sf.get_tensor(n).to(dtype)
+                    else:
+                        out.update(_convert_rows(n, sf.get_tensor(n), convert))
         return out
+
+
+def _convert_rows(name: str, t: torch.Tensor, convert: Convert) -> dict[str, torch.Tensor]:
+    """convert over blocks of t's rows, each a fresh float32 copy of at most BLOCK_BYTES (the
+    tensor is never whole in float32: its freed copies would fragment the heap)."""
+    if t.dim() != 2:
+        return convert(name, t.to(torch.float32, copy=True))
+    per_block = max(1, BLOCK_BYTES // (4 * max(1, t.shape[1])))
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for a in range(0, t.shape[0], per_block):
+        for k, v in convert(name, t[a:a + per_block].to(torch.float32, copy=True)).items():
+            pieces.setdefault(k, []).append(v)
+    return {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in pieces.items()}
 
 
 def layer_tensor_names(cfg: ModelConfig, i: int) -> list[str]:

@@ -32,11 +32,12 @@ class LocalPipeline:
 
     @classmethod
     def load(cls, folder: str | Path, num_stages: int = 1, dtype: str = "bfloat16",
-             max_context: int = 2048) -> "LocalPipeline":
+             max_context: int = 2048, stage_weights: str = "same") -> "LocalPipeline":
+        """The model's stages (`stage_weights`: see Stage.load) and its lm_head (in dtype)."""
         folder = Path(folder)
         cfg = ModelConfig.from_file(str(folder / "config.json"))
         stages = [
-            Stage.load(folder, a, b, dtype=dtype, max_context=max_context, cfg=cfg)
+            Stage.load(folder, a, b, dtype=dtype, max_context=max_context, cfg=cfg, stage_weights=stage_weights)
             for a, b in split_layers(cfg.num_layers, num_stages)
         ]
         return cls(cfg, stages, LMHead.load(folder, dtype=dtype, cfg=cfg))

@@ -19,6 +19,7 @@ from ..errors import FlowSpecError, ModelError
 from .blocks import CacheRows, DecoderLayer, RMSNorm, rope_cos_sin, rope_inv_freq
 from .config import ModelConfig
 from .dtypes import parse_dtype  # noqa: F401 -- re-exported: callers import it from here
+from .int8 import INT8, SAME, check_stage_weights, load_int8
 from .kvcache import KVCache, SegmentPlan
 from .loader import EMBED, NORM, WeightStore, layer_tensor_names, lm_head_name
 
@@ -86,7 +87,8 @@ class Stage(nn.Module):
             DecoderLayer(cfg, weights, f"model.layers.{i}.") for i in range(start, end)
         )
         self.norm = RMSNorm(weights[NORM], cfg.rms_norm_eps) if last else None
-        self.dtype = next(iter(weights.values())).dtype
+        # the activations' dtype: that of the float weights (int8 projections keep their scales in it)
+        self.dtype = next(v.dtype for v in weights.values() if v.is_floating_point())
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         if cfg.sliding_window and max_context > cfg.sliding_window:
             raise ModelError(
@@ -106,8 +108,12 @@ class Stage(nn.Module):
         dtype: str | torch.dtype = "bfloat16",
         max_context: int = 2048,
         cfg: ModelConfig | None = None,
+        stage_weights: str = SAME,
     ) -> "Stage":
-        """Load only the tensors of layers [start, end) (plus embedding / norm by role)."""
+        """Load only the tensors of layers [start, end) (plus embedding / norm by role).
+        stage_weights: ``same`` (the weights in dtype) or ``int8`` (the layers' projections
+        quantized as they are read, computing in dtype; opt-in, it changes the model)."""
+        check_stage_weights(stage_weights)
         folder = Path(folder)
         cfg = cfg or ModelConfig.from_file(str(folder / "config.json"))
         check_layer_range(cfg, start, end)
@@ -121,7 +127,10 @@ class Stage(nn.Module):
         if last:
             names.append(NORM)
         store = WeightStore.open(folder)
-        weights = store.load(names, parse_dtype(dtype))
+        if stage_weights == INT8:
+            weights = load_int8(store, names, parse_dtype(dtype))
+        else:
+            weights = store.load(names, parse_dtype(dtype))
         return cls(cfg, weights, start, end, first, last, max_context)
 
     def num_params(self) -> int:

@@ -47,7 +47,7 @@ class SourceNode:
                  drafter: Drafter, fingerprint: str, num_layers: int, model_name: str) -> None:
         self.topo, self.name, self.tok, self.head, self.drafter = topo, name, tokenizer, head, drafter
         self.num_layers, self.model_name = num_layers, model_name
-        hello = hello_meta(topo.cluster, fingerprint, name, "source", None)
+        hello = hello_meta(topo.cluster, fingerprint, name, "source", None, stage_weights=topo.model.stage_weights)
         self.links = RingLinks(topo, name, key, hello, self._serve_upstream, self._serve_client,
                                self._from_downstream, self._peer_dead,
                                on_spare=lambda s, h: self.failover.serve_spare(s, h))

@@ -44,7 +44,8 @@ class SpareNode:
         self.topo, self.name, self.key, self.fingerprint = topo, name, key, fingerprint
         self.member = member  # the stage this node is now, if it has a place in the ring
         self._kept: tuple[tuple[int, int, bool], Stage, LMHead | None] | None = None  # layers of a lost place
-        self.hello = hello_meta(topo.cluster, fingerprint, name, "spare", None)
+        self.hello = hello_meta(topo.cluster, fingerprint, name, "spare", None,
+                                stage_weights=topo.model.stage_weights)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -186,6 +187,7 @@ class SpareNode:
         if end > cfg.num_layers:
             raise FlowSpecError(f"layers {start}-{end - 1} are beyond the model's {cfg.num_layers}")
         dtype = self.topo.model.dtype
-        stage = Stage.load(folder, start, end, dtype=dtype, max_context=self.topo.model.max_context, cfg=cfg)
+        stage = Stage.load(folder, start, end, dtype=dtype, max_context=self.topo.model.max_context, cfg=cfg,
+                           stage_weights=self.topo.model.stage_weights)
         head = LMHead.load(folder, dtype=dtype, cfg=cfg) if lm_head else None
         return stage, head

@@ -35,7 +35,8 @@ class StageNode:
         self.topo, self.name, self.stage = topo, name, stage
         self.head = head  # the target's lm_head: the last stage chooses the tokens (decoding.verify)
         self.layers = (stage.start, stage.end)
-        hello = hello_meta(topo.cluster, fingerprint, name, "stage", self.layers)
+        hello = hello_meta(topo.cluster, fingerprint, name, "stage", self.layers,
+                           stage_weights=topo.model.stage_weights)
         # plan: the ring this node joins (a spare taking a dead stage's place); None: the file's order
         self.links = RingLinks(topo, name, key, hello, self._serve_upstream, None,
                                self._from_downstream, self._peer_dead, plan=plan)

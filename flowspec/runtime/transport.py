@@ -199,8 +199,16 @@ def hello_meta(cluster: str, fingerprint: str, name: str, role: str, layers: tup
 
 
 def check_hello(mine: dict[str, Any], theirs: dict[str, Any]) -> None:
-    """Both ends of a link must agree on cluster and model; the message names both nodes."""
+    """Both ends of a link must agree on cluster and model; the message names both nodes.
+    ``model.stage_weights`` is in the fingerprint too; compared first for a message that says so
+    (a node that does not send it stores its weights as they are: "same")."""
     a, b = mine.get("name"), theirs.get("name")
+    ours, their = mine.get("stage_weights", "same"), theirs.get("stage_weights", "same")
+    if ours != their and theirs.get("role") != "client":
+        raise HandshakeError(
+            f"model.stage_weights mismatch: node {a!r} runs {ours!r} but node {b!r} runs {their!r}; "
+            "every node of a ring must store the stages' weights alike (start them from the same topology)"
+        )
     for field, what in (("cluster", "cluster name"), ("fingerprint", "model fingerprint (architecture and weights)")):
         if theirs.get(field) != mine.get(field) and theirs.get("role") != "client":
             raise HandshakeError(
