@@ -115,12 +115,14 @@ def bench_layer(folder: Any, cfg: ModelConfig, dtype: str, prefix: int, sizes: l
 
 
 def bench_stage(folder: Any, cfg: ModelConfig, dtype: str, layers: int, prefix: int, sizes: list[int],
-                repeats: int, warmup: int, seed: int, gap_s: float = 0.0) -> list[dict[str, Any]]:
+                repeats: int, warmup: int, seed: int, gap_s: float = 0.0,
+                stage_weights: str = "same") -> list[dict[str, Any]]:
     """A stage of `layers` consecutive layers as a node runs it: Stage.forward on a random
-    tree of n new nodes over a committed prefix (then dropped, outside the timing)."""
+    tree of n new nodes over a committed prefix (then dropped, outside the timing).
+    stage_weights: "int8" for int8 projections (model.stage_weights)."""
     start = max(0, (cfg.num_layers - layers) // 2)
     stage = Stage.load(folder, start, start + layers, first=False, last=False, dtype=dtype,
-                       max_context=prefix + max(sizes) + 8, cfg=cfg)
+                       max_context=prefix + max(sizes) + 8, cfg=cfg, stage_weights=stage_weights)
     wdt = parse_dtype(dtype)
     gen = torch.Generator().manual_seed(seed)
     ids = list(range(prefix))
@@ -146,7 +148,8 @@ def bench_stage(folder: Any, cfg: ModelConfig, dtype: str, layers: int, prefix: 
             if r >= warmup:
                 samples.append(t1 - t0)
         med = _median_ms(samples)
-        rows.append({"dtype": dtype, "n": n, "layers": layers, "stage_ms": round(med, 4),
+        rows.append({"dtype": dtype, "stage_weights": stage_weights, "n": n, "layers": layers,
+                     "stage_ms": round(med, 4),
                      "stage_min_ms": round(min(samples) * 1e3, 4), "ms_per_layer": round(med / layers, 4),
                      "us_per_token": round(med * 1e3 / n, 2)})
         log.debug("stage of %d layers %s n=%d: %.3f ms", layers, dtype, n, med)
