@@ -48,7 +48,7 @@ from .api_request import ERROR_TYPES, ApiError, GenCall, parse_chat, parse_compl
 from .errors import FlowSpecError, RequestError, RingError
 from .metrics import ApiMetrics
 from .runtime.decode import DoneEvent, TokensEvent
-from .spec.logprobs import TokenLogprob
+from .speculative.logprobs import TokenLogprob
 
 if TYPE_CHECKING:
     from .config import Topology

@@ -12,7 +12,7 @@ A :class:`Reply` knows the answer's id, its model and its prompt's size, and wri
   legacy completions shape (``tokens``, ``token_logprobs``, ``top_logprobs`` as a dict per
   token holding the n most likely and the chosen token, ``text_offset``).
 
-Logprobs are the target's (see ``spec/logprobs.py``); a token is named by its own text
+Logprobs are the target's (see ``speculative/logprobs.py``); a token is named by its own text
 (``Tokenizer.pieces``), so control tokens read as their strings and a piece of a
 multi-byte character as U+FFFD (chat's ``bytes`` carry its real bytes). A streamed chunk
 carries the logprobs of the tokens that arrived since the previous chunk, so a chunk's
@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 from .api_request import GenCall
 from .runtime.decode import DoneEvent
-from .spec.logprobs import TokenLogprob
+from .speculative.logprobs import TokenLogprob
 
 UNLIKELY = -9999.0  # what OpenAI reports for a log-probability too small to write (-inf)
 

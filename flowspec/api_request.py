@@ -3,7 +3,7 @@
 ``parse_chat`` and ``parse_completion`` turn a request body into the fields
 ``SourceNode.prepare`` takes, or raise ApiError with the HTTP status and the name of the
 bad field; the fields both routes have are checked by the same code. The decoding fields
-are translated to a :class:`~flowspec.spec.request.DecodeRequest`'s (``max_tokens`` ->
+are translated to a :class:`~flowspec.speculative.request.DecodeRequest`'s (``max_tokens`` ->
 ``max_new_tokens``, ``top_logprobs`` -> ``logprobs``) and checked by its one checker; an
 error names the field as the client sent it. Fields FlowSpec cannot honour are refused
 unless they carry their neutral value; nothing is silently ignored.
@@ -15,8 +15,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .spec.bounds import FieldError
-from .spec.request import check_decode, check_field
+from .speculative.bounds import FieldError
+from .speculative.request import check_decode, check_field
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 

@@ -21,9 +21,9 @@ from .cli_common import (
 )
 from .config.schema import DTYPES, STAGE_WEIGHTS
 from .errors import UsageError
-from .spec.bounds import FieldError
-from .spec.params import STRATEGIES
-from .spec.request import check_decode
+from .speculative.bounds import FieldError
+from .speculative.params import STRATEGIES
+from .speculative.request import check_decode
 
 __all__ = ["build_parser", "main", "run_reporting"]
 
@@ -109,9 +109,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         res = greedy_generate(pipe, prompt, args.max_new_tokens, tok.eos_ids)
         ids, stats = res.token_ids, dict(res.stats)
     else:
-        from .spec.drafters import make_drafter, parse_drafter
-        from .spec.local_ring import generate_local
-        from .spec.strategies import TreeParams
+        from .speculative.drafters import make_drafter, parse_drafter
+        from .speculative.local_ring import generate_local
+        from .speculative.strategies import TreeParams
 
         kind, path = parse_drafter(args.drafter or "eagle")
         drafter = make_drafter(kind, path, pipe.cfg.vocab_size, dtype, ctx, target_folder=folder)

@@ -62,7 +62,7 @@ def build_node(topo: Topology, name: str) -> Any:
     fingerprint = model_fingerprint(str(topo.model.target), cfg, stage_weights)
     if me.is_source:
         from .model.tokenizer import Tokenizer
-        from .spec.drafters import make_drafter
+        from .speculative.drafters import make_drafter
         from .runtime.source_node import SourceNode
 
         drafter = make_drafter(topo.model.drafter.kind, topo.model.drafter.path, cfg.vocab_size, dtype,

@@ -116,7 +116,7 @@ def drafter_params(topo: Topology, cfg: ModelConfig) -> int:
 
         folder = resolve_model(str(spec.path))
         return model_params(ModelConfig.from_file(str(folder / "config.json")))
-    from .spec.drafters import BUNDLED_EAGLE
+    from .speculative.drafters import BUNDLED_EAGLE
 
     folder = Path(spec.path) if spec.path else BUNDLED_EAGLE
     vh = cfg.vocab_size * cfg.hidden_size

@@ -33,7 +33,7 @@ from rich.table import Table
 from .cli_common import HelpFormatter, add_topology_option, run_reporting
 from .config import Topology
 from .errors import FlowSpecError, UsageError
-from .spec.params import STRATEGIES
+from .speculative.params import STRATEGIES
 
 log = logging.getLogger("flowspec.profile")
 

@@ -25,10 +25,10 @@ import torch
 
 from flowspec.model.pipeline import LocalPipeline
 from flowspec.model.stage import Segment
-from flowspec.spec.drafters.base import Drafter, DraftView
-from flowspec.spec.drafters.lookup import LookupDrafter
-from flowspec.spec.sampling import SamplingParams, choose_token
-from flowspec.spec.tree import Node
+from flowspec.speculative.drafters.base import Drafter, DraftView
+from flowspec.speculative.drafters.lookup import LookupDrafter
+from flowspec.speculative.sampling import SamplingParams, choose_token
+from flowspec.speculative.tree import Node
 
 Proposal = list[tuple[int, float]]
 

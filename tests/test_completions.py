@@ -19,7 +19,7 @@ from flowspec.api_format import Reply, legacy_logprobs
 from flowspec.api_request import ApiError, GenCall, parse_chat, parse_completion
 from flowspec.config import Topology
 from flowspec.errors import RequestError, TopologyError
-from flowspec.spec.logprobs import TokenLogprob
+from flowspec.speculative.logprobs import TokenLogprob
 
 from drafters_for_tests import RandomDrafter
 
@@ -198,9 +198,9 @@ def test_speculator_records_the_targets_logprobs(tiny_llama: Path, tiny_hf_model
     the temperature) at its position, as transformers computes it; recording them changes
     no token."""
     from flowspec.model.pipeline import LocalPipeline
-    from flowspec.spec.local_ring import run_local
-    from flowspec.spec.sampling import SamplingParams
-    from flowspec.spec.strategies import Speculator, TreeParams
+    from flowspec.speculative.local_ring import run_local
+    from flowspec.speculative.sampling import SamplingParams
+    from flowspec.speculative.strategies import Speculator, TreeParams
 
     pipe = LocalPipeline.load(tiny_llama, 2, dtype="float32", max_context=256)
     prompt, n = [1, 17, 90, 33, 5, 200, 41], 30

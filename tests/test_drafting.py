@@ -1,4 +1,4 @@
-"""Drafting several requests together (spec/drafting.py, runtime/drafting.py, issue 16).
+"""Drafting several requests together (speculative/drafting.py, runtime/drafting.py, issue 16).
 
 * The EAGLE drafter's shared entry point (``EagleDrafter.propose_together``) proposes for
   every request what its own ``propose`` proposes, level after level, while the accepted
@@ -28,13 +28,13 @@ from flowspec.model.config import ModelConfig
 from flowspec.model.pipeline import LocalPipeline, greedy_generate
 from flowspec.runtime.drafting import SharedDrafter
 from flowspec.runtime.scoring import SharedHead
-from flowspec.spec.drafters.base import DraftCall, Drafter, DraftView, Proposals
-from flowspec.spec.drafters.eagle import EagleDrafter, EagleHead
-from flowspec.spec.drafting import DraftingStats, run_together
-from flowspec.spec.local_ring import generate_local, run_local_together
-from flowspec.spec.sampling import SamplingParams
-from flowspec.spec.strategies import STRATEGIES, Send, Speculator, TreeParams
-from flowspec.spec.tree import DraftTree, Node
+from flowspec.speculative.drafters.base import DraftCall, Drafter, DraftView, Proposals
+from flowspec.speculative.drafters.eagle import EagleDrafter, EagleHead
+from flowspec.speculative.drafting import DraftingStats, run_together
+from flowspec.speculative.local_ring import generate_local, run_local_together
+from flowspec.speculative.sampling import SamplingParams
+from flowspec.speculative.strategies import STRATEGIES, Send, Speculator, TreeParams
+from flowspec.speculative.tree import DraftTree, Node
 
 from ring_helpers import tiny_tok_model  # noqa: F401  (a fixture, used by name)
 from test_eagle import _head_config, _random_eagle_weights, _target
@@ -229,7 +229,7 @@ def test_bundled_head_together_on_the_default_model(default_model_dir: Path) -> 
     """The real head (a 12k drafting vocabulary over SmolLM2's lm_head), three requests at
     once in float32: each answer is plain greedy decoding's, and passes were shared."""
     from flowspec.model.tokenizer import Tokenizer
-    from flowspec.spec.drafters import make_drafter
+    from flowspec.speculative.drafters import make_drafter
 
     tok = Tokenizer(default_model_dir)
     big = LocalPipeline.load(default_model_dir, 2, dtype="float32", max_context=512)

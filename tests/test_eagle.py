@@ -13,12 +13,12 @@ from flowspec.errors import ModelError
 from flowspec.model.config import ModelConfig
 from flowspec.model.loader import EMBED, WeightStore, lm_head_name
 from flowspec.model.pipeline import LocalPipeline, greedy_generate
-from flowspec.spec.drafters import BUNDLED_EAGLE, make_drafter
-from flowspec.spec.drafters.base import DraftView
-from flowspec.spec.drafters.eagle import LAYER, EagleDrafter, EagleHead
-from flowspec.spec.local_ring import generate_local
-from flowspec.spec.strategies import STRATEGIES, TreeParams
-from flowspec.spec.tree import DraftTree
+from flowspec.speculative.drafters import BUNDLED_EAGLE, make_drafter
+from flowspec.speculative.drafters.base import DraftView
+from flowspec.speculative.drafters.eagle import LAYER, EagleDrafter, EagleHead
+from flowspec.speculative.local_ring import generate_local
+from flowspec.speculative.strategies import STRATEGIES, TreeParams
+from flowspec.speculative.tree import DraftTree
 from flowspec.training.eagle_pass import forward_train, forward_unrolled
 
 

@@ -11,9 +11,9 @@ rank  layer      top-level modules of flowspec/
 ====  =========  =====================================================================
 0     base       ``__init__`` (the version), ``errors``, ``telemetry``
 1     engine     ``model/``
-2     algorithm  ``spec/``
+2     algorithm  ``speculative/``
 3     topology   ``config/``, ``layer_plan``: the topology file, which embeds the
-                 algorithm's settings (``spec.params``)
+                 algorithm's settings (``speculative.params``)
 4     runtime    ``runtime/``
 5     testbed    ``testbed/``: emulated links and CPU caps around nodes that the
                  runtime's launcher starts
@@ -23,7 +23,7 @@ rank  layer      top-level modules of flowspec/
                  top-level module until it is placed in a lower layer here
 ====  =========  =====================================================================
 
-So ``model/`` imports nothing of ``spec/``, the runtime or a face; ``spec/`` nothing of the
+So ``model/`` imports nothing of ``speculative/``, the runtime or a face; ``speculative/`` nothing of the
 runtime or a face; ``runtime/`` no face; and ``runtime/`` and ``testbed/`` cannot import each
 other in a cycle (the testbed sits above the runtime, which never imports it).
 """
@@ -43,7 +43,7 @@ LAYER_NAMES = ("base", "engine", "algorithm", "topology", "runtime", "testbed", 
 LAYERS: dict[str, int] = {
     "__init__": 0, "errors": 0, "telemetry": 0,
     "model": 1,
-    "spec": 2,
+    "speculative": 2,
     "config": 3, "layer_plan": 3,
     "runtime": 4,
     "testbed": 5,
@@ -179,7 +179,7 @@ def fake_package(tmp_path: Path) -> Path:
         "errors.py": "", "api.py": "", "bench/__init__.py": "", "bench/run.py": "",
         "chat/__init__.py": "", "chat/view.py": "", "testbed/__init__.py": "",
         "model/__init__.py": "", "model/blocks.py": "from ..runtime import protocol\n",
-        "spec/__init__.py": "", "spec/tree.py": "import flowspec.model.blocks\n",
+        "speculative/__init__.py": "", "speculative/tree.py": "import flowspec.model.blocks\n",
         "runtime/__init__.py": "from .. import api\n",
         "runtime/protocol.py": "from .. import errors\nfrom flowspec import __version__\n",
         "runtime/node.py": (

@@ -19,8 +19,8 @@ from flowspec.model.loader import WeightStore, layer_tensor_names, model_fingerp
 from flowspec.model.pipeline import LocalPipeline, greedy_generate
 from flowspec.model.stage import LMHead, Segment, Stage
 from flowspec.runtime.transport import HandshakeError, check_hello, hello_meta
-from flowspec.spec.drafters import LookupDrafter
-from flowspec.spec.local_ring import generate_local
+from flowspec.speculative.drafters import LookupDrafter
+from flowspec.speculative.local_ring import generate_local
 
 PROMPT = [5, 17, 99, 3, 42, 5, 17, 99, 3, 42, 5, 17, 99, 7, 8, 9, 5, 17]
 

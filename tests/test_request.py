@@ -1,4 +1,4 @@
-"""A decoding request is defined and checked once (flowspec/spec/request.py): every front end
+"""A decoding request is defined and checked once (flowspec/speculative/request.py): every front end
 (the topology's decoding section, the HTTP API, the binary clients' requests, the chat) says
 the same bound for the same field, in the same words, under its own name for the field."""
 
@@ -14,9 +14,9 @@ from flowspec.api_request import ApiError, parse_chat, parse_completion
 from flowspec.chat.session import ChatOptions, ChatSession
 from flowspec.config import Topology, TopologyError
 from flowspec.errors import RequestError
-from flowspec.spec.bounds import FieldError, Integer, rule_of
-from flowspec.spec.params import SEED_MAX, SamplingParams, TreeParams
-from flowspec.spec.request import DecodeRequest, check_decode, check_field, check_together
+from flowspec.speculative.bounds import FieldError, Integer, rule_of
+from flowspec.speculative.params import SEED_MAX, SamplingParams, TreeParams
+from flowspec.speculative.request import DecodeRequest, check_decode, check_field, check_together
 
 MSGS = [{"role": "user", "content": "x"}]
 
@@ -125,7 +125,9 @@ def test_every_field_declares_its_rule_and_defaults_agree_with_the_topology() ->
     d = _topology().decoding
     assert d.request == DecodeRequest()
     t = _topology().decoding.tree
-    assert (t.depth, t.top_k, t.total, t.segment, t.expand) == dataclasses.astuple(TreeParams())[:5]
+    assert (t.depth, t.top_k, t.total) == dataclasses.astuple(TreeParams())[:3]
+    assert t.auto == ("segment", "in_flight", "expand")  # chosen for the ring by the source (speculative/tuning.py)
+    assert t.params() == TreeParams()
 
 
 def test_check_decode_reads_defaults_nulls_caps_and_the_tree() -> None:

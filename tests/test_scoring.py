@@ -21,9 +21,9 @@ import torch
 
 from flowspec.model.pipeline import LocalPipeline, greedy_generate
 from flowspec.runtime.scoring import SharedHead
-from flowspec.spec.drafters import LookupDrafter
-from flowspec.spec.drafters.draft_model import DraftModelDrafter
-from flowspec.spec.strategies import STRATEGIES, Send, Speculator, TreeParams
+from flowspec.speculative.drafters import LookupDrafter
+from flowspec.speculative.drafters.draft_model import DraftModelDrafter
+from flowspec.speculative.strategies import STRATEGIES, Send, Speculator, TreeParams
 
 PROMPTS = ([5, 17, 99, 3, 42, 7, 5, 17], [9, 4, 4, 120, 33, 61, 2])
 N = 32

@@ -32,15 +32,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowspec.model.pipeline import LocalPipeline, greedy_generate
-from flowspec.spec import strategies as strategies_mod
-from flowspec.spec.drafters import LookupDrafter
-from flowspec.spec.drafters.base import Drafter, DraftView
-from flowspec.spec.drafters.draft_model import DraftModelDrafter
-from flowspec.spec.local_ring import generate_local, run_local
-from flowspec.spec.sampling import SamplingParams, choose_token, position_uniform, sample_from, target_probs
-from flowspec.spec.strategies import STRATEGIES, Speculator, TreeParams
-from flowspec.spec.tree import DraftTree, Node
-from flowspec.spec.verify import accept_deterministic, accept_multi_candidate
+from flowspec.speculative import strategies as strategies_mod
+from flowspec.speculative.drafters import LookupDrafter
+from flowspec.speculative.drafters.base import Drafter, DraftView
+from flowspec.speculative.drafters.draft_model import DraftModelDrafter
+from flowspec.speculative.local_ring import generate_local, run_local
+from flowspec.speculative.sampling import SamplingParams, choose_token, position_uniform, sample_from, target_probs
+from flowspec.speculative.strategies import STRATEGIES, Speculator, TreeParams
+from flowspec.speculative.tree import DraftTree, Node
+from flowspec.speculative.verify import accept_deterministic, accept_multi_candidate
 
 from conftest import build_tiny_hf_model, save_tiny_model, tiny_hf_config
 from drafters_for_tests import (

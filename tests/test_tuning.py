@@ -1,4 +1,4 @@
-"""The draft tree's "auto" settings, chosen from what a ring's nodes cost (spec/tuning.py).
+"""The draft tree's "auto" settings, chosen from what a ring's nodes cost (speculative/tuning.py).
 
 The rules are pure: measured costs in, settings out. The ring that measures itself once it
 has formed is tested in tests/test_ring.py."""
@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from flowspec.config import Topology
-from flowspec.spec.params import TreeParams
-from flowspec.spec.tuning import RingCosts, at, fallback, fit, pick_segment, trip, tune
+from flowspec.speculative.params import TreeParams
+from flowspec.speculative.tuning import RingCosts, at, fallback, fit, pick_segment, trip, tune
 
 # an 8-layer stage where several rows cost little more than one (native bfloat16), in ms
 FLAT = ((1, 11.6), (2, 12.2), (4, 13.2), (8, 15.9), (12, 18.0), (16, 19.5), (24, 23.9), (32, 28.3))

@@ -42,9 +42,9 @@ from flowspec.model.dtypes import dtype_name, parse_dtype  # noqa: E402
 from flowspec.model.loader import resolve_model  # noqa: E402
 from flowspec.model.stage import LMHead, Segment, Stage  # noqa: E402
 from flowspec.model.tokenizer import Tokenizer  # noqa: E402
-from flowspec.spec.drafters import make_drafter  # noqa: E402
-from flowspec.spec.strategies import Send, Speculator  # noqa: E402
-from flowspec.spec.tuning import RingCosts, tune  # noqa: E402
+from flowspec.speculative.drafters import make_drafter  # noqa: E402
+from flowspec.speculative.strategies import Send, Speculator  # noqa: E402
+from flowspec.speculative.tuning import RingCosts, tune  # noqa: E402
 
 log = logging.getLogger("simulate_ring")
 

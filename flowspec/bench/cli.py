@@ -30,8 +30,8 @@ from typing import Any
 from ..cli_common import add_topology_option, drafter_arg
 from ..config import DTYPES, STRATEGIES, Topology
 from ..errors import FlowSpecError, UsageError
-from ..spec.bounds import FieldError
-from ..spec.request import check_field
+from ..speculative.bounds import FieldError
+from ..speculative.request import check_field
 from .options import BenchOptions
 from .output import check_plot_available, plot_report, print_report
 from .prompts import MTBENCH, load_prompts, parse_strategies

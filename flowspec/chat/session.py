@@ -9,9 +9,9 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..spec.bounds import FieldError, rule_of
-from ..spec.params import STRATEGIES
-from ..spec.request import DecodeRequest, check_field
+from ..speculative.bounds import FieldError, rule_of
+from ..speculative.params import STRATEGIES
+from ..speculative.request import DecodeRequest, check_field
 from .client import ApiClient, ChatError
 from .turn import Turn
 from .view import ChatView

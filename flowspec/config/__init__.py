@@ -27,7 +27,7 @@ The package, by role (import the names from ``flowspec.config`` itself):
 from __future__ import annotations
 
 from ..errors import TopologyError
-from ..spec.params import STRATEGIES, VERIFY_AT  # one list of names; re-exported
+from ..speculative.params import STRATEGIES, VERIFY_AT  # one list of names; re-exported
 from .hosts import _host_key, _is_loopback, _is_wildcard, _local_identity, is_local_host
 from .messages import _join, _kind, _suggest
 from .parse import _Parser

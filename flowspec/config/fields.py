@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from ..errors import TopologyError
-from ..spec.bounds import FieldError, rule_of
+from ..speculative.bounds import FieldError, rule_of
 from .messages import _join, _kind, _suggest
 
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -104,7 +104,7 @@ class _Fields:
 
     def ruled(self, cls: type, name: str, v: Any, path: str) -> Any:
         """A value checked by the rule the algorithm declares on field `name` of the dataclass
-        `cls` (:mod:`flowspec.spec.bounds`)."""
+        `cls` (:mod:`flowspec.speculative.bounds`)."""
         try:
             return rule_of(cls, name).read(v)
         except FieldError as e:

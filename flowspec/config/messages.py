@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..spec.bounds import suggest as _suggest  # noqa: F401 -- one "did you mean" for requests and topologies
+from ..speculative.bounds import suggest as _suggest  # noqa: F401 -- one "did you mean" for requests and topologies
 
 
 def _join(path: str, key: str) -> str:

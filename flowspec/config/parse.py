@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import TopologyError, TopologyErrors
 from ..layer_plan import plan_layers as _plan_layers
-from ..spec.bounds import FieldError, rule_of, show
-from ..spec.params import TreeParams
-from ..spec.request import check_decode
-from ..spec.tuning import AUTO, TUNABLE
+from ..speculative.bounds import FieldError, rule_of, show
+from ..speculative.params import TreeParams
+from ..speculative.request import check_decode
+from ..speculative.tuning import AUTO, TUNABLE
 from .fields import _ENV_RE, _Fields, _Recorded
 from .hosts import _host_key, _is_loopback, _is_wildcard
 from .messages import _kind, _suggest
@@ -47,7 +47,7 @@ _API_KEYS = ("host", "port", "api_key_env", "api_key_file", "queue_size", "allow
 _DECODING_KEYS = ("strategy", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "tree",
                   "prefill_chunk", "max_active", "resume_window_s", "verify", "failover_after_s")
 _TREE_KEYS = ("depth", "top_k", "total", "segment", "expand", "in_flight")
-# the decoding keys that set a request's defaults (checked as spec.request.DecodeRequest's fields)
+# the decoding keys that set a request's defaults (checked as speculative.request.DecodeRequest's fields)
 _REQUEST_KEYS = ("strategy", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "verify")
 _SECURITY_KEYS = ("key_env", "key_file", "encrypt", "max_frame_mb", "read_timeout_s", "heartbeat_s", "dead_after_s")
 _TESTBED_KEYS = ("link", "links", "cpu_quota", "cpu_period_ms", "threads", "cpus")

@@ -4,8 +4,8 @@ Each dataclass is one section of the YAML file (``model``, ``nodes[i]``, ``api``
 ``decoding``, ``security``, ``testbed``); :class:`~flowspec.config.topology.Topology`
 holds them. Nothing here validates: :mod:`flowspec.config.parse` builds these from
 plain data and checks every field. The ``decoding`` section embeds the algorithm's request
-settings: their defaults and bounds are those of :class:`~flowspec.spec.request.DecodeRequest`
-and :class:`~flowspec.spec.params.TreeParams`, declared there once.
+settings: their defaults and bounds are those of :class:`~flowspec.speculative.request.DecodeRequest`
+and :class:`~flowspec.speculative.params.TreeParams`, declared there once.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
-from ..spec.params import TreeParams
-from ..spec.request import DecodeRequest
-from ..spec.tuning import AUTO, TUNABLE
+from ..speculative.params import TreeParams
+from ..speculative.request import DecodeRequest
+from ..speculative.tuning import AUTO, TUNABLE
 
 _REQUEST = DecodeRequest()  # the built-in request defaults
 _TREE = TreeParams()  # the built-in draft tree
@@ -134,7 +134,7 @@ class ApiSpec:
 class TreeSpec:
     """Shape of the speculative token tree: TreeParams (bounds: its fields), where segment,
     expand and in_flight may be "auto": chosen once the ring has formed, from what its nodes
-    and links cost (spec/tuning.py)."""
+    and links cost (speculative/tuning.py)."""
 
     depth: int = _TREE.depth  # levels drafted per expansion
     top_k: int = _TREE.top_k  # children kept per node

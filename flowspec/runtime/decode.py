@@ -25,10 +25,10 @@ import torch
 from ..errors import RingError
 from ..model.stage import LMHead
 from ..model.tokenizer import Tokenizer
-from ..spec.drafters import Drafter
-from ..spec.drafters.base import Steps
-from ..spec.logprobs import TokenLogprob
-from ..spec.strategies import Send, Speculator
+from ..speculative.drafters import Drafter
+from ..speculative.drafters.base import Steps
+from ..speculative.logprobs import TokenLogprob
+from ..speculative.strategies import Send, Speculator
 from ..telemetry import HopStats
 from .drafting import SharedDrafter
 from .protocol import Frame, FrameType, SegmentMsg, UpdateMsg

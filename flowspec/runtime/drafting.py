@@ -6,7 +6,7 @@ each run their own drafter passes; an EAGLE head's pass over a few rows costs ab
 same whatever its rows (its weights come from memory). ``SharedDrafter`` gathers the
 requests whose ``think`` is due and advances their stepped expansions together on the
 compute thread, one tree level at a time, every level's calls served by one shared
-drafter pass (spec/drafting.py); a request that joins while others draft joins them at
+drafter pass (speculative/drafting.py); a request that joins while others draft joins them at
 their next level.
 
 Verification comes first: when a returned segment waits for the compute thread
@@ -25,8 +25,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
-from ..spec.drafters.base import Steps
-from ..spec.drafting import DraftingStats, Expansion, step
+from ..speculative.drafters.base import Steps
+from ..speculative.drafting import DraftingStats, Expansion, step
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 :func:`check_request` validates a request (the HTTP API's and the binary clients' alike)
 without tokenizing: its prompt (messages, text or token ids; sizes are bounded first, so a
 huge prompt is refused at once instead of occupying the source) and its decoding settings,
-which :func:`~flowspec.spec.request.check_decode` reads over the topology's defaults, capped
+which :func:`~flowspec.speculative.request.check_decode` reads over the topology's defaults, capped
 by what this ring allows (max_context, the vocabulary). It returns a :class:`Plan` whose
 ``encode()`` (run off the event loop by the source) tokenizes, and :func:`finish_request`
 checks the token budget against ``max_context``. Every problem is a :class:`RequestError`
@@ -20,9 +20,9 @@ from typing import Any, Callable
 from ..config import Topology
 from ..errors import RequestError
 from ..model.tokenizer import Tokenizer
-from ..spec.bounds import FieldError, text_problem
-from ..spec.params import SamplingParams, TreeParams
-from ..spec.request import DecodeRequest, check_decode, check_together
+from ..speculative.bounds import FieldError, text_problem
+from ..speculative.params import SamplingParams, TreeParams
+from ..speculative.request import DecodeRequest, check_decode, check_together
 
 __all__ = ["GenRequest", "Plan", "ROLES", "check_request", "finish_request", "text_problem"]
 

@@ -14,7 +14,7 @@ pass (float32 is exact; bfloat16 rounds as it does for any batch of rows).
 What the requests draft while they verify (a new root's first level, or the whole plan of
 strategies that draft as segments return) is shared too: a verification that is stepped
 (its ``then`` returns a generator, e.g. driving ``Speculator.respond_steps``) is advanced
-together with the others, one drafter pass per tree level (spec/drafting.py).
+together with the others, one drafter pass per tree level (speculative/drafting.py).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import torch
 
-from ..spec.drafting import DraftingStats, Expansion, step
-from ..spec.strategies import Speculator
+from ..speculative.drafting import DraftingStats, Expansion, step
+from ..speculative.strategies import Speculator
 
 T = TypeVar("T")
 # (node ids, final hidden states, tokens the last stage chose or None) of one returned segment

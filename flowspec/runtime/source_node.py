@@ -16,8 +16,8 @@ from ..config import Topology
 from ..errors import ModelError, RequestError, RingError
 from ..model.stage import LMHead
 from ..model.tokenizer import Tokenizer
-from ..spec.drafters import Drafter
-from ..spec.logprobs import TokenLogprob
+from ..speculative.drafters import Drafter
+from ..speculative.logprobs import TokenLogprob
 from .admission import Admission
 from .client_desk import ClientDesk
 from .decode import RING_FAILED, DecodeContext, Decoding, DoneEvent, TokensEvent

@@ -15,8 +15,8 @@ from ..config import Topology
 from ..errors import FlowSpecError, ModelError
 from ..model.kvcache import CachePool
 from ..model.stage import LMHead, Segment, Stage
-from ..spec.sampling import SamplingParams
-from ..spec.verify import target_tokens
+from ..speculative.sampling import SamplingParams
+from ..speculative.verify import target_tokens
 from .protocol import Frame, FrameType, ProtocolError, SegmentMsg, UpdateMsg
 from .links import RingLinks
 from .probes import ECHO, ProbeDesk, bench_stage

@@ -3,7 +3,7 @@
 With ``segment``, ``in_flight`` or ``expand`` set to ``auto`` (the default), the source runs
 two ring probes with the ring to itself (``probes.py``): every stage times its pass of 1 to
 32 rows after a committed context, every node times an echo over the link to its
-successor; and it times its own lm_head by rows (when it verifies). ``spec/tuning.py``
+successor; and it times its own lm_head by rows (when it verifies). ``speculative/tuning.py``
 turns those costs into settings. Requests that arrive meanwhile wait (a second or a few on
 slow devices); a request prepared before the first tuning uses the built-in defaults.
 
@@ -25,8 +25,8 @@ import torch
 from ..config import Topology
 from ..errors import FlowSpecError
 from ..model.stage import LMHead
-from ..spec.params import TreeParams
-from ..spec.tuning import RingCosts, Tuning, fallback, tune
+from ..speculative.params import TreeParams
+from ..speculative.tuning import RingCosts, Tuning, fallback, tune
 from .admission import Admission
 from .probes import BENCH, LINKS, ProbeDesk
 from .transport import FrameStream

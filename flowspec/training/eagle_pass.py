@@ -1,5 +1,5 @@
 """The EAGLE head's training pass: whole sequences at once, causal, over an
-:class:`~flowspec.spec.drafters.eagle.EagleHead` (its fc and the parts of its decoder layer:
+:class:`~flowspec.speculative.drafters.eagle.EagleHead` (its fc and the parts of its decoder layer:
 ``qkv``, ``attend``, ``output``, ``mlp``).
 
 Drafting runs the head node by node against its tree-addressed cache (the drafter); training
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from flowspec.model.blocks import rope_cos_sin
-from flowspec.spec.drafters.eagle import EagleHead
+from flowspec.speculative.drafters.eagle import EagleHead
 
 
 def forward_train(head: EagleHead, tokens: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,

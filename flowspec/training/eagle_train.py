@@ -17,8 +17,8 @@ from safetensors import safe_open
 from flowspec.model.config import ModelConfig
 from flowspec.model.dtypes import dtype_name
 from flowspec.model.loader import EMBED, WeightStore, layer_tensor_names, lm_head_name, resolve_model
-from flowspec.spec.drafters.eagle import EagleHead
-from flowspec.spec.drafters.eagle_checkpoint import LAYER, checkpoint_tensors
+from flowspec.speculative.drafters.eagle import EagleHead
+from flowspec.speculative.drafters.eagle_checkpoint import LAYER, checkpoint_tensors
 
 from .eagle_pass import forward_unrolled
 
@@ -309,9 +309,9 @@ def evaluate(args: argparse.Namespace, extra: list[str]) -> dict:
     """tau on MT-bench first turns: single process, greedy, EAGLE-2 tree (chunked = one tree per round)."""
     from flowspec.model.pipeline import LocalPipeline
     from flowspec.model.tokenizer import Tokenizer
-    from flowspec.spec.drafters.eagle import EagleDrafter
-    from flowspec.spec.local_ring import generate_local
-    from flowspec.spec.strategies import TreeParams
+    from flowspec.speculative.drafters.eagle import EagleDrafter
+    from flowspec.speculative.local_ring import generate_local
+    from flowspec.speculative.strategies import TreeParams
 
     p = argparse.ArgumentParser()
     p.add_argument("--head", default=None)

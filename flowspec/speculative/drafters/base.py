@@ -13,7 +13,7 @@ from ..tree import DraftTree, Node
 Proposals = list[list[tuple[int, float]]]  # per frontier node: (token, log-probability) children, best first
 T = TypeVar("T")
 # A stepped expansion: it yields a DraftCall whenever it needs children, takes their proposals
-# back, and returns its result (see Speculator.think_steps and spec/drafting.py).
+# back, and returns its result (see Speculator.think_steps and speculative/drafting.py).
 Steps = Generator["DraftCall", Proposals, T]
 
 

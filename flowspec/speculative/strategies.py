@@ -237,7 +237,7 @@ class Speculator:
         """``think``, stepped: a generator that yields a ``DraftCall`` each time the expansion
         needs children (one tree level), takes the proposals back, and returns the sends. A
         driver may advance several requests' expansions level by level and serve all their
-        calls in shared drafter passes (spec/drafting.py); the tree grows exactly as it does
+        calls in shared drafter passes (speculative/drafting.py); the tree grows exactly as it does
         alone. Nothing else may touch this request until the generator has returned."""
         if self.done or not self.schedule.sends_first:
             return []

@@ -1,6 +1,6 @@
 """What makes the four strategies different: one small schedule object each.
 
-A :class:`~flowspec.spec.strategies.Speculator` holds the mechanics every strategy shares
+A :class:`~flowspec.speculative.strategies.Speculator` holds the mechanics every strategy shares
 (the draft tree, verification, tree updates, segments and their bookkeeping); its schedule
 decides what to draft (``plan``), what the next segments carry (``fill``), when a returned
 segment may be verified (``may_verify``) and whether drafting waits until the ring has been

@@ -3,7 +3,7 @@
 Every stage receives updates and segments in the order the source sends them (FIFO, as
 on a TCP stream) and results come back in the same order, so a strategy behaves exactly
 as it does over the network; only the timing differs. ``run_local_together`` decodes
-several requests at once, drafting them together (spec/drafting.py).
+several requests at once, drafting them together (speculative/drafting.py).
 """
 
 from __future__ import annotations
