@@ -26,7 +26,7 @@ from flowspec.config import Topology
 from flowspec.errors import FlowSpecError, RingError
 from flowspec.runtime.client import RingClient
 
-from ring_helpers import (generate, kill_leftovers, new_key, node_env, running_ring, tiny_tok_model,  # noqa: F401
+from ring_helpers import (formed, generate, kill_leftovers, new_key, node_env, running_ring, tiny_tok_model,  # noqa: F401
                           wait_gone, write_topology)
 
 FAST = {"heartbeat_s": 0.2, "dead_after_s": 1.0, "read_timeout_s": 5.0}  # a dead node is noticed in ~1 s
@@ -68,7 +68,7 @@ def node(ring: Any, name: str) -> Any:
 
 @pytest.mark.parametrize("strategy,temperature,how", [
     ("autoregressive", 0.0, "kill"), ("flowspec", 0.0, "kill"), ("flowspec", 0.8, "kill"),
-    ("pipedec", 0.0, "stop"),
+    ("pipedec", 0.0, "stop"), ("chunked", 0.0, "stop"),
 ])
 def test_the_answer_resumes_after_a_stage_fails(tmp_path: Path, tiny_tok_model: Path, strategy: str,
                                                 temperature: float, how: str) -> None:
@@ -104,6 +104,38 @@ def test_the_answer_resumes_after_a_stage_fails(tmp_path: Path, tiny_tok_model: 
         assert done["stats"]["resumed"] >= 1
         log = (ring.log_dir / "source.log").read_text()
         assert "is held with" in log and "resumes after" in log, log[-2000:]
+
+
+def test_a_probe_holding_the_ring_lets_go_when_a_stage_dies(tmp_path: Path, tiny_tok_model: Path) -> None:
+    """A ring probe (the profiler's, or the source's own tuning at formation) holds the ring:
+    no request decodes meanwhile. When a stage dies under it, the probe ends at once with a
+    message, and once the stage is back the ring serves requests again (before, the probe
+    waited out its timeout, minutes, and every request waited behind it)."""
+    path = write_topology(tmp_path, 3, tiny_tok_model, drafter="lookup", security=FAST)
+    topo = Topology.load(str(path))
+    with running_ring(path) as ring:
+        truth = generate(topo, ring.key, request("flowspec", 0.0, 24))["token_ids"]
+        p = node(ring, "stage2")
+
+        async def probe_and_kill() -> tuple[str, float]:
+            c = await RingClient.connect(topo, ring.key)
+            try:  # long enough to be cut: 1,650 passes of 256 tokens per stage, ~30 s in all
+                asyncio.get_running_loop().call_later(0.5, p.proc.kill)
+                t0 = time.monotonic()
+                with pytest.raises(FlowSpecError) as ei:
+                    await c.probe({"op": "bench", "sizes": [256] * 32, "reps": 50, "context": 8})
+                return str(ei.value), time.monotonic() - t0
+            finally:
+                await c.close()
+
+        msg, took = asyncio.run(probe_and_kill())
+        assert "the bench probe failed" in msg and "broke" in msg, msg
+        assert took < 10, took  # whole, the probe takes ~30 s; its own timeout here is 2.3 hours
+        p.proc.wait(5)
+        ring.procs.remove(p)
+        ring.spawn("stage2", str(path), append=True)
+        formed(topo, ring.key, 60.0, ring)  # (stage1 finishes its share of the probe first)
+        assert generate(topo, ring.key, request("flowspec", 0.0, 24), timeout=60)["token_ids"] == truth
 
 
 def test_past_the_resume_window_the_error_keeps_the_partial_answer(tmp_path: Path, tiny_tok_model: Path) -> None:

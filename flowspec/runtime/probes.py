@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 ECHO = "echo"  # ask the successor for an immediate reply on the same link
 ECHO_REPLY = "echo_reply"  # the successor's answer to an echo
+BROKEN = "broken"  # (source, in process) the ring broke: an echo waited for will not come
 LINKS = "links"  # ring probe: every node measures the link to its successor
 BENCH = "bench"  # ring probe: every stage times segments of several sizes
 CACHES = "caches"  # ring probe: every stage lists the requests that hold a KV cache there
@@ -92,6 +93,8 @@ class ProbeDesk:
                     await s.send(Frame(FrameType.PROBE, meta={"kind": ECHO, "id": eid}, payload=payload))
                     while True:
                         r = await asyncio.wait_for(self.replies.get(), self.timeout_s)
+                        if r.meta.get("kind") == BROKEN:
+                            raise ProbeError(str(r.meta.get("reason")))
                         if r.meta.get("id") == eid:
                             break
                     rtts.append(1000 * (time.perf_counter() - t0))
@@ -138,6 +141,15 @@ class ProbeDesk:
         return Frame(FrameType.PROBE, f.request_id, f.seq, dict(f.meta, results=results), f.payload)
 
     # ------------------------------------------------------------------- source
+    def fail_all(self, reason: str) -> None:
+        """Source: the ring broke; every ring probe in flight ends now with `reason` (it
+        cannot come home, and whoever holds the ring for it must let go)."""
+        for fut in self.home.values():
+            if not fut.done():
+                fut.set_exception(ProbeError(f"the ring broke under the probe: {reason}"))
+        # an echo the source waits for may not come back either (its own link measurement)
+        self.replies.put_nowait(Frame(FrameType.PROBE, meta={"kind": BROKEN, "reason": reason}))
+
     async def on_upstream(self, s: FrameStream, f: Frame) -> None:
         """Source: a PROBE from the last stage is an echo to answer or a ring probe coming home."""
         if f.meta.get("kind") == ECHO:
@@ -157,6 +169,8 @@ class ProbeDesk:
         own: list[dict[str, Any]] = []
         if op == LINKS:
             own.append(await self.measure_link(down, succ, sizes, reps))
+            if "error" in own[0]:  # the source's own link failed: the ring probe could not pass it
+                raise ProbeError(own[0]["error"])
         pid = next(self.ids)
         fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self.home[pid] = fut

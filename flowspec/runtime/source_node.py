@@ -150,6 +150,7 @@ class SourceNode:
             log.error("%s: %s", self.name, message)
         self.ready.clear()
         self.error = message
+        self.probes.fail_all(message)  # a tuning or profiler probe holding the ring lets go
         for run in self._active.values():  # every active request loses the ring
             run.results.put_nowait((RING_FAILED, message))
 
@@ -208,9 +209,9 @@ class SourceNode:
         self.preparing += 1
         try:
             ids = await asyncio.get_running_loop().run_in_executor(self._tok_pool, plan.encode)
+            await self.tuner.idle.wait()  # the ring is being measured: its tree settings come next
         except ModelError as e:
             raise RequestError(str(e), "messages") from None
-            await self.tuner.idle.wait()  # the ring is being measured: its tree settings come next
         finally:
             self.preparing -= 1
         return finish_request(self.topo, plan, ids, self.tuner.tree)
