@@ -23,6 +23,7 @@ from ..model.tokenizer import Tokenizer
 from ..speculative.bounds import FieldError, text_problem
 from ..speculative.params import SamplingParams, TreeParams
 from ..speculative.request import DecodeRequest, check_decode, check_together
+from ..speculative.schedules import SCHEDULES
 
 __all__ = ["GenRequest", "Plan", "ROLES", "check_request", "finish_request", "text_problem"]
 
@@ -128,8 +129,7 @@ def finish_request(topo: Topology, plan: Plan, ids: list[int], tree_defaults: Tr
     ctx = topo.model.max_context
     r = plan.request
     tree = dataclasses.replace(tree_defaults or topo.decoding.tree.params(), **r.tree)
-    in_flight = tree.in_flight
-    reserve = tree.total + tree.segment * (in_flight + 1) if r.strategy != "autoregressive" else 2
+    reserve = SCHEDULES[r.strategy].cache_reserve(tree)
     if len(ids) + r.max_new_tokens + reserve > ctx:
         raise RequestError(
             f"the prompt has {len(ids)} tokens; with {r.max_new_tokens} new tokens and room for the draft tree "

@@ -23,7 +23,7 @@ from .client_desk import ClientDesk
 from .decode import RING_FAILED, DecodeContext, Decoding, DoneEvent, TokensEvent
 from .drafting import SharedDrafter
 from .failover import Failover
-from .formation import ring_problem
+from .formation import RingFormer
 from .links import RingLinks
 from .probes import ProbeDesk
 from .protocol import Frame, FrameType, ProtocolError, SegmentMsg
@@ -37,9 +37,6 @@ from .transport import FrameStream, PeerGone, hello_meta
 log = logging.getLogger(__name__)
 
 __all__ = ["GenRequest", "RequestError", "RingError", "SourceNode"]
-# a FORM that has not come back around the ring by then is sent again (it is lost at a stage with no
-# successor; 1 s bounds how long a ring that is whole again waits before it forms)
-FORM_TIMEOUT_S = 1.0
 
 
 class SourceNode:
@@ -56,7 +53,8 @@ class SourceNode:
         # spares, and a spare in the place of a stage that stays dead (failover.py)
         self.failover = Failover(topo, name, self.links, self.ready, lambda: self.ring, head.weight.numel())
         self.error: str | None = None  # why the ring is not usable, if it is not
-        self._form_waiter: asyncio.Future[Frame] | None = None
+        # FORM around the ring whenever both links are up and it is not formed (formation.py)
+        self.former = RingFormer(topo, name, num_layers, self.links, self.ready, self._formed, self._form_problem)
         self.admission = Admission(topo.decoding.max_active)  # who decodes now, who waits
         self._active: dict[int, Decoding] = {}  # request id -> its decode loop
         self._idle_drafters: list[Drafter] = [drafter]  # per-request drafter state, reused
@@ -87,7 +85,7 @@ class SourceNode:
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
         await self.links.start()
-        former = start_supervised(f"{self.name}: ring formation", self._form_loop, log,
+        former = start_supervised(f"{self.name}: ring formation", self.former.run, log,
                                   lambda: self.links.closing)
         try:
             await stop.wait()
@@ -99,44 +97,20 @@ class SourceNode:
             self._tok_pool.shutdown(wait=False, cancel_futures=True)
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _form_loop(self) -> None:
-        """Whenever both links are up and the ring is not formed, send FORM around it."""
-        while True:
-            await self.links.down_ready.wait()
-            await self.links.up_ready.wait()
-            if self.ready.is_set():
-                await asyncio.sleep(0.2)
-                continue
-            loop = asyncio.get_running_loop()
-            self._form_waiter = loop.create_future()
-            down = self.links.downstream
-            if down is None:
-                await asyncio.sleep(0.1)
-                continue
-            try:
-                plan = self.links.plan  # the stages follow it (a spare may sit in a dead stage's place)
-                await down.send(Frame(FrameType.FORM, meta={"ring": [], "plan": plan.as_meta()}))
-                f = await asyncio.wait_for(self._form_waiter, FORM_TIMEOUT_S)
-            except (asyncio.TimeoutError, PeerGone, ConnectionError, OSError) as e:
-                log.debug("%s: ring formation will be tried again: %s", self.name, e or type(e).__name__)
-                await asyncio.sleep(0.1)
-                continue
-            if f.meta.get("plan", plan.as_meta()) != plan.as_meta():
-                continue  # a late reply to a FORM sent under an older plan: ask again
-            problem = ring_problem(self.topo, self.num_layers, f.meta.get("ring") or [], list(plan.order[1:]))
-            if problem:
-                self.error = problem
-                log.error("%s: ring formation failed (trying again in 5 s): %s", self.name, problem)
-                await asyncio.sleep(5.0)
-                continue
-            self.ring = f.meta["ring"]
-            self.error = None
-            self.failover.formed()
-            self.ready.set()
-            log.info("%s: ring formed: %s", self.name,
-                     " -> ".join(f"{r['name']}[{r['layers'][0]}-{r['layers'][1] - 1}]" for r in self.ring))
-            if self._tuning is None or self._tuning.done():
-                self._tuning = asyncio.create_task(self.tuner.formed(self.ring, down, self.links.succ.name))
+    def _formed(self, ring: list[dict[str, Any]]) -> None:
+        """The ring answered FORM and can serve: requests may decode; measure it if needed."""
+        self.ring = ring
+        self.error = None
+        self.failover.formed()
+        self.ready.set()
+        log.info("%s: ring formed: %s", self.name,
+                 " -> ".join(f"{r['name']}[{r['layers'][0]}-{r['layers'][1] - 1}]" for r in self.ring))
+        if self._tuning is None or self._tuning.done():
+            self._tuning = asyncio.create_task(self.tuner.formed(self.ring, self.links.downstream,
+                                                                 self.links.succ.name))
+
+    def _form_problem(self, problem: str) -> None:
+        self.error = problem
 
     # ------------------------------------------------------------------ failures
     async def _peer_dead(self, who: str, reason: str) -> None:
@@ -184,8 +158,7 @@ class SourceNode:
                     if run is not None:  # else: a segment of a request that ended (cancelled) meanwhile
                         run.results.put_nowait((f.request_id, (SegmentMsg.from_frame(f), time.time())))
                 elif f.type == FrameType.FORM:
-                    if self._form_waiter is not None and not self._form_waiter.done():
-                        self._form_waiter.set_result(f)
+                    self.former.reply(f)
                 elif f.type == FrameType.RING:
                     continue  # a new plan that went all the way round: every stage has it
                 elif f.type == FrameType.ERROR:

@@ -34,6 +34,11 @@ class Schedule:
         """Segments this strategy keeps in the ring at once, at most."""
         return max(1, tree.in_flight)
 
+    @classmethod
+    def cache_reserve(cls, tree: TreeParams) -> int:
+        """KV cache rows a request may hold beyond its accepted tokens (speculative nodes)."""
+        return tree.total + tree.segment * (tree.in_flight + 1)
+
     def may_verify(self, s: Speculator) -> bool:
         """Whether the returned segments may be verified now."""
         return True
@@ -69,6 +74,10 @@ class Autoregressive(Schedule):
     """One token per ring trip: the root alone, never a draft."""
 
     drafts = False
+
+    @classmethod
+    def cache_reserve(cls, tree: TreeParams) -> int:
+        return 2  # the root in flight and the next one
 
     def max_in_flight(self, tree: TreeParams) -> int:
         return 1
