@@ -74,12 +74,15 @@ def add_node_option(p: argparse.ArgumentParser) -> None:
 
 
 def drafter_arg(text: str) -> str:
-    """argparse type of --drafter: none | lookup | eagle[:PATH] | model:PATH."""
-    from .config.schema import DRAFTER_KINDS
+    """argparse type of --drafter: none | lookup | eagle[:PATH] | model:PATH (the syntax is
+    :func:`~flowspec.speculative.params.split_drafter`'s)."""
+    from .speculative.bounds import FieldError
+    from .speculative.params import split_drafter
 
-    kind, sep, path = text.partition(":")
-    if kind not in DRAFTER_KINDS or (kind in ("none", "lookup") and sep) or (kind == "model" and not path.strip()):
-        raise argparse.ArgumentTypeError(f"{text!r}: give lookup, none, eagle, eagle:PATH or model:PATH")
+    try:
+        split_drafter(text)
+    except FieldError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give lookup, none, eagle, eagle:PATH or model:PATH") from None
     return text
 
 

@@ -2,19 +2,20 @@
 
 :class:`_Fields` holds the file's name, its folder and the problems found so far; each
 reader returns the checked value or raises TopologyError naming the field path and what
-is allowed. :meth:`_Fields.attempt` records a problem and goes on, so that a file's
-problems are all reported at once.
+is allowed. A field whose dataclass declares its rule (:func:`~flowspec.speculative.bounds.allows`)
+is read by :meth:`_Fields.field`, with the dataclass's default. :meth:`_Fields.attempt`
+records a problem and goes on, so that a file's problems are all reported at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
-import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from ..errors import TopologyError
 from ..speculative.bounds import FieldError, rule_of
@@ -72,36 +73,6 @@ class _Fields:
             raise _Recorded
         return v
 
-    def number(self, v: Any, path: str, *, integer: bool = False, lo: float | None = None,
-               hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
-               nullable: str | None = None) -> Any:
-        """A number within bounds; nullable, when given, says what null means (and allows it)."""
-        kind = "an integer" if integer else "a number"
-        if lo is not None and hi is not None:
-            if integer:
-                allowed = f"{kind} from {lo:g} to {hi:g}"
-            else:
-                allowed = f"{kind} in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        elif lo is not None:
-            allowed = f"{kind} {'>' if lo_open else '>='} {lo:g}"
-        else:
-            allowed = kind
-        if nullable:
-            allowed += f", or null ({nullable})"
-        if v is None:
-            if nullable:
-                return None
-            raise self.error(path, f"must be {allowed}, not null")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
-            raise self.error(path, f"must be {allowed}, not {v!r}")
-        if not math.isfinite(v):
-            raise self.error(path, f"must be {allowed}, not {v!r}")
-        if lo is not None and (v < lo or (lo_open and v == lo)):
-            raise self.error(path, f"must be {allowed}, not {v!r}")
-        if hi is not None and (v > hi or (hi_open and v == hi)):
-            raise self.error(path, f"must be {allowed}, not {v!r}")
-        return int(v) if integer else float(v)
-
     def ruled(self, cls: type, name: str, v: Any, path: str) -> Any:
         """A value checked by the rule the algorithm declares on field `name` of the dataclass
         `cls` (:mod:`flowspec.speculative.bounds`)."""
@@ -109,6 +80,21 @@ class _Fields:
             return rule_of(cls, name).read(v)
         except FieldError as e:
             raise self.error(e.within(path).field, e.reason) from None
+
+    def field(self, cls: type, name: str, d: Mapping[str, Any], path: str,
+              default: Any = dataclasses.MISSING) -> Any:
+        """Field `name` of the dataclass `cls` from the section `d` found at `path` (the key is
+        the field's name): the value given, else `default`, else the field's own default,
+        checked by the rule declared on the field."""
+        if name in d:
+            v = d[name]
+        elif default is not dataclasses.MISSING:
+            v = default
+        else:
+            v = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+            if v is dataclasses.MISSING:
+                raise self.error(_join(path, name), "missing")
+        return self.ruled(cls, name, v, _join(path, name))
 
     def string(self, v: Any, path: str, allowed: str, pattern: re.Pattern[str] | None = None) -> str:
         if not isinstance(v, str) or not v.strip() or (pattern is not None and not pattern.match(v)):
@@ -118,12 +104,6 @@ class _Fields:
     def flag(self, v: Any, path: str) -> bool:
         if not isinstance(v, bool):
             raise self.error(path, f"must be true or false, not {v!r}")
-        return v
-
-    def choice(self, v: Any, path: str, choices: Sequence[str], what: str) -> str:
-        if not isinstance(v, str) or v not in choices:
-            hint = _suggest(v, choices) if isinstance(v, str) else ""
-            raise self.error(path, f"unknown {what} {v!r}{hint}; allowed: {', '.join(choices)}")
         return v
 
     def env_name(self, v: Any, path: str, nullable: bool) -> str | None:

@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any
 from ..errors import TopologyError, TopologyErrors
 from ..layer_plan import plan_layers as _plan_layers
 from ..speculative.bounds import FieldError, rule_of, show
-from ..speculative.params import TreeParams
+from ..speculative.params import TreeParams, split_drafter
 from ..speculative.request import check_decode
 from ..speculative.tuning import AUTO, TUNABLE
 from .fields import _ENV_RE, _Fields, _Recorded
 from .hosts import _host_key, _is_loopback, _is_wildcard
 from .messages import _kind, _suggest
 from .schema import (
-    CPU_PERIOD_MS_RANGE, DEFAULT_TARGET, DRAFTER_KINDS, DTYPES, MAX_CPU_QUOTA, ROLES, STAGE_WEIGHTS, ApiSpec,
-    DecodingSpec, DrafterSpec, LinkSpec, ModelSpec, NodeSpec, SecuritySpec, TestbedSpec, TreeSpec,
+    DEFAULT_TARGET, ApiSpec, DecodingSpec, DrafterSpec, LinkSpec, ModelSpec, NodeSpec, SecuritySpec, TestbedSpec,
+    TreeSpec,
 )
 
 if TYPE_CHECKING:
@@ -97,18 +97,17 @@ class _Parser(_Fields):
 
     def model(self, v: Any) -> ModelSpec:
         d = self.mapping(v, "model", _MODEL_KEYS)
-        target = d.get("target", DEFAULT_TARGET)
+        dflt = ModelSpec()
+        target = d.get("target", dflt.target)
         target = self.string(target, "model.target",
                              f"{DEFAULT_TARGET!r}, a model folder or a .gguf file")
         if target != DEFAULT_TARGET:
             target = self.resolve(target)
-        drafter = self.drafter(d.get("drafter", "lookup"))
-        dtype = self.choice(d.get("dtype", "auto"), "model.dtype", DTYPES, "dtype")
-        stage_weights = self.choice(d.get("stage_weights", "same"), "model.stage_weights", STAGE_WEIGHTS,
-                                    "stage weights")
-        max_context = self.number(d.get("max_context", 2048), "model.max_context", integer=True, lo=64)
-        num_layers = self.number(d.get("num_layers"), "model.num_layers", integer=True, lo=1,
-                                 nullable="read from the model")
+        drafter = self.drafter(d.get("drafter", str(dflt.drafter)))
+        dtype = self.field(ModelSpec, "dtype", d, "model")
+        stage_weights = self.field(ModelSpec, "stage_weights", d, "model")
+        max_context = self.field(ModelSpec, "max_context", d, "model")
+        num_layers = self.field(ModelSpec, "num_layers", d, "model")
         name = d.get("name")
         if name is not None:
             name = self.string(name, "model.name", "the model's id in the HTTP API (letters, digits and ._:/@+-, "
@@ -118,23 +117,12 @@ class _Parser(_Fields):
                          num_layers=num_layers, name=name, stage_weights=stage_weights)
 
     def drafter(self, v: Any) -> DrafterSpec:
-        allowed = "none, lookup, eagle, eagle:PATH, model:PATH"
-        if not isinstance(v, str) or not v.strip():
-            raise self.error("model.drafter", f"must be one of {allowed}, not {v!r}")
-        kind, sep, rest = v.strip().partition(":")
-        kind, rest = kind.strip(), rest.strip()
-        if kind not in DRAFTER_KINDS:
-            raise self.error("model.drafter", f"unknown drafter {v!r}{_suggest(kind, DRAFTER_KINDS)}; "
-                             f"allowed: {allowed}")
-        if kind in ("none", "lookup"):
-            if sep:
-                raise self.error("model.drafter", f"{kind!r} takes no path; allowed: {allowed}")
-            return DrafterSpec(kind)
-        if not rest:
-            if kind == "eagle" and not sep:
-                return DrafterSpec("eagle")  # the bundled head
-            raise self.error("model.drafter", f"{v!r} needs a path after ':'; allowed: {allowed}")
-        return DrafterSpec(kind, self.resolve(rest))
+        """model.drafter (speculative.params.split_drafter reads it), a path resolved against the file's folder."""
+        try:
+            kind, path = split_drafter(v)
+        except FieldError as e:
+            raise self.error("model.drafter", e.reason) from None
+        return DrafterSpec(kind, None if path is None else self.resolve(path))  # eagle without a path: the bundled head
 
     def nodes(self, v: Any) -> tuple[NodeSpec, ...] | None:
         """The ring's nodes; every node is checked, and None is returned when any has a problem."""
@@ -176,11 +164,11 @@ class _Parser(_Fields):
             self.attempt(lambda: unique(("name", name), f"{p}.name", f"{name!r} is already the name of nodes[{{j}}]; "
                                         "node names must be unique"), None)
         host = self.attempt(lambda: self.host(d["host"], f"{p}.host", wildcard_ok=False), "")
-        port = self.attempt(lambda: self.number(d["port"], f"{p}.port", integer=True, lo=1, hi=65535), 0)
+        port = self.attempt(lambda: self.field(NodeSpec, "port", d, p), 0)
         if host and port:
             self.attempt(lambda: unique(("address", _host_key(host), port), f"{p}.port", f"{host}:{port} is already used "
                                         "by nodes[{j}] ({other}); each node needs its own (host, port)"), None)
-        role = self.attempt(lambda: self.choice(d["role"], f"{p}.role", ROLES, "role"), "")
+        role = self.attempt(lambda: self.field(NodeSpec, "role", d, p), "")
         if role == "source":
             self.attempt(lambda: unique(("role", "source"), f"{p}.role", "a second source: nodes[{j}] ({other}) is already "
                                         "the source; exactly one node has role: source, every other one role: "
@@ -198,15 +186,13 @@ class _Parser(_Fields):
                     self.problems.append(self.error(f"{p}.{k}", "a spare holds no layers of its own: it loads "
                                                     "those of the stage whose place it takes (remove this key; "
                                                     "memory_gb says what it can hold)"))
-            memory = self.attempt(lambda: self.number(d.get("memory_gb"), f"{p}.memory_gb", lo=0, lo_open=True,
-                                                      nullable="unlimited"), None)
+            memory = self.attempt(lambda: self.field(NodeSpec, "memory_gb", d, p), None)
             if len(self.problems) > before:
                 raise _Recorded
             return NodeSpec(name=name, host=host, port=port, role=role, memory_gb=memory, index=i)
         layers = self.attempt(lambda: self.layers(d.get("layers", "auto"), f"{p}.layers"), "auto")
-        memory = self.attempt(lambda: self.number(d.get("memory_gb"), f"{p}.memory_gb", lo=0, lo_open=True,
-                                                  nullable="unlimited"), None)
-        speed = self.attempt(lambda: self.number(d.get("speed", 1.0), f"{p}.speed", lo=0, lo_open=True), 1.0)
+        memory = self.attempt(lambda: self.field(NodeSpec, "memory_gb", d, p), None)
+        speed = self.attempt(lambda: self.field(NodeSpec, "speed", d, p), 1.0)
         if len(self.problems) > before:
             raise _Recorded
         return NodeSpec(name=name, host=host, port=port, role=role, layers=layers, memory_gb=memory,
@@ -237,7 +223,7 @@ class _Parser(_Fields):
         d = self.mapping({} if v is None else v, "api", _API_KEYS)
         dflt = ApiSpec()
         host = self.host(d.get("host", dflt.host), "api.host", wildcard_ok=True)
-        port = self.number(d.get("port", dflt.port), "api.port", integer=True, lo=1, hi=65535)
+        port = self.field(ApiSpec, "port", d, "api")
         src = next(n for n in nodes if n.is_source)
         for n in nodes:
             same_host = _host_key(n.host) == _host_key(host) or (n is src and _is_wildcard(host))
@@ -255,8 +241,7 @@ class _Parser(_Fields):
                              "api.allow_unauthenticated: true if the network is yours alone")
         return ApiSpec(
             host=host, port=port, api_key_env=key_env, api_key_file=key_file,
-            queue_size=self.number(d.get("queue_size", dflt.queue_size), "api.queue_size",
-                                   integer=True, lo=1),
+            queue_size=self.field(ApiSpec, "queue_size", d, "api"),
             allow_unauthenticated=open_ok,
             cors_origins=self.origins(d.get("cors_origins")),
             access_log=self.flag(d.get("access_log", dflt.access_log), "api.access_log"),
@@ -280,7 +265,6 @@ class _Parser(_Fields):
 
     def decoding(self, v: Any) -> DecodingSpec:
         d = self.mapping({} if v is None else v, "decoding", _DECODING_KEYS)
-        dflt = DecodingSpec()
         try:  # a request's defaults: null is a value here (seed: null = random), never "not given"
             r = check_decode({k: d[k] for k in _REQUEST_KEYS if k in d}, null_is_default=False)
         except FieldError as e:
@@ -289,14 +273,8 @@ class _Parser(_Fields):
             strategy=r.strategy, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
             top_k=r.top_k, seed=r.seed, verify=r.verify,
             tree=self.tree(d.get("tree")),
-            prefill_chunk=self.number(d.get("prefill_chunk", dflt.prefill_chunk),
-                                      "decoding.prefill_chunk", integer=True, lo=1),
-            max_active=self.number(d.get("max_active", dflt.max_active), "decoding.max_active",
-                                   integer=True, lo=1, hi=64),
-            resume_window_s=self.number(d.get("resume_window_s", dflt.resume_window_s),
-                                        "decoding.resume_window_s", lo=0, hi=86400),
-            failover_after_s=self.number(d.get("failover_after_s", dflt.failover_after_s),
-                                         "decoding.failover_after_s", lo=0, hi=86400),
+            **{k: self.field(DecodingSpec, k, d, "decoding")
+               for k in ("prefill_chunk", "max_active", "resume_window_s", "failover_after_s")},
         )
 
     def tree(self, v: Any) -> TreeSpec:
@@ -322,14 +300,12 @@ class _Parser(_Fields):
         d = self.mapping({} if v is None else v, "security", _SECURITY_KEYS)
         dflt = SecuritySpec()
         p = "security"
-        hb = self.number(d.get("heartbeat_s", dflt.heartbeat_s), f"{p}.heartbeat_s", lo=0, lo_open=True)
-        dead = self.number(d.get("dead_after_s", dflt.dead_after_s), f"{p}.dead_after_s", lo=0,
-                           lo_open=True)
+        hb = self.field(SecuritySpec, "heartbeat_s", d, p)
+        dead = self.field(SecuritySpec, "dead_after_s", d, p)
         if dead <= hb:
             raise self.error(f"{p}.dead_after_s", f"{dead:g} s must be greater than heartbeat_s "
                              f"({hb:g} s), or a live peer is declared dead between two heartbeats")
-        read_to = self.number(d.get("read_timeout_s", dflt.read_timeout_s), f"{p}.read_timeout_s",
-                              lo=0, lo_open=True)
+        read_to = self.field(SecuritySpec, "read_timeout_s", d, p)
         if read_to <= hb:
             raise self.error(f"{p}.read_timeout_s", f"{read_to:g} s must be greater than heartbeat_s "
                              f"({hb:g} s), or an idle but live peer times out")
@@ -339,24 +315,16 @@ class _Parser(_Fields):
             key_env=key_env,
             key_file=self.file_path(d.get("key_file"), f"{p}.key_file"),
             encrypt=self.flag(d.get("encrypt", dflt.encrypt), f"{p}.encrypt"),
-            max_frame_mb=self.number(d.get("max_frame_mb", dflt.max_frame_mb), f"{p}.max_frame_mb",
-                                     lo=0, lo_open=True),
+            max_frame_mb=self.field(SecuritySpec, "max_frame_mb", d, p),
             read_timeout_s=read_to,
             heartbeat_s=hb,
             dead_after_s=dead,
         )
 
     def link(self, v: Any, path: str, base: LinkSpec) -> LinkSpec:
+        """A link at `path`; what it does not set is `base`'s (testbed.link, or LinkSpec's defaults)."""
         d = self.mapping(v, path, _LINK_KEYS, (), " in a link")
-        return LinkSpec(
-            latency_ms=self.number(d.get("latency_ms", base.latency_ms), f"{path}.latency_ms", lo=0),
-            jitter_ms=self.number(d.get("jitter_ms", base.jitter_ms), f"{path}.jitter_ms", lo=0),
-            bandwidth_mbit=self.number(d.get("bandwidth_mbit", base.bandwidth_mbit),
-                                       f"{path}.bandwidth_mbit", lo=0, lo_open=True, nullable="unlimited"),
-            stall_prob=self.number(d.get("stall_prob", base.stall_prob), f"{path}.stall_prob", lo=0, hi=1,
-                                   hi_open=True),
-            stall_ms=self.number(d.get("stall_ms", base.stall_ms), f"{path}.stall_ms", lo=0),
-        )
+        return LinkSpec(**{k: self.field(LinkSpec, k, d, path, getattr(base, k)) for k in _LINK_KEYS})
 
     def testbed(self, v: Any, nodes: tuple[NodeSpec, ...]) -> TestbedSpec:
         d = self.mapping(v, "testbed", _TESTBED_KEYS)
@@ -398,13 +366,8 @@ class _Parser(_Fields):
             if k not in names:
                 raise self.error(p, f"no node named {str(k)!r}{_suggest(str(k), names)}; "
                                  f"nodes: {', '.join(names)}")
-            cpus[k] = self.number(cv, p, lo=0, hi=MAX_CPU_QUOTA, lo_open=True, nullable="uncapped")
+            cpus[k] = self.ruled(TestbedSpec, "cpu_quota", cv, p)
         return TestbedSpec(
-            link=link, links=links,
-            cpu_quota=self.number(d.get("cpu_quota"), "testbed.cpu_quota", lo=0, hi=MAX_CPU_QUOTA,
-                                  lo_open=True, nullable="uncapped"),
-            threads=self.number(d.get("threads", 1), "testbed.threads", integer=True, lo=1),
-            cpus=cpus,
-            cpu_period_ms=self.number(d.get("cpu_period_ms"), "testbed.cpu_period_ms", lo=CPU_PERIOD_MS_RANGE[0],
-                                      hi=CPU_PERIOD_MS_RANGE[1], nullable="the testbed's default"),
+            link=link, links=links, cpus=cpus,
+            **{k: self.field(TestbedSpec, k, d, "testbed") for k in ("cpu_quota", "threads", "cpu_period_ms")},
         )

@@ -3,9 +3,11 @@
 Each dataclass is one section of the YAML file (``model``, ``nodes[i]``, ``api``,
 ``decoding``, ``security``, ``testbed``); :class:`~flowspec.config.topology.Topology`
 holds them. Nothing here validates: :mod:`flowspec.config.parse` builds these from
-plain data and checks every field. The ``decoding`` section embeds the algorithm's request
-settings: their defaults and bounds are those of :class:`~flowspec.speculative.request.DecodeRequest`
-and :class:`~flowspec.speculative.params.TreeParams`, declared there once.
+plain data and checks every field: a field's default is the dataclass's, and the values it
+allows are the rule declared next to it (``metadata=allows(...)``, :mod:`flowspec.speculative.bounds`).
+The ``decoding`` section embeds the algorithm's request settings: their defaults and bounds are
+those of :class:`~flowspec.speculative.request.DecodeRequest` and
+:class:`~flowspec.speculative.params.TreeParams`, declared there once.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
+from ..model.dtypes import NODE_DTYPES as DTYPES  # noqa: F401 -- the node dtype names; re-exported
+from ..speculative.bounds import Integer, Number, OneOf, allows
+from ..speculative.params import DRAFTERS as DRAFTER_KINDS  # noqa: F401 -- the drafter kinds; re-exported
 from ..speculative.params import TreeParams
 from ..speculative.request import DecodeRequest
 from ..speculative.tuning import AUTO, TUNABLE
@@ -21,15 +26,15 @@ _REQUEST = DecodeRequest()  # the built-in request defaults
 _TREE = TreeParams()  # the built-in draft tree
 
 ROLES = ("source", "stage", "spare")
-DTYPES = ("auto", "bfloat16", "float32")  # auto: per node, see flowspec.model.dtypes
 STAGE_WEIGHTS = ("same", "int8")  # same: as model.dtype; int8: see flowspec.model.int8 (changes the model)
-DRAFTER_KINDS = ("none", "lookup", "eagle", "model")
 DEFAULT_TARGET = "default"  # SmolLM2-135M-Instruct, see flowspec.model.loader
 DEFAULT_TARGET_NAME = "SmolLM2-135M-Instruct"  # the default model's id in the HTTP API
 DEFAULT_KEY_ENV = "FLOWSPEC_CLUSTER_KEY"
 MIN_KEY_BYTES = 16
 MAX_CPU_QUOTA = 16.0
 CPU_PERIOD_MS_RANGE = (1.0, 1000.0)  # the kernel's bounds of a CFS period
+_PORT = Integer(1, 65535)  # the rule of a TCP port
+_POSITIVE = Number(0, lo_open=True)  # the rule of a number > 0
 
 
 # ----------------------------------------------------------------------------- sections
@@ -48,15 +53,17 @@ class DrafterSpec:
 class ModelSpec:
     """The model every node serves a part of."""
 
-    target: str  # "default", or an absolute model folder / .gguf path
-    drafter: DrafterSpec  # the source's drafter
-    dtype: str  # "auto" (bfloat16 where the node's CPU computes it natively, else float32) | "bfloat16" | "float32"
-    max_context: int  # KV-cache slots per stage (>= 64)
-    num_layers: int | None = None  # decoder layers, when known without reading the model
+    target: str = DEFAULT_TARGET  # "default", or an absolute model folder / .gguf path
+    drafter: DrafterSpec = DrafterSpec("lookup")  # the source's drafter
+    # "auto" (bfloat16 where the node's CPU computes it natively, else float32) | "bfloat16" | "float32"
+    dtype: str = field(default="auto", metadata=allows(OneOf(DTYPES, "dtype")))
+    max_context: int = field(default=2048, metadata=allows(Integer(64)))  # KV-cache slots per stage
+    # decoder layers, when known without reading the model
+    num_layers: int | None = field(default=None, metadata=allows(Integer(1, null="read from the model")))
     name: str | None = None  # the model's id in the HTTP API; None = derived from target (see served_name)
     # "same": the stages' weights in dtype; "int8": their decoder layers' projections stored as int8
     # with per-output-channel scales, computed in dtype (opt-in: it changes the model; every node agrees)
-    stage_weights: str = "same"
+    stage_weights: str = field(default="same", metadata=allows(OneOf(STAGE_WEIGHTS, "stage weights")))
 
     @property
     def served_name(self) -> str:
@@ -83,15 +90,16 @@ class NodeSpec:
 
     name: str  # unique, [A-Za-z0-9_-]+
     host: str  # hostname or IP the other nodes connect to
-    port: int  # 1..65535
+    port: int = field(metadata=allows(_PORT))  # the ring's TCP port on host
     # "source" (drafter, sampling, HTTP API) | "stage" (holds decoder layers) | "spare" (outside
     # the ring, holds nothing until it takes the place of a stage that died)
-    role: str
+    role: str = field(metadata=allows(OneOf(ROLES, "role")))
     layers: tuple[int, int] | str | None = None  # stages: half-open (start, end) or "auto"; source, spares: None
     # stages: GiB available for weights when splitting `auto`; spares: the most a spare can load
     # (one that cannot hold a dead stage's weights is not chosen); None = unlimited
-    memory_gb: float | None = None
-    speed: float = 1.0  # stages: relative compute speed when splitting `auto` (> 0)
+    memory_gb: float | None = field(default=None, metadata=allows(Number(0, lo_open=True, null="unlimited")))
+    # stages: relative compute speed when splitting `auto`
+    speed: float = field(default=1.0, metadata=allows(_POSITIVE))
     index: int = field(default=0, compare=False)  # position in the file's node list (for messages)
 
     @property
@@ -121,10 +129,10 @@ class ApiSpec:
     """The HTTP API served by the source."""
 
     host: str = "127.0.0.1"  # address to bind
-    port: int = 8000  # 1..65535
+    port: int = field(default=8000, metadata=allows(_PORT))  # TCP port to bind
     api_key_env: str | None = None  # env var holding the Bearer key, or None
     api_key_file: str | None = None  # absolute path of a file holding the Bearer key, or None
-    queue_size: int = 16  # waiting requests before answering 429 (>= 1)
+    queue_size: int = field(default=16, metadata=allows(Integer(1)))  # waiting requests before answering 429
     allow_unauthenticated: bool = False  # serve a non-loopback host without a key (refused otherwise)
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*": any); () = no CORS
     access_log: bool = False  # log one line per HTTP request (method, path, status, tokens, duration)
@@ -168,10 +176,13 @@ class DecodingSpec:
     top_k: int = _REQUEST.top_k  # 0 = off
     seed: int | None = _REQUEST.seed  # sampling seed, None = random
     tree: TreeSpec = field(default_factory=TreeSpec)  # speculative tree shape
-    prefill_chunk: int = 256  # prompt tokens per prefill segment (>= 1)
-    max_active: int = 4  # requests decoding on the ring at once, 1..64 (every stage holds a KV cache for each)
-    resume_window_s: float = 60.0  # a broken ring holds its requests this long, then fails them (0: at once)
-    failover_after_s: float = 5.0  # a stage dead this long is replaced by a spare node, if one is connected
+    prefill_chunk: int = field(default=256, metadata=allows(Integer(1)))  # prompt tokens per prefill segment
+    # requests decoding on the ring at once (every stage holds a KV cache for each)
+    max_active: int = field(default=4, metadata=allows(Integer(1, 64)))
+    # a broken ring holds its requests this long, then fails them (0: at once)
+    resume_window_s: float = field(default=60.0, metadata=allows(Number(0, 86400)))
+    # a stage dead this long is replaced by a spare node, if one is connected
+    failover_after_s: float = field(default=5.0, metadata=allows(Number(0, 86400)))
     verify: str = _REQUEST.verify  # where the target's tokens are chosen: "source" (its lm_head) | "last_stage"
 
     @property
@@ -189,10 +200,12 @@ class SecuritySpec:
     key_env: str = DEFAULT_KEY_ENV  # env var holding the cluster key
     key_file: str | None = None  # absolute path of a file holding the key; wins over key_env
     encrypt: bool = True  # seal every frame with ChaCha20-Poly1305; False: authenticate frames only
-    max_frame_mb: float = 64.0  # largest accepted frame, MiB (> 0)
-    read_timeout_s: float = 30.0  # a peer silent for longer is dead (> heartbeat_s)
-    heartbeat_s: float = 1.0  # heartbeat interval (> 0)
-    dead_after_s: float = 5.0  # no heartbeat for this long = dead (> heartbeat_s)
+    max_frame_mb: float = field(default=64.0, metadata=allows(_POSITIVE))  # largest accepted frame, MiB
+    # a peer silent for longer is dead (> heartbeat_s)
+    read_timeout_s: float = field(default=30.0, metadata=allows(_POSITIVE))
+    heartbeat_s: float = field(default=1.0, metadata=allows(_POSITIVE))  # heartbeat interval
+    # no heartbeat for this long = dead (> heartbeat_s)
+    dead_after_s: float = field(default=5.0, metadata=allows(_POSITIVE))
 
     @property
     def max_frame_bytes(self) -> int:
@@ -203,11 +216,13 @@ class SecuritySpec:
 class LinkSpec:
     """An emulated network link from one node to the next."""
 
-    latency_ms: float = 2.0  # one-way delay (>= 0)
-    jitter_ms: float = 0.0  # random extra delay, up to this much (>= 0)
-    bandwidth_mbit: float | None = 100.0  # Mbit/s (> 0), None = unlimited
-    stall_prob: float = 0.0  # probability in [0, 1) that a chunk stalls
-    stall_ms: float = 0.0  # duration of a stall (>= 0)
+    latency_ms: float = field(default=2.0, metadata=allows(Number(0)))  # one-way delay
+    jitter_ms: float = field(default=0.0, metadata=allows(Number(0)))  # random extra delay, up to this much
+    # Mbit/s; None = unlimited
+    bandwidth_mbit: float | None = field(default=100.0, metadata=allows(Number(0, lo_open=True, null="unlimited")))
+    # probability that a chunk stalls
+    stall_prob: float = field(default=0.0, metadata=allows(Number(0, 1, hi_open=True)))
+    stall_ms: float = field(default=0.0, metadata=allows(Number(0)))  # duration of a stall
 
 
 @dataclass(frozen=True)
@@ -218,9 +233,12 @@ class TestbedSpec:
 
     link: LinkSpec = field(default_factory=LinkSpec)  # default for every link i -> i+1
     links: dict[tuple[str, str], LinkSpec] = field(default_factory=dict)  # (from, to) -> full override
-    cpu_quota: float | None = None  # fraction of one core per node, (0, 16], None = uncapped
-    threads: int = 1  # compute threads per node (>= 1)
-    cpus: dict[str, float | None] = field(default_factory=dict)  # node name -> cpu_quota override
-    # CFS period of the CPU caps in ms, [1, 1000]; None = the testbed's default (4 ms, see
+    # fraction of one core per node; None = uncapped
+    cpu_quota: float | None = field(default=None, metadata=allows(Number(0, MAX_CPU_QUOTA, lo_open=True,
+                                                                         null="uncapped")))
+    threads: int = field(default=1, metadata=allows(Integer(1)))  # compute threads per node
+    cpus: dict[str, float | None] = field(default_factory=dict)  # node name -> cpu_quota override (its rule)
+    # CFS period of the CPU caps in ms; None = the testbed's default (4 ms, see
     # flowspec/testbed/cgroups.py: short, so that a short burst of work is slowed too)
-    cpu_period_ms: float | None = None
+    cpu_period_ms: float | None = field(default=None, metadata=allows(Number(*CPU_PERIOD_MS_RANGE,
+                                                                             null="the testbed's default")))

@@ -18,6 +18,8 @@ from typing import Any, Mapping
 
 from ..errors import TopologyError
 from ..layer_plan import plan_layers as _plan_layers, range_text as _range_text
+from ..speculative.bounds import FieldError
+from ..speculative.params import split_drafter
 from .messages import _suggest
 from .parse import _Parser
 from .schema import (
@@ -317,14 +319,12 @@ def _abs_override(key: str, v: Any) -> Any:
     """Make a command-line target / drafter path absolute (relative to the current folder)."""
     if key == "target" and isinstance(v, str) and v != DEFAULT_TARGET:
         return os.path.abspath(os.path.expanduser(v))
-    if key == "drafter":
-        if isinstance(v, DrafterSpec):
-            return v
-        if isinstance(v, str):
-            kind, sep, rest = v.partition(":")
-            if sep and rest.strip():
-                return DrafterSpec(kind.strip(), os.path.abspath(os.path.expanduser(rest.strip())))
-            return DrafterSpec(v.strip()) if v.strip() in ("none", "lookup", "eagle") else v
+    if key == "drafter" and isinstance(v, str):
+        try:
+            kind, path = split_drafter(v)
+        except FieldError:
+            return v  # not a drafter: the parser says why, at model.drafter
+        return DrafterSpec(kind, None if path is None else os.path.abspath(os.path.expanduser(path)))
     return v
 
 

@@ -8,21 +8,33 @@ back to a slow generic kernel whose cost grows with every row: on an AVX2-only E
 Speculative decoding sends many rows per step, so there float32 is the faster choice.
 ``auto`` picks, per node, bfloat16 where the CPU computes it natively and float32
 elsewhere; the hidden states on the wire carry their dtype, so nodes may differ.
+
+The names are declared here once, as plain strings: torch is imported only by the functions
+that compute with it, so that the topology (:mod:`flowspec.config`) and the command lines
+read :data:`NODE_DTYPES` without loading torch.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import ModelError
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
 AUTO = "auto"
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # the names parse_dtype turns into torch dtypes (and auto)
+# what a node may be told to run (a topology's model.dtype, every command line's --dtype); float16
+# is parse_dtype's only for callers that name it themselves, never a node's choice
+NODE_DTYPES = (AUTO, "bfloat16", "float32")
 
 
 def native_bfloat16() -> bool:
     """Whether torch multiplies bfloat16 matrices through oneDNN on this CPU (AVX-512 or
     AMX on x86, the BF16 extension on ARM) rather than its generic fallback."""
+    import torch
+
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch without oneDNN: assume the fallback
@@ -41,18 +53,22 @@ def dtype_name(name: str) -> str:
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     """The torch dtype of a name (``auto`` resolved for this machine)."""
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
-    try:
-        return TORCH_DTYPES[dtype_name(name)]
-    except KeyError:
-        raise ModelError(f"unknown dtype {name!r}; use one of {AUTO}, {', '.join(TORCH_DTYPES)}") from None
+    resolved = dtype_name(name)
+    if resolved not in WEIGHT_DTYPES:
+        raise ModelError(f"unknown dtype {name!r}; use one of {AUTO}, {', '.join(WEIGHT_DTYPES)}")
+    return getattr(torch, resolved)
 
 
 def planning_bytes(name: str) -> int:
     """Bytes per weight the layer planner assumes: for ``auto`` the largest it may choose
     (float32), so that every node of a ring computes the same split whatever its CPU."""
-    return torch.empty((), dtype=TORCH_DTYPES["float32" if name == AUTO else name]).element_size()
+    import torch
+
+    return torch.empty((), dtype=parse_dtype("float32" if name == AUTO else name)).element_size()
 
 
 def describe(name: str) -> str:

@@ -122,17 +122,22 @@ class Number:
     hi: float | None = None  # largest allowed value; None = unbounded
     lo_open: bool = False  # lo itself is not allowed
     hi_open: bool = False  # hi itself is not allowed
+    null: str = ""  # what null means where it is allowed ("unlimited"); "" = null is not allowed
 
     @property
     def allowed(self) -> str:
         if self.lo is not None and self.hi is not None:
-            return (f"a number in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
+            text = (f"a number in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
                     f"{')' if self.hi_open else ']'}")
-        if self.lo is not None:
-            return f"a number {'>' if self.lo_open else '>='} {self.lo:g}"
-        return "a number"
+        elif self.lo is not None:
+            text = f"a number {'>' if self.lo_open else '>='} {self.lo:g}"
+        else:
+            text = "a number"
+        return text + (f", or null ({self.null})" if self.null else "")
 
-    def read(self, v: Any) -> float:
+    def read(self, v: Any) -> float | None:
+        if v is None and self.null:
+            return None
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise _refuse(self, v)
         lo, hi = self.lo, self.hi

@@ -1,13 +1,16 @@
 """What a decoding request may set about the algorithm, without torch: the strategy names,
 the shape of the draft tree and the target's sampling settings, with the bounds of each
-field declared next to it (:mod:`.bounds`). :mod:`.request` gathers them into one request."""
+field declared next to it (:mod:`.bounds`). :mod:`.request` gathers them into one request.
+Also how a drafter is named (:func:`split_drafter`), read here for the topology and every
+command line alike."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
-from .bounds import Integer, Number, allows
+from .bounds import FieldError, Integer, Number, allows, show, suggest
 
 STRATEGIES = ("autoregressive", "chunked", "pipedec", "flowspec")
 # Where the target's token after each returned row is chosen: at the source (it holds the
@@ -15,6 +18,10 @@ STRATEGIES = ("autoregressive", "chunked", "pipedec", "flowspec")
 VERIFY_AT = ("source", "last_stage")
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1  # a seed is hashed as a signed 64-bit integer
 MAX_TOP_LOGPROBS = 20  # most likely alternatives a request may ask for per token (OpenAI's bound)
+# Where draft tokens come from: none; lookup (n-grams of the prompt); eagle (a feature head: the
+# bundled one, or eagle:PATH); model (a smaller LM with the target's tokenizer: model:PATH)
+DRAFTERS = ("none", "lookup", "eagle", "model")
+DRAFTER_FORMS = "none, lookup, eagle, eagle:PATH, model:PATH"  # every way a drafter is written
 
 
 @dataclass(frozen=True)
@@ -55,3 +62,20 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+
+def split_drafter(text: Any) -> tuple[str, str | None]:
+    """A drafter as written (:data:`DRAFTER_FORMS`; spaces around the kind and the path are
+    ignored) as (kind, path); path None = no file (for eagle: the bundled head). Raises
+    FieldError("", reason), the reason saying what is allowed."""
+    if not isinstance(text, str) or not text.strip():
+        raise FieldError("", f"must be one of {DRAFTER_FORMS}, not {show(text)}")
+    kind, sep, path = (part.strip() for part in text.strip().partition(":"))
+    if kind not in DRAFTERS:
+        raise FieldError("", f"unknown drafter {show(text)}{suggest(kind, DRAFTERS)}; allowed: {DRAFTER_FORMS}")
+    if kind in ("none", "lookup") and sep:
+        raise FieldError("", f"{kind!r} takes no path; allowed: {DRAFTER_FORMS}")
+    if not path and (sep or kind == "model"):
+        raise FieldError("", f"{show(text)} needs a path after ':'; allowed: {DRAFTER_FORMS}")
+    return kind, path or None
+

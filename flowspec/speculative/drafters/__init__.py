@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from ...errors import ModelError
+from ..bounds import FieldError
+from ..params import split_drafter
 from .base import Drafter, DraftView, NoDrafter
 from .lookup import LookupDrafter
 
@@ -13,12 +14,12 @@ DRAFTER_HELP = "none | lookup | model:PATH (a smaller LM with the same tokenizer
 
 
 def parse_drafter(text: str) -> tuple[str, str | None]:
-    kind, _, path = text.partition(":")
-    if kind not in ("none", "lookup", "model", "eagle"):
-        raise ModelError(f"unknown drafter {text!r}; use {DRAFTER_HELP}")
-    if kind == "model" and not path:
-        raise ModelError("drafter 'model' needs a path: model:PATH")
-    return kind, path or None
+    """(kind, path) of a drafter as written (the syntax is :func:`~flowspec.speculative.params.split_drafter`'s);
+    ModelError when it names none."""
+    try:
+        return split_drafter(text)
+    except FieldError as e:
+        raise ModelError(f"drafter: {e.reason}") from None
 
 
 BUNDLED_EAGLE = Path(__file__).resolve().parents[2] / "assets" / "eagle-smollm2-135m-instruct"
