@@ -10,18 +10,22 @@ tokens; then either
 * ``spare``: leaves it dead; a spare node (added to the topology) takes its place after
   ``decoding.failover_after_s``. The killed stage is then started again: it finds its
   place taken and waits as the next spare, so every run kills the node that sits in that
-  place now.
+  place now; or
+* ``stall``: SIGSTOPs the stage instead (a frozen device: no frame, no heartbeat, its
+  connections open) and SIGCONTs it ``--stall`` seconds later.
 
 Every answer is checked against the uninterrupted one. Times come from the nodes' logs
 (their timestamps are this machine's clock) and the client's clock:
 
-* detection: kill -> the source holds the request (``is unreachable``);
-* back: kill -> the killed stage listens again (restart) / the spare holds the layers;
+* detection: kill (or stop) -> the source holds the request (``is unreachable``);
+* back: kill -> the killed stage listens again (restart) / the spare holds the layers /
+  (stall) the stage is continued;
 * re-formation: the node is back -> the source's ``ring formed``;
 * first token: kill -> the first token of the resumed answer.
 
     python tools/failover_times.py --mode restart --runs 3
     python tools/failover_times.py --mode spare --runs 3 --failover-after 5
+    python tools/failover_times.py --mode stall --runs 3 --stall 4
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import signal
 import socket
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -135,6 +140,9 @@ def run(args: argparse.Namespace) -> None:
 
             def kill() -> float:
                 t = time.time()
+                if args.mode == "stall":
+                    os.kill(victim.proc.pid, signal.SIGSTOP)
+                    return t
                 os.kill(victim.proc.pid, signal.SIGKILL)
                 if not spare:
                     victim.proc.wait(5)
@@ -142,20 +150,42 @@ def run(args: argparse.Namespace) -> None:
                     ring.spawn(victim_name, str(path), append=True)
                 return t
 
-            done = asyncio.run(answer(topo, ring.key, req, kill))
+            if args.mode == "stall":  # continued from another thread while the answer is held
+                cont = {"t": 0.0}
+
+                def resume_later() -> None:
+                    time.sleep(args.stall)
+                    cont["t"] = time.time()
+                    os.kill(victim.proc.pid, signal.SIGCONT)
+
+                def kill_and_resume() -> float:
+                    t = kill()
+                    threading.Thread(target=resume_later, daemon=True).start()
+                    return t
+
+                done = asyncio.run(answer(topo, ring.key, req, kill_and_resume))
+            else:
+                done = asyncio.run(answer(topo, ring.key, req, kill))
             t_kill = done["t_kill"]
             assert done["token_ids"] == truth, "the resumed answer differs from the uninterrupted one"
             held = log_time(ring, "source", "is unreachable", t_kill)
             if spare:
                 back = log_time(ring, "source", "holds layers", t_kill)
+            elif args.mode == "stall":
+                back = cont["t"]
             else:
                 back = log_time(ring, victim_name, "listening on", t_kill)
             formed = log_time(ring, "source", "ring formed", t_kill)
+            if held is None or back is None or formed is None:
+                print(f"run {i + 1}: {victim_name} was not declared dead (a stall shorter than "
+                      f"security.dead_after_s only pauses the ring)" if held is None else
+                      f"run {i + 1}: the ring did not form again within a minute (logs: {ring.log_dir})", flush=True)
+                continue
             first = first_after_pause(t_kill, done["times"])
             row = {"detection": held - t_kill, "back": back - t_kill, "re-formation": formed - back,
                    "first token": first - t_kill}
             rows.append(row)
-            print(f"run {i + 1}: killed {victim_name}: " + ", ".join(f"{k} {v:.2f} s" for k, v in row.items()),
+            print(f"run {i + 1}: {'stopped' if args.mode == 'stall' else 'killed'} {victim_name}: " + ", ".join(f"{k} {v:.2f} s" for k, v in row.items()),
                   flush=True)
             if spare:  # the killed stage comes back and becomes the next spare
                 victim.proc.wait(5)
@@ -163,6 +193,8 @@ def run(args: argparse.Namespace) -> None:
                 t = time.time()
                 ring.spawn(victim_name, str(path), append=True)
                 log_time(ring, victim_name, "announced to the source", t)
+        if not rows:
+            return
         print("median: " + ", ".join(f"{k} {statistics.median(r[k] for r in rows):.2f} s" for k in rows[0]))
         print(f"logs: {ring.log_dir}")
     finally:
@@ -180,7 +212,8 @@ async def _status(topo: Topology, key: bytes) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--topology", default="topologies/local.yaml")
-    ap.add_argument("--mode", choices=("restart", "spare"), default="restart")
+    ap.add_argument("--mode", choices=("restart", "spare", "stall"), default="restart")
+    ap.add_argument("--stall", type=float, default=4.0, help="seconds a stage stays stopped (stall mode)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--failover-after", type=float, default=5.0, help="decoding.failover_after_s (spare mode)")
     ap.add_argument("--dtype", default=None, help="override model.dtype")

@@ -203,9 +203,9 @@ class SecuritySpec:
     max_frame_mb: float = field(default=64.0, metadata=allows(_POSITIVE))  # largest accepted frame, MiB
     # a peer silent for longer is dead (> heartbeat_s)
     read_timeout_s: float = field(default=30.0, metadata=allows(_POSITIVE))
-    heartbeat_s: float = field(default=1.0, metadata=allows(_POSITIVE))  # heartbeat interval
+    heartbeat_s: float = field(default=0.5, metadata=allows(_POSITIVE))  # heartbeat interval
     # no heartbeat for this long = dead (> heartbeat_s)
-    dead_after_s: float = field(default=5.0, metadata=allows(_POSITIVE))
+    dead_after_s: float = field(default=2.5, metadata=allows(_POSITIVE))
 
     @property
     def max_frame_bytes(self) -> int:
