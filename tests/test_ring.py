@@ -44,6 +44,7 @@ from flowspec.errors import FlowSpecError
 from flowspec.model.pipeline import LocalPipeline, greedy_generate
 from flowspec.model.tokenizer import Tokenizer
 from flowspec.runtime.client import RingClient
+from flowspec.runtime.launcher import LocalRing
 from flowspec.runtime import protocol
 from flowspec.runtime.protocol import HEADER, HEADER_SIZE, MAGIC, VERSION, Frame, FrameType, ProtocolError, SegmentMsg
 from flowspec.runtime.transport import AuthError, client_auth, hello_meta, open_stream
@@ -679,6 +680,28 @@ def test_up_restarts_a_killed_stage_and_the_ring_serves_again(tiny_tok_model: Pa
     finally:
         kill_leftovers(up, children)
         err.close()
+
+
+def test_a_node_that_keeps_failing_is_restarted_with_a_growing_pause(tiny_tok_model: Path, tmp_path: Path) -> None:
+    """`flowspec up`'s supervision (LocalRing.restart_dead) on a real process that exits at
+    once every time (a node name the topology lacks: exit code 2): the pause before each
+    restart doubles, 1, 2, 4 s, and every exit and restart is reported."""
+    path = write_topology(tmp_path, 2, tiny_tok_model)
+    ring = LocalRing(str(path), Topology.load(str(path)), ["--no-api"], threads=1, log_dir=str(tmp_path / "logs"))
+    lines: list[str] = []
+    try:
+        ring.spawn("ghost", str(path))
+        deadline = time.monotonic() + 60
+        while sum("restarting it in" in x for x in lines) < 3 and time.monotonic() < deadline:
+            lines += ring.restart_dead()
+            time.sleep(0.05)
+    finally:
+        ring.stop()
+    pauses = [x.split("restarting it in ")[1].split(" s")[0] for x in lines if "restarting it in" in x]
+    assert pauses == ["1", "2", "4"], lines
+    assert all("exited with code 2" in x for x in lines if "restarting it in" in x), lines
+    assert sum("node 'ghost' restarted" in x for x in lines) == 2, lines
+    assert "no node named 'ghost'" in (tmp_path / "logs" / "ghost.log").read_text()
 
 
 # ----------------------------------------------------------------------- node CLI errors

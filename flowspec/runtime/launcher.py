@@ -101,6 +101,7 @@ class LocalRing:
             threads = topo.testbed.threads if topo.testbed else max(1, (os.cpu_count() or 1) // len(self.local))
         self.threads = threads
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="flowspec-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ, **(extra_env or {}))
         self.procs: list[NodeProcess] = []
         self._backoff: dict[str, _Backoff] = {}  # node -> restart state (restart_dead)
