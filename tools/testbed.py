@@ -29,7 +29,8 @@ from flowspec.cli import run_reporting  # noqa: E402
 from flowspec.config import LinkSpec  # noqa: E402
 from flowspec.errors import FlowSpecError  # noqa: E402
 from flowspec.testbed import LinkProxy, cpu_cgroup_root, reclaim_stale  # noqa: E402
-from flowspec.testbed.cli import non_negative, probability  # noqa: E402
+from flowspec.config import LinkSpec  # noqa: E402
+from flowspec.testbed.cli import flag_type  # noqa: E402
 
 
 def _cmd_cleanup(args: argparse.Namespace) -> int:
@@ -86,11 +87,12 @@ def main(argv: Sequence[str] | None = None, description: str | None = None) -> i
     k = sub.add_parser("link", help="run one emulated link in the foreground (HOST:PORT -> HOST:PORT)")
     k.add_argument("--listen", required=True, help="HOST:PORT to accept on")
     k.add_argument("--to", required=True, help="HOST:PORT to forward to")
-    k.add_argument("--latency-ms", type=non_negative, default=0.0)
-    k.add_argument("--jitter-ms", type=non_negative, default=0.0)
-    k.add_argument("--bandwidth-mbit", type=non_negative, default=0.0, help="0: unlimited")
-    k.add_argument("--stall-prob", type=probability, default=0.0)
-    k.add_argument("--stall-ms", type=non_negative, default=0.0)
+    k.add_argument("--latency-ms", type=flag_type(LinkSpec, "latency_ms"), default=0.0)
+    k.add_argument("--jitter-ms", type=flag_type(LinkSpec, "jitter_ms"), default=0.0)
+    k.add_argument("--bandwidth-mbit", type=flag_type(LinkSpec, "bandwidth_mbit", "unlimited"), default=0.0,
+                   help="0: unlimited")
+    k.add_argument("--stall-prob", type=flag_type(LinkSpec, "stall_prob"), default=0.0)
+    k.add_argument("--stall-ms", type=flag_type(LinkSpec, "stall_ms"), default=0.0)
     k.set_defaults(func=_cmd_link)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-from typing import Any
+from typing import Any, Callable
 
-from ..config import CPU_PERIOD_MS_RANGE, TestbedSpec, Topology
+from ..config import LinkSpec, TestbedSpec, Topology
+from ..speculative.bounds import FieldError, rule_of
 from ..runtime.launcher import LocalRing
 from .cgroups import DEFAULT_PERIOD_US
 from .ring import Testbed, emulation_settings
@@ -14,36 +16,23 @@ from .ring import Testbed, emulation_settings
 log = logging.getLogger(__name__)
 
 
-def non_negative(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text!r}")
-    return v
+def flag_type(cls: type, name: str, zero: str = "") -> Callable[[str], float]:
+    """An argparse type that reads a number by the rule the topology declares on field `name`
+    of `cls` (the same bounds, said the same way); `zero`, when given, says what 0 means on
+    the command line (where the file would say null)."""
+    rule = rule_of(cls, name)
+    if getattr(rule, "null", ""):
+        rule = dataclasses.replace(rule, null="")  # no null on a command line
+    allowed = rule.allowed + (f", or 0 ({zero})" if zero else "")
 
+    def read(text: str) -> float:
+        try:
+            v = float(text)
+            return 0.0 if zero and v == 0 else float(rule.read(v))
+        except (ValueError, FieldError):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, not {text!r}") from None
 
-def probability(text: str) -> float:
-    v = non_negative(text)
-    if v >= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), not {text!r}")
-    return v
-
-
-def _quota(text: str) -> float:
-    v = non_negative(text)
-    if v > 16:
-        raise argparse.ArgumentTypeError(f"must be at most 16 cores, not {text!r}")
-    return v
-
-
-def _period_ms(text: str) -> float:
-    v = non_negative(text)
-    lo, hi = CPU_PERIOD_MS_RANGE
-    if not lo <= v <= hi:
-        raise argparse.ArgumentTypeError(f"must be from {lo:g} to {hi:g} ms, not {text!r}")
-    return v
+    return read
 
 
 def add_testbed_args(p: argparse.ArgumentParser) -> None:
@@ -51,15 +40,19 @@ def add_testbed_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("testbed (emulated links and CPU caps)")
     g.add_argument("--emulate", action=argparse.BooleanOptionalAction, default=None,
                    help="emulate the topology's testbed section (default: when it has one)")
-    g.add_argument("--latency-ms", type=non_negative, default=None, help="one-way latency of every link")
-    g.add_argument("--jitter-ms", type=non_negative, default=None, help="uniform extra delay up to this")
-    g.add_argument("--bandwidth-mbit", type=non_negative, default=None,
+    g.add_argument("--latency-ms", type=flag_type(LinkSpec, "latency_ms"), default=None,
+                   help="one-way latency of every link")
+    g.add_argument("--jitter-ms", type=flag_type(LinkSpec, "jitter_ms"), default=None,
+                   help="uniform extra delay up to this")
+    g.add_argument("--bandwidth-mbit", type=flag_type(LinkSpec, "bandwidth_mbit", "unlimited"), default=None,
                    help="rate of every link in Mbit/s (0: unlimited)")
-    g.add_argument("--stall-prob", type=probability, default=None, help="probability a chunk stalls")
-    g.add_argument("--stall-ms", type=non_negative, default=None, help="duration of a stall")
-    g.add_argument("--cpu-quota", type=_quota, default=None,
+    g.add_argument("--stall-prob", type=flag_type(LinkSpec, "stall_prob"), default=None,
+                   help="probability a chunk stalls")
+    g.add_argument("--stall-ms", type=flag_type(LinkSpec, "stall_ms"), default=None,
+                   help="duration of a stall")
+    g.add_argument("--cpu-quota", type=flag_type(TestbedSpec, "cpu_quota", "uncapped"), default=None,
                    help="cores per node, e.g. 0.35 (0: uncapped); overrides testbed.cpus")
-    g.add_argument("--cpu-period-ms", type=_period_ms, default=None,
+    g.add_argument("--cpu-period-ms", type=flag_type(TestbedSpec, "cpu_period_ms"), default=None,
                    help=f"CFS period of the CPU caps (default: testbed.cpu_period_ms, else "
                         f"{DEFAULT_PERIOD_US / 1000:g} ms; short, so that short bursts of work are slowed too)")
 
