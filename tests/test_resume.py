@@ -106,6 +106,38 @@ def test_the_answer_resumes_after_a_stage_fails(tmp_path: Path, tiny_tok_model: 
         assert "is held with" in log and "resumes after" in log, log[-2000:]
 
 
+def test_an_http_stream_pauses_through_a_stall_and_completes(tmp_path: Path, tiny_tok_model: Path) -> None:
+    """The official openai client streams /v1/completions while a stage is frozen past
+    dead_after_s and then continued: the stream only pauses (no error chunk), every token
+    arrives once, and the text equals the uninterrupted answer's."""
+    import openai
+
+    path = write_topology(tmp_path, 3, tiny_tok_model, drafter="lookup", security=FAST, strategy="flowspec",
+                          decoding={"resume_window_s": 60})
+    topo = Topology.load(str(path))
+    with running_ring(path, node_args=("--dtype", "float32")) as ring:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{topo.api.port}/v1", api_key="none", max_retries=0,
+                               timeout=60.0)
+        model = client.models.list().data[0].id
+        whole = client.completions.create(model=model, prompt=PROMPT, max_tokens=80)
+        assert whole.usage.completion_tokens >= 40, "the tiny model stopped early; the test needs a long answer"
+        p = node(ring, "stage1")
+        pieces: list[str] = []
+        finish = None
+        for chunk in client.completions.create(model=model, prompt=PROMPT, max_tokens=80, stream=True):
+            if chunk.choices:
+                if not pieces:  # mid-answer: frozen past dead_after_s (1 s here), then continued
+                    os.kill(p.proc.pid, signal.SIGSTOP)
+                    time.sleep(2.0)
+                    os.kill(p.proc.pid, signal.SIGCONT)
+                pieces.append(chunk.choices[0].text)
+                finish = chunk.choices[0].finish_reason or finish
+        assert "".join(pieces) == whole.choices[0].text
+        assert finish == whole.choices[0].finish_reason
+        log = (ring.log_dir / "source.log").read_text()
+        assert "is held with" in log and "resumes after" in log, log[-2000:]
+
+
 def test_a_probe_holding_the_ring_lets_go_when_a_stage_dies(tmp_path: Path, tiny_tok_model: Path) -> None:
     """A ring probe (the profiler's, or the source's own tuning at formation) holds the ring:
     no request decodes meanwhile. When a stage dies under it, the probe ends at once with a
