@@ -129,17 +129,25 @@ def ring_of(paths: dict[str, Path], key: str) -> Iterator[LocalRing]:
         assert not wait_gone(pids, 5.0)
 
 
-@pytest.mark.parametrize("mode,encrypt", [("flip", True), ("replay", True), ("flip", False)])
+@pytest.mark.parametrize("mode,encrypt,direction", [
+    ("flip", True, "out"), ("replay", True, "out"), ("flip", False, "out"), ("flip", True, "back"),
+    ("replay", True, "back"),
+])
 def test_altered_or_replayed_frame_closes_the_link_and_no_wrong_token_is_produced(
-        tmp_path: Path, tiny_tok_model: Path, mode: str, encrypt: bool) -> None:
+        tmp_path: Path, tiny_tok_model: Path, mode: str, encrypt: bool, direction: str) -> None:
+    """out: the proxy sits on the source's link to the stage (prompt tokens, tree updates);
+    back: on the last stage's link to the source (hidden states coming home)."""
     real = write_topology(tmp_path, 2, tiny_tok_model, security={"encrypt": encrypt})
     topo = Topology.load(str(real))
-    proxy = FramingProxy(topo.node("stage1").port)
+    dialed = 1 if direction == "out" else 0  # the node whose listening port the proxy stands in for
+    proxy = FramingProxy(topo.nodes[dialed].port)
     key = new_key()
     via = variant(real, "via-proxy.yaml",
-                  lambda d: d["nodes"][1].__setitem__("port", proxy.port))  # the source dials the proxy
+                  lambda d: d["nodes"][dialed].__setitem__("port", proxy.port))  # its predecessor dials the proxy
+    dialer = "source" if direction == "out" else "stage1"
+    receiver = "stage1" if direction == "out" else "source"
     try:
-        with ring_of({"source": via, "stage1": real}, key) as ring:
+        with ring_of({"source": real, "stage1": real, dialer: via}, key) as ring:
             asyncio.run(wait_formed(topo, key.encode(), 90, ring.check_alive))
             truth = generate(topo, key.encode(), PROMPT)["token_ids"]
             assert len(truth) == PROMPT["max_new_tokens"]
@@ -148,11 +156,13 @@ def test_altered_or_replayed_frame_closes_the_link_and_no_wrong_token_is_produce
                 generate(topo, key.encode(), PROMPT)
             assert proxy.hits == 1
             msg = str(ei.value)
-            assert "'stage1' closed its link from 'source'" in msg and "failed authentication" in msg, msg
+            closer = "'stage1' closed its link from 'source'" if direction == "out" else \
+                "the source closed its link from 'stage1'"
+            assert closer in msg and "failed authentication" in msg, msg
             partial = getattr(ei.value, "partial", None) or {}
             got = list(partial.get("token_ids") or [])
             assert got == truth[:len(got)]  # nothing but the true answer's tokens, if any
-            log = wait_log(ring, "stage1", "failed authentication")
+            log = wait_log(ring, receiver, "failed authentication")
             assert "failed authentication" in log and "Traceback" not in log
             asyncio.run(wait_formed(topo, key.encode(), 60, ring.check_alive))  # a fresh session
             assert generate(topo, key.encode(), PROMPT)["token_ids"] == truth
