@@ -114,11 +114,11 @@ def variant(path: Path, name: str, edit: Any) -> Path:
 
 
 @contextlib.contextmanager
-def ring_of(paths: dict[str, Path], key: str) -> Iterator[LocalRing]:
+def ring_of(paths: dict[str, Path], key: str, env: dict[str, str] | None = None) -> Iterator[LocalRing]:
     """Start each node from its own topology file; stop them all afterwards."""
     first = next(iter(paths.values()))
     ring = LocalRing(str(first), Topology.load(str(first)), ["--dtype", "float32", "--no-api"], threads=1,
-                     extra_env=node_env(key))
+                     extra_env={**node_env(key), **(env or {})})
     try:
         for name, p in paths.items():
             ring.spawn(name, str(p))
@@ -168,6 +168,21 @@ def test_altered_or_replayed_frame_closes_the_link_and_no_wrong_token_is_produce
             assert generate(topo, key.encode(), PROMPT)["token_ids"] == truth
     finally:
         proxy.close()
+
+
+def test_a_node_with_another_key_never_joins(tmp_path: Path, tiny_tok_model: Path) -> None:
+    """A real stage process started with another cluster key: the handshake fails on both
+    ends with a message about the key, the ring never forms, nothing is decoded."""
+    mine = write_topology(tmp_path, 2, tiny_tok_model)
+    theirs = variant(mine, "other-key.yaml", lambda d: d["security"].__setitem__("key_env", "OTHER_RING_KEY"))
+    key = new_key()
+    with ring_of({"source": mine, "stage1": theirs}, key, {"OTHER_RING_KEY": new_key()}) as ring:
+        log = wait_log(ring, "stage1", "refused a connection", timeout=90)
+        assert "refused a connection from" in log and "wrong cluster key" in log, log
+        with pytest.raises(FlowSpecError, match="did not form"):
+            asyncio.run(wait_formed(Topology.load(str(mine)), key.encode(), 3, ring.check_alive))
+        src = (ring.log_dir / "source.log").read_text()
+        assert "refused us" in src and "wrong cluster key" in src and "Traceback" not in src + log, src[-2000:]
 
 
 def test_a_node_with_other_weights_never_joins(tmp_path: Path, tiny_tok_model: Path) -> None:
