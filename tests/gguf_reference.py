@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from flowspec.model.loader import LM_HEAD, _file_lock, cache_root, default_gguf_path
+from flowspec.model.loader import LM_HEAD, file_lock, cache_root, default_gguf_path
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def converted_gguf(gguf: Path) -> Path:
     out = cache_root() / "models" / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file():
         return out
-    with _file_lock(cache_root() / "models" / ".convert.lock"):
+    with file_lock(cache_root() / "models" / ".convert.lock"):
         if (out / "config.json").is_file():
             return out
         log.info("converting %s to safetensors in %s (once, reference)", gguf, out)

@@ -206,11 +206,11 @@ def test_fingerprint_covers_stage_weights_and_the_handshake_names_a_mismatch(def
 def test_safetensors_tensors_are_quantized_in_blocks_of_rows_like_a_whole() -> None:
     from flowspec.model.gguf import BLOCK_BYTES
     from flowspec.model.int8 import quantizer
-    from flowspec.model.loader import _convert_rows
+    from flowspec.model.loader import convert_rows
 
     rows = BLOCK_BYTES // (4 * 64) * 2 + 5  # three blocks of float32 rows
     t = torch.randn(rows, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
-    got = _convert_rows("model.layers.0.mlp.up_proj.weight", t, quantizer(torch.bfloat16))
+    got = convert_rows("model.layers.0.mlp.up_proj.weight", t, quantizer(torch.bfloat16))
     q, s = quantize(t, torch.bfloat16)
     assert torch.equal(got["model.layers.0.mlp.up_proj.weight"], q)
     assert torch.equal(got["model.layers.0.mlp.up_proj.weight_scale"], s)

@@ -150,7 +150,8 @@ def model_fingerprint(name: str, cfg: ModelConfig, stage_weights: str = "same") 
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created) while converting into the shared cache folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -168,7 +169,7 @@ def gguf_folder(gguf: Path) -> Path:
     out = cache_root() / "models" / f"{gguf.stem}-{key}-gguf{INDEX_VERSION}"
     if (out / GGUF_INDEX).is_file():
         return out
-    with _file_lock(cache_root() / "models" / ".convert.lock"):
+    with file_lock(cache_root() / "models" / ".convert.lock"):
         if (out / GGUF_INDEX).is_file():  # another process prepared it meanwhile
             return out
         log.info("preparing %s in %s (once: config, tokenizer, tensor index)", gguf, out)
@@ -235,11 +236,11 @@ class WeightStore:
                     if convert is None:
                         out[n] = sf.get_tensor(n).to(dtype)
                     else:
-                        out.update(_convert_rows(n, sf.get_tensor(n), convert))
+                        out.update(convert_rows(n, sf.get_tensor(n), convert))
         return out
 
 
-def _convert_rows(name: str, t: torch.Tensor, convert: Convert) -> dict[str, torch.Tensor]:
+def convert_rows(name: str, t: torch.Tensor, convert: Convert) -> dict[str, torch.Tensor]:
     """convert over blocks of t's rows, each a fresh float32 copy of at most BLOCK_BYTES (the
     tensor is never whole in float32: its freed copies would fragment the heap)."""
     if t.dim() != 2:
