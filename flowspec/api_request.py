@@ -130,7 +130,7 @@ def _common(body: Any, ctx: ModelNames) -> dict[str, Any]:
                            f"{ctx.model_id!r} (see GET /v1/models)", "model_not_found", "model")
     for k, neutral in UNSUPPORTED.items():
         v = body.get(k)
-        if not any(v == n and type(v) is not bool or v is n for n in neutral):
+        if not any(v == n and (type(v) is bool) == (type(n) is bool) for n in neutral):  # 0 is not false
             raise ApiError(400, f"{k} is not supported by FlowSpec (got {_short(v)}); leave it out"
                            + (f" or send {_short(neutral[1])}" if len(neutral) > 1 else ""), param=k)
     n = body.get("n")

@@ -2,8 +2,10 @@
 
 The official ``openai`` client (the pinned version) must get exactly the text of
 single-process greedy decoding at temperature 0, streaming or not, with the right usage
-counts; bad requests get a 4xx with a message and never take the server down; /health,
-/v1/models and /metrics have their formats; a full queue answers 429 and a dead ring 503.
+counts; /v1/completions honours stop, seed and top_p; every field FlowSpec cannot honour
+is answered 400 naming it, on both routes; bad requests get a 4xx with a message and never
+take the server down; /health, /v1/models and /metrics have their formats; a full queue
+answers 429 and a dead ring 503.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from flowspec.api_request import ApiError, parse_chat
+from flowspec.api_request import UNSUPPORTED, ApiError, parse_chat, parse_completion
 from flowspec.runtime.text import TextStream
 from ring_helpers import running_ring, tiny_tok_model, wait_log, write_topology  # noqa: F401 (fixture)
 
@@ -159,47 +161,80 @@ class _Ctx:
         return m == "default"
 
 
-@pytest.mark.parametrize("body,status,needle", [
-    ([], 400, "JSON object"),
-    ({}, 400, "messages is required"),
-    ({"messages": []}, 400, "non-empty"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
-    ({"messages": [{"role": "user", "content": 3}]}, 400, "content"),
-    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, 400, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
-    ({"messages": [{"role": "user", "content": "x"}], "stop": [""]}, 400, "stop"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n must be 1"),
-    ({"messages": [{"role": "user", "content": "x"}], "strategy": "magic"}, 400, "strategy"),
-    ({"messages": [{"role": "user", "content": "x"}], "verify": "stage"}, 400, "unknown verify 'stage'"),
-    ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}, 404, "not served"),
+@pytest.mark.parametrize("body,status,param,needle", [
+    ([], 400, None, "JSON object"),
+    ({}, 400, "messages", "messages is required"),
+    ({"messages": []}, 400, "messages", "non-empty"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages", "role"),
+    ({"messages": [{"role": "user", "content": 3}]}, 400, "messages", "content"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, 400, "max_tokens", "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400, "max_completion_tokens",
+     "max_completion_tokens: "),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature", "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": [""]}, 400, "stop", "stop"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n", "n must be 1"),
+    ({"messages": [{"role": "user", "content": "x"}], "strategy": "magic"}, 400, "strategy", "strategy"),
+    ({"messages": [{"role": "user", "content": "x"}], "verify": "stage"}, 400, "verify", "unknown verify 'stage'"),
+    ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}, 404, "model", "not served"),
 ])
-def test_parse_chat_rejects(body: Any, status: int, needle: str) -> None:
+def test_parse_chat_rejects(body: Any, status: int, param: str | None, needle: str) -> None:
     with pytest.raises(ApiError) as e:
         parse_chat(body, _Ctx())  # type: ignore[arg-type]
-    assert e.value.status == status and needle in e.value.message
+    assert (e.value.status, e.value.param) == (status, param) and needle in e.value.message, e.value.message
 
 
 X = [{"role": "user", "content": "x"}]
+# values that ask for something FlowSpec cannot do, for every field of UNSUPPORTED (a field
+# added there without values here fails test_refused_values_cover_every_unsupported_field)
+REFUSED: dict[str, list[Any]] = {
+    "tools": [[{"type": "function", "function": {"name": "f"}}]],
+    "functions": [[{"name": "f", "parameters": {"type": "object", "properties": {}}}]],
+    "tool_choice": ["auto", "required", {"type": "function", "function": {"name": "f"}}],
+    "function_call": ["auto", {"name": "f"}],
+    "parallel_tool_calls": ["yes", 1, 0, "false"],  # a flag: only true or false
+    "audio": [{"voice": "x", "format": "wav"}],
+    "prediction": [{"type": "content", "content": "x"}],
+    "modalities": [["text", "audio"], ["audio"]],
+    "response_format": [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x"}}],
+    "logit_bias": [{"50256": -100}],
+    "presence_penalty": [0.5, False],
+    "frequency_penalty": [-1, False],
+    "repetition_penalty": [1.2, True],
+    "best_of": [2, True],
+    "suffix": ["!"],
+}
+ROUTES = {"chat": lambda extra: parse_chat({"messages": X, **extra}, _Ctx()),  # type: ignore[arg-type]
+          "completions": lambda extra: parse_completion({"prompt": "x", **extra}, _Ctx())}  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("field,value", [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
-    ("response_format", {"type": "json_object"}), ("logit_bias", {"50256": -100}), ("presence_penalty", 0.5),
-    ("frequency_penalty", -1), ("frequency_penalty", False), ("modalities", ["text", "audio"]),
-    ("audio", {"voice": "x"}), ("best_of", 2), ("repetition_penalty", 1.2), ("suffix", "!"),
-])
-def test_fields_that_cannot_be_honoured_are_named_never_ignored(field: str, value: Any) -> None:
+def test_refused_values_cover_every_unsupported_field() -> None:
+    assert set(REFUSED) == set(UNSUPPORTED)
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+@pytest.mark.parametrize("field,value", [(f, v) for f in UNSUPPORTED for v in REFUSED.get(f, [])])
+def test_fields_that_cannot_be_honoured_are_named_never_ignored(route: str, field: str, value: Any) -> None:
+    """Every field FlowSpec cannot honour is answered 400 with param naming it, on both
+    routes (both refuse the same set: a completion's suffix is refused in a chat too)."""
     with pytest.raises(ApiError) as e:
-        parse_chat({"messages": X, field: value}, _Ctx())  # type: ignore[arg-type]
-    assert e.value.status == 400 and e.value.param == field
-    assert e.value.message.startswith(f"{field} is not supported by FlowSpec")
+        ROUTES[route]({field: value})
+    assert (e.value.status, e.value.param) == (400, field), e.value.message
+    assert e.value.message.startswith(f"{field} is not supported by FlowSpec"), e.value.message
 
 
-def test_neutral_values_of_unsupported_fields_pass() -> None:
-    body = {"messages": X, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
-            "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False,
-            "top_logprobs": 0, "modalities": ["text"], "parallel_tool_calls": True, "n": 1, "best_of": 1}
-    assert parse_chat(body, _Ctx()).meta == {"messages": X}  # type: ignore[arg-type]
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_neutral_values_of_unsupported_fields_pass(route: str) -> None:
+    body = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+            "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0, "modalities": ["text"],
+            "parallel_tool_calls": True, "n": 1, "best_of": 1, "repetition_penalty": 1.0, "suffix": "",
+            "functions": [], "function_call": "none", "audio": None, "prediction": None}
+    base = {"chat": {"messages": X}, "completions": {"prompt": "x", "raw": True, "max_new_tokens": 16}}[route]
+    assert ROUTES[route](body).meta == base
+    for field, neutrals in UNSUPPORTED.items():  # each neutral value alone
+        for v in neutrals:
+            assert ROUTES[route]({field: v}).meta == base, (field, v)
+    assert parse_chat({"messages": X, "logprobs": False, "top_logprobs": 0}, _Ctx()).meta == {  # type: ignore[arg-type]
+        "messages": X}
 
 
 def test_parse_chat_maps_openai_fields() -> None:
@@ -594,6 +629,55 @@ def test_completion_requests_are_checked(api_ring: dict[str, Any]) -> None:
     assert status == 400 and got["error"]["param"] == "top_logprobs"  # type: ignore[index]
     status, got = call("POST", ep, {"prompt": "x", "model": "gpt-3.5-turbo-instruct"})
     assert status == 404 and "'gpt-3.5-turbo-instruct' is not served" in got["error"]["message"]  # type: ignore[index]
+
+
+def test_completion_stop_ends_the_text_right_before_it(api_ring: dict[str, Any]) -> None:
+    """A stop string that occurs in the greedy answer: the answer is the unstopped one cut
+    right before its first occurrence (the earliest of several stop strings), finish_reason
+    "stop", the decoding ended there; streamed, the same text and never the stop string."""
+    client = openai_client(api_ring["url"])
+    args = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
+    whole = client.completions.create(**args)
+    full = whole.choices[0].text
+    # two stop strings from the answer's middle and end (no partial character in them)
+    k = next(i for i in range(len(full) // 3, len(full)) if "\ufffd" not in full[i:i + 3] and full[i:i + 3].strip())
+    early, late = full[k:k + 3], full[-4:]
+    cut = full.find(early)
+    assert 0 < cut <= k and full.find(late) > cut, (full, early, late)
+    r = client.completions.create(**args, stop=["never in it \x00", late, early])
+    choice = r.choices[0]
+    assert choice.text == full[:cut] and choice.finish_reason == "stop", (full, early, choice.text)
+    assert early not in choice.text
+    assert r.usage.completion_tokens < whole.usage.completion_tokens  # the ring stopped, not only the text
+    chunks = list(client.completions.create(**args, stop=early, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full[:cut]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
+    # a stop string that never occurs changes nothing
+    r2 = client.completions.create(**args, stop="never in it \x00")
+    assert (r2.choices[0].text, r2.choices[0].finish_reason) == (full, whole.choices[0].finish_reason)
+
+
+def test_completion_sampling_is_reproducible_with_a_seed(api_ring: dict[str, Any]) -> None:
+    """temperature 0.8, top_p 0.9: the same seed gives the same text, streamed or not; other
+    seeds give other texts (the seed is used, the answer is sampled, not greedy)."""
+    client = openai_client(api_ring["url"])
+    args = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": MAX_TOKENS}
+
+    def sample(seed: int, stream: bool = False, **more: Any) -> str:
+        kw = {**args, "temperature": 0.8, "top_p": 0.9, "seed": seed, **more}
+        if stream:
+            return "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True))
+        return client.completions.create(**kw).choices[0].text
+
+    first = sample(7)
+    assert sample(7) == first
+    assert sample(7, stream=True) == first
+    greedy = client.completions.create(**args, temperature=0).choices[0].text
+    others = {sample(seed) for seed in (8, 9, 10)}
+    assert others - {first}, (first, others)
+    assert ({first} | others) - {greedy}, greedy
+    # a nucleus of one token is greedy decoding, whatever the temperature and seed
+    assert sample(7, top_p=1e-9) == greedy
 
 
 def _http(method: str, url: str, headers: dict[str, str]) -> tuple[int, Any]:

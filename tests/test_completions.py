@@ -66,6 +66,11 @@ def test_parse_completion_maps_openai_fields() -> None:
     ({"prompt": "x", "presence_penalty": 1}, 400, "presence_penalty", "not supported"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model", "not served"),
     ({"prompt": "x", "temperature": 3}, 400, "temperature", "[0, 2]"),
+    ({"prompt": "x", "n": 2}, 400, "n", "n must be 1"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p", "(0, 1]"),
+    ({"prompt": "x", "seed": "7"}, 400, "seed", "seed: must be an integer"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "up to 4 non-empty strings"),
+    ({"prompt": "x", "stop": [""]}, 400, "stop", "non-empty strings"),
 ])
 def test_parse_completion_rejects(body: dict[str, Any], status: int, param: str, needle: str) -> None:
     with pytest.raises(ApiError) as e:
