@@ -407,6 +407,32 @@ def test_long_prompt_prefilled_in_chunks(env, strategy, kind) -> None:
     assert res["stats"]["segments_sent"] >= 5  # 300 tokens in chunks of 64
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("share", [1, 2])
+def test_a_request_sharing_the_ring_sends_its_prompt_a_few_chunks_at_a_time(env, strategy, share) -> None:
+    """With `share` of its tree's 4 segments in flight (other requests fill the ring), a
+    request sends its prompt `share` chunks at a time, the next as one comes back, then the
+    first speculative segments after the last: exactly plain greedy decoding's tokens, the
+    caches as alone."""
+    prompt = long_prompt()  # 300 tokens: 5 chunks of 64
+    n = 20
+    pipe = env.pipe("mistral", 3)
+    spec = Speculator(strategy, pipe.head, env.drafter("lookup", "mistral", prompt, n), prompt, n, (),
+                      SamplingParams(), TreeParams(depth=3, top_k=3, total=24, segment=4, expand=8, in_flight=4),
+                      prefill_chunk=64)
+    spec.limit_in_flight(share)
+    first = spec.start()
+    assert [len(s.segment.node_ids) for s in first] == [64] * share  # the window, no speculation yet
+    assert spec.think() == []  # nothing drafted while the prompt goes out
+    spec2 = Speculator(strategy, pipe.head, env.drafter("lookup", "mistral", prompt, n), prompt, n, (),
+                       SamplingParams(), spec.p, prefill_chunk=64)
+    spec2.limit_in_flight(share)
+    res = run_local(spec2, pipe)
+    assert res["token_ids"] == env.greedy("mistral", prompt, n, chunk=64)
+    check_stats(res, strategy, len(prompt), 64)
+    check_caches(spec2, pipe)
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 299, 300, 301])
 def test_prefill_chunk_edges(env, chunk) -> None:
     prompt = long_prompt()

@@ -22,6 +22,7 @@ what a segment carries, when to verify) are its schedule in ``schedules.py``.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, TypeVar
 
@@ -124,13 +125,22 @@ class Speculator:
         self._prompt_ids: set[int] = set()
         self._max_in_flight = self.schedule.max_in_flight(tree)
         self.share = self._max_in_flight  # this request's share of the ring (see limit_in_flight)
+        # prompt chunks in the ring at once while the prompt goes out; None = all at once (alone)
+        self._prefill_window: int | None = None
+        self._prefill_left: deque[Segment] = deque()  # prompt chunks not sent yet
+        self._prefilling = False  # the prompt's last chunk (with the root) is not sent yet
         self.drafter.begin(self.prompt)
 
     def limit_in_flight(self, n: int) -> None:
         """At most n of this request's segments in the ring at once (its share when other
         requests fill the ring too); the tree's own in_flight stays the upper bound. The
-        output does not depend on it: only how far ahead the request speculates."""
+        output does not depend on it: only how far ahead the request speculates.
+
+        A request that shares the ring (n below its tree's in_flight) also sends its prompt
+        n chunks at a time, the next as one comes back, so that a long prefill does not
+        hold back the segments of the others; alone, it sends every chunk at once."""
         self.share = max(1, min(n, self._max_in_flight))
+        self._prefill_window = max(1, n) if n < self.p.in_flight else None
 
     # ----------------------------------------------------------------- driver API
     def start(self) -> list[Send]:
@@ -141,16 +151,27 @@ class Speculator:
         self._chain_tokens = list(self.prompt)
         self._prompt_ids = set(ids[:-1])
         self._to_commit = list(ids)
-        sends = []
         for a in range(0, len(ids), self.prefill_chunk):
             chunk = ids[a : a + self.prefill_chunk]
-            seg = Segment(chunk, [i - 1 if i > ids[0] else -1 for i in chunk], list(range(a, a + len(chunk))),
-                          tokens=torch.tensor(self.prompt[a : a + len(chunk)]),
-                          score_from=len(chunk) - 1 if a + len(chunk) == len(ids) else None)  # the root's row
-            sends.append(self._send(seg))
+            self._prefill_left.append(
+                Segment(chunk, [i - 1 if i > ids[0] else -1 for i in chunk], list(range(a, a + len(chunk))),
+                        tokens=torch.tensor(self.prompt[a : a + len(chunk)]),
+                        score_from=len(chunk) - 1 if a + len(chunk) == len(ids) else None))  # the root's row
+        self._prefilling = True
+        return self._alone(self._prefill_steps())
+
+    def _prefill_steps(self) -> Steps[list[Send]]:
+        """The prompt's next chunks, as many as the prefill window allows; once the last one
+        (with the root) is out, the first speculative segments follow it."""
+        sends = []
+        while self._prefill_left and (self._prefill_window is None or self.in_flight < self._prefill_window):
+            sends.append(self._send(self._prefill_left.popleft()))
+        if self._prefill_left:
+            return sends
+        self._prefilling = False
         self.tree[self.tree.root].sent = True
-        self._alone(self._plan())
-        return sends + self._alone(self._fill())
+        yield from self._plan()
+        return sends + (yield from self._fill())
 
     def on_result(self, node_ids: Sequence[int], hidden: torch.Tensor,
                   targets: Sequence[int] | None = None) -> list[Send]:
@@ -222,6 +243,8 @@ class Speculator:
             self.stats.verifications += 1
         if self.done:
             return []
+        if self._prefilling:  # a prompt chunk came back: the next goes out
+            return (yield from self._prefill_steps())
         yield from self.schedule.returned(self)
         if self.schedule.sends_first:
             return (yield from self._fill(plan=False))
@@ -239,7 +262,7 @@ class Speculator:
         driver may advance several requests' expansions level by level and serve all their
         calls in shared drafter passes (speculative/drafting.py); the tree grows exactly as it does
         alone. Nothing else may touch this request until the generator has returned."""
-        if self.done or not self.schedule.sends_first:
+        if self.done or not self.schedule.sends_first or self._prefilling:
             return []
         yield from self._plan()
         return (yield from self._fill())
