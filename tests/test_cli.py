@@ -108,6 +108,33 @@ def test_check_sizes_are_what_the_stages_load(tiny_qwen2: Path, tmp_path: Path, 
     assert ("lm_head" in plans[-1].holds) == (verify == "last_stage")
 
 
+def test_check_reports_every_bad_field_of_a_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Fields read by their declared rule are all checked, several in one section too."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("""
+cluster: ring
+model: {target: default, max_context: 0, dtype: float8}
+nodes:
+  - {name: source, host: 127.0.0.1, port: 7700, role: source}
+  - {name: stage1, host: 127.0.0.1, port: 7701, role: stage, layers: auto}
+api: {port: 70000, queue_size: 0}
+decoding: {prefill_chunk: 0, max_active: 100}
+security: {heartbeat_s: -1, max_frame_mb: 0}
+""")
+    assert main(["check", str(bad)]) == 2
+    out, err = capsys.readouterr()
+    expected = ["model.dtype: unknown dtype 'float8'", "model.max_context: must be an integer >= 64, not 0",
+                "api.port: must be an integer from 1 to 65535, not 70000",
+                "api.queue_size: must be an integer >= 1, not 0", "decoding.prefill_chunk: must be an integer >= 1",
+                "decoding.max_active: must be an integer from 1 to 64, not 100",
+                "security.heartbeat_s: must be a number > 0, not -1", "security.max_frame_mb: must be a number > 0"]
+    lines = err.splitlines()
+    assert len(lines) == len(expected), err
+    for want, line in zip(expected, lines):
+        assert line.startswith(f"flowspec: error: {bad}: {want}"), (want, line)
+    assert out == "" and "Traceback" not in err
+
+
 def test_check_reports_every_problem_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("""

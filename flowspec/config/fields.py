@@ -85,16 +85,24 @@ class _Fields:
               default: Any = dataclasses.MISSING) -> Any:
         """Field `name` of the dataclass `cls` from the section `d` found at `path` (the key is
         the field's name): the value given, else `default`, else the field's own default,
-        checked by the rule declared on the field."""
+        checked by the rule declared on the field. A value the rule refuses is recorded as a
+        problem and the default stands in for it, so that the section's other fields are
+        checked too (the file is refused once every section has been read)."""
+        if default is dataclasses.MISSING:
+            default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
         if name in d:
             v = d[name]
         elif default is not dataclasses.MISSING:
             v = default
         else:
-            v = next(f.default for f in dataclasses.fields(cls) if f.name == name)
-            if v is dataclasses.MISSING:
-                raise self.error(_join(path, name), "missing")
-        return self.ruled(cls, name, v, _join(path, name))
+            raise self.error(_join(path, name), "missing")
+        try:
+            return self.ruled(cls, name, v, _join(path, name))
+        except TopologyError as e:
+            if default is dataclasses.MISSING:
+                raise
+            self.problems.append(e)
+            return default
 
     def string(self, v: Any, path: str, allowed: str, pattern: re.Pattern[str] | None = None) -> str:
         if not isinstance(v, str) or not v.strip() or (pattern is not None and not pattern.match(v)):

@@ -5,7 +5,9 @@
 (``nodes[2].layers``) and what is allowed. It reports every problem at once
 (:class:`~flowspec.errors.TopologyErrors`, one line each): every section, every node and
 every field of a node is checked even after an earlier one failed, and every unknown key
-is named; within one of the other sections the first bad value ends that section. The
+is named; in the other sections every field read by its declared rule
+(:meth:`~flowspec.config.fields._Fields.field`) is checked, while a field checked by hand
+(a name, an address, a key file) or across fields ends its section at the first problem. The
 layer ranges are checked as far as possible without the model (see
 :mod:`flowspec.layer_plan`), once the rest of the file is valid.
 """
