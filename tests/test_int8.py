@@ -172,10 +172,10 @@ def test_stage_weights_setting_parses_round_trips_and_rejects_bad_values() -> No
     assert topo.model.stage_weights == "int8"
     assert Topology.from_dict(copy.deepcopy(topo.to_dict())).model.stage_weights == "int8"
     assert topo.with_overrides(stage_weights="same").model.stage_weights == "same"
-    for bad in ("int4", 8, None, "INT8"):
+    for bad, said in (("int4", "'int4'"), (8, "8"), (None, "null"), ("INT8", "'INT8'")):  # as YAML says null
         with pytest.raises(TopologyError) as ei:
             Topology.from_dict(topology(stage_weights=bad))
-        assert f"model.stage_weights: unknown stage weights {bad!r}" in str(ei.value)
+        assert f"model.stage_weights: unknown stage weights {said}" in str(ei.value)
         assert "allowed: same, int8" in str(ei.value)
     with pytest.raises(ModelError, match="unknown stage weights 'int4'; use one of same, int8"):
         Stage.load("/nonexistent", 0, 1, stage_weights="int4")
