@@ -92,15 +92,14 @@ def test_parse_chat_logprobs() -> None:
         assert e.value.status == 400 and e.value.param == param, body
 
 
-def test_logprobs_are_refused_where_the_source_has_no_logits(default_model_dir: Path) -> None:
+def test_logprobs_are_checked_wherever_the_tokens_are_chosen(default_model_dir: Path) -> None:
     from flowspec.model.tokenizer import Tokenizer
     from flowspec.runtime.requests import check_request
 
     topo = Topology.from_dict(_topo({"decoding": {"verify": "last_stage"}}))
     tok = Tokenizer(default_model_dir)
-    with pytest.raises(RequestError) as e:
-        check_request(topo, tok, 49152, {"prompt": "x", "raw": True, "logprobs": 0})
-    assert e.value.param == "logprobs" and "last stage" in str(e.value) and '"verify": "source"' in str(e.value)
+    # the last stage returns the logprobs with the tokens it chooses (test_last_stage.py)
+    assert check_request(topo, tok, 49152, {"prompt": "x", "raw": True, "logprobs": 0}).request.logprobs == 0
     assert check_request(topo, tok, 49152, {"prompt": "x", "logprobs": 3, "verify": "source"}).logprobs == 3
     with pytest.raises(RequestError, match="logprobs: must be an integer from 0 to 20"):
         check_request(topo, tok, 49152, {"prompt": "x", "logprobs": 21, "verify": "source"})
@@ -196,6 +195,36 @@ def test_api_settings() -> None:
 
 
 # ------------------------------------------------------------------ recorded logprobs
+@pytest.mark.parametrize("strategy", ["autoregressive", "chunked", "pipedec", "flowspec"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_logprobs_chosen_at_the_last_stage_equal_the_sources(tiny_llama: Path, strategy: str,
+                                                             temperature: float) -> None:
+    """With decoding.verify: last_stage the stage that chooses a token also returns its
+    logprob and the top alternatives; they equal what the source computes (float32)."""
+    from flowspec.model.pipeline import LocalPipeline
+    from flowspec.speculative.local_ring import run_local
+    from flowspec.speculative.sampling import SamplingParams
+    from flowspec.speculative.strategies import Speculator, TreeParams
+
+    pipe = LocalPipeline.load(tiny_llama, 2, dtype="float32", max_context=256)
+    prompt, n = [1, 17, 90, 33, 5, 200, 41], 24
+    tree = TreeParams(depth=3, top_k=3, total=16, segment=4, expand=8, in_flight=2)
+
+    def decode(verify: str) -> Speculator:
+        spec = Speculator(strategy, pipe.head, RandomDrafter(vocab=256, seed=3, from_context=0.5), prompt, n,
+                          sampling=SamplingParams(temperature=temperature, seed=5), tree=tree, logprobs=3)
+        run_local(spec, pipe, verify)
+        return spec
+
+    here, there = decode("source"), decode("last_stage")
+    assert there.output == here.output and there.stats.chosen_at_last_stage > 0
+    assert [e.token for e in there.token_logprobs] == there.output
+    for a, b in zip(here.token_logprobs, there.token_logprobs):
+        assert b.logprob == pytest.approx(a.logprob, abs=1e-5)
+        assert [t for t, _ in b.top] == [t for t, _ in a.top]
+        assert [v for _, v in b.top] == pytest.approx([v for _, v in a.top], abs=1e-5)
+
+
 @pytest.mark.parametrize("strategy,temperature", [("flowspec", 0.0), ("flowspec", 0.9), ("chunked", 0.7)])
 def test_speculator_records_the_targets_logprobs(tiny_llama: Path, tiny_hf_model: Callable[[str], Any],
                                                  strategy: str, temperature: float) -> None:

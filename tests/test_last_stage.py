@@ -61,6 +61,22 @@ def test_sampling_equals_verifying_at_the_source(ring_last: Any) -> None:
     assert len(texts) >= 3  # the seeds really sample
 
 
+def test_logprobs_come_back_with_the_chosen_tokens(ring_last: Any) -> None:
+    """A request that asks for logprobs on a ring that verifies at the last stage gets the
+    target's logprobs from the stage that chose each token: equal to the source's own."""
+    topo, ring = ring_last
+    for strategy in ("autoregressive", "flowspec"):
+        req = {"prompt_ids": TINY_PROMPTS[0], "max_new_tokens": 16, "strategy": strategy, "logprobs": 2}
+        here = generate(topo, ring.key, dict(req, verify="source"))
+        there = generate(topo, ring.key, req)
+        assert there["stats"]["chosen_at_last_stage"] > 0 and there["token_ids"] == here["token_ids"]
+        assert [e["token"] for e in there["logprobs"]] == there["token_ids"]
+        assert [e["logprob"] for e in there["logprobs"]] == pytest.approx([e["logprob"] for e in here["logprobs"]],
+                                                                          abs=1e-5)
+        assert [[t for t, _ in e["top"]] for e in there["logprobs"]] == [[t for t, _ in e["top"]]
+                                                                         for e in here["logprobs"]]
+
+
 def test_the_last_stage_holds_the_lm_head_and_fewer_layers(ring_last: Any) -> None:
     topo, ring = ring_last
     status = formed(topo, ring.key, 30)

@@ -234,6 +234,28 @@ def test_segment_with_tokens_and_wrong_sizes() -> None:
             SegmentMsg.from_frame(Frame(FrameType.SEGMENT, 1, 1, meta, good.payload))
 
 
+def test_segment_scores_targets_and_logprobs_round_trip_and_are_checked() -> None:
+    """verify: last_stage: the score asks for logprobs ("lp"), the answer carries the chosen
+    tokens and their logprobs; malformed ones are ProtocolErrors, never decoded."""
+    score = {"from": 0, "t": 0.0, "p": 1.0, "k": 0, "s": 3, "lp": 2}
+    back = SegmentMsg([1, 2], [0, 1], [1, 2], hidden=torch.zeros(2, 4), score=None, targets=[7, -1],
+                      logprobs=[[-0.5, [[7, -0.5], [9, -1.25]]], None])
+    got = SegmentMsg.from_frame(decode_frame(back.to_frame(1, 1).encode()))
+    assert got.targets == [7, -1] and got.logprobs == [[-0.5, [[7, -0.5], [9, -1.25]]], None]
+    out = SegmentMsg([1, 2], [0, 1], [1, 2], tokens=torch.tensor([5, 6]), score=score)
+    assert SegmentMsg.from_frame(decode_frame(out.to_frame(1, 1).encode())).score == score
+    good = back.to_frame(1, 1)
+    for meta in (dict(good.meta, logprobs=[None]), dict(good.meta, logprobs=[["x", []], None]),
+                 dict(good.meta, logprobs=[[-0.5, [[7]]], None]), dict(good.meta, logprobs=[[-0.5, [[-7, 0.0]]], None]),
+                 dict(good.meta, logprobs=[[-0.5, [[7, 0.0]] * 21], None]), dict(good.meta, logprobs={})):
+        with pytest.raises(ProtocolError):
+            SegmentMsg.from_frame(Frame(FrameType.SEGMENT, 1, 1, meta, good.payload))
+    for bad in (dict(score, lp=21), dict(score, lp=-1), dict(score, lp="2"), dict(score, x=1)):
+        f = out.to_frame(1, 1)
+        with pytest.raises(ProtocolError):
+            SegmentMsg.from_frame(Frame(FrameType.SEGMENT, 1, 1, dict(f.meta, score=bad), f.payload))
+
+
 def test_header_checks() -> None:
     # 3 since the RING frame (spares): a node of version 2 would take it for an unexpected frame, so it
     # is refused at its first frame instead, with "protocol version 2, this node speaks 3" (test_ring.py)

@@ -16,7 +16,7 @@ from flowspec.config import Topology, TopologyError
 from flowspec.errors import RequestError
 from flowspec.speculative.bounds import FieldError, Integer, rule_of
 from flowspec.speculative.params import SEED_MAX, SamplingParams, TreeParams
-from flowspec.speculative.request import DecodeRequest, check_decode, check_field, check_together
+from flowspec.speculative.request import DecodeRequest, check_decode, check_field
 
 MSGS = [{"role": "user", "content": "x"}]
 
@@ -162,10 +162,8 @@ def test_check_decode_reads_defaults_nulls_caps_and_the_tree() -> None:
         with pytest.raises(FieldError) as e:
             check_decode(data)
         assert e.value.field == field and e.value.reason.startswith(start), (data, str(e.value))
-    together = check_decode({"logprobs": 0}, base)  # verify: last_stage from the defaults
-    with pytest.raises(FieldError, match="^logprobs: need the target's logits at the source"):
-        check_together(together)
-    check_together(dataclasses.replace(together, verify="source"))
+    together = check_decode({"logprobs": 0}, base)  # verify: last_stage from the defaults: the last stage
+    assert together.logprobs == 0 and together.verify == "last_stage"  # returns the logprobs with the tokens
     assert check_field("temperature", 2) == 2.0
     assert Integer(1, 9).capped(20, "x") == Integer(1, 9)  # a cap above the bound changes nothing
 

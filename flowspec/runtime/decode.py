@@ -129,7 +129,7 @@ class Decoding:
         trace: dict[str, Any] | None = {"t0": wall0, "segments": [], "source": []} if req.trace else None
         emitted = 0
 
-        def step(results: list[tuple[list[int], torch.Tensor, list[int] | None]],
+        def step(results: list[tuple[list[int], torch.Tensor, list[int] | None, list[Any] | None]],
                  scored: dict[int, torch.Tensor]
                  ) -> Steps[tuple[list[Send], list[int], str, list[TokenLogprob] | None]]:
             """In the compute thread: verify the returned segments in order and send what is
@@ -137,8 +137,8 @@ class Decoding:
             what it drafts is served with the other requests' (SharedHead)."""
             self._apply_share()
             sends: list[Send] = []
-            for ids, hidden, targets in results:
-                sends += yield from spec.respond_steps(ids, hidden, scored, targets)
+            for ids, hidden, targets, lps in results:
+                sends += yield from spec.respond_steps(ids, hidden, scored, targets, lps)
             new = spec.output[emitted:]
             lps = spec.token_logprobs[emitted:] if req.logprobs is not None else None
             return sends, new, text.push(new) if new else "", lps
@@ -159,7 +159,7 @@ class Decoding:
                 items = [(got_rid, item)]
                 while not self.results.empty():  # every result that came back while the source was busy
                     items.append(self.results.get_nowait())
-                results: list[tuple[list[int], torch.Tensor, list[int] | None]] = []
+                results: list[tuple[list[int], torch.Tensor, list[int] | None, list[Any] | None]] = []
                 failed: str | None = None  # the ring broke after these results came back
                 for got_rid, item in items:
                     if got_rid == RING_FAILED:
@@ -173,7 +173,7 @@ class Decoding:
                                     "lacks decoding.verify: last_stage?); the source verifies them", ctx.name,
                                     self.rid)
                     results.append((msg.node_ids, msg.hidden if msg.hidden is not None else torch.empty(0),
-                                    msg.targets))
+                                    msg.targets, msg.logprobs))
                     if trace is not None and len(trace["segments"]) < TRACE_MAX_SEGMENTS:
                         trace["segments"].append({"t_sent": msg.t_sent, "t_back": t_back,
                                                   "rows": len(msg.node_ids), "hops": msg.hops})
@@ -264,7 +264,10 @@ class Decoding:
         if self.req.verify != "last_stage" or first is None:
             return None
         sp = self.req.sampling
-        return {"from": first, "t": sp.temperature, "p": sp.top_p, "k": sp.top_k, "s": sp.seed}
+        score: dict[str, Any] = {"from": first, "t": sp.temperature, "p": sp.top_p, "k": sp.top_k, "s": sp.seed}
+        if self.req.logprobs is not None:  # the last stage returns each chosen token's logprob too
+            score["lp"] = self.req.logprobs
+        return score
 
     def free(self) -> None:
         """Tell every stage that this request's caches can go (best effort: a lost link frees them anyway)."""

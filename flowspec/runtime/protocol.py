@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import FlowSpecError
+from ..speculative.params import MAX_TOP_LOGPROBS
 
 MAGIC = b"FS"
 # 2: every frame after the handshake is sealed (seal.py); 3: the RING frame and ring plans in HELLO,
@@ -179,9 +180,12 @@ class SegmentMsg:
     hops: list[list[Any]] = field(default_factory=list)  # per-stage timing records
     t_sent: float = 0.0  # when the source sent it (source clock)
     # the last stage chooses the target's token after rows[from:] (decoding.verify:
-    # last_stage): {"from": row, "t": temperature, "p": top_p, "k": top_k, "s": seed}
+    # last_stage): {"from": row, "t": temperature, "p": top_p, "k": top_k, "s": seed}, and
+    # "lp": n when the request wants each chosen token's logprob with n alternatives
     score: dict[str, Any] | None = None
     targets: list[int] | None = None  # on the way back: the token after each row, -1 = not chosen
+    # on the way back, with "lp": per row None or [logprob, [[token, logprob], ...]] of the chosen token
+    logprobs: list[Any] | None = None
 
     def to_frame(self, request_id: int, seq: int) -> Frame:
         n = len(self.node_ids)
@@ -196,6 +200,10 @@ class SegmentMsg:
             if len(self.targets) != n:
                 raise ProtocolError("segment: one target token per row")
             meta["targets"] = self.targets
+        if self.logprobs is not None:
+            if len(self.logprobs) != n:
+                raise ProtocolError("segment: one logprob entry per row")
+            meta["logprobs"] = self.logprobs
         body = ids_bytes(self.node_ids, self.parent_ids, self.positions)
         if t is not None:
             t = t.to(torch.int64) if self.tokens is not None else t
@@ -222,7 +230,7 @@ class SegmentMsg:
         if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not -1e18 < t0 < 1e18:
             raise ProtocolError("segment: bad send time")
         msg = cls(ids, parents, positions, hops=hops, t_sent=float(t0), score=_score(m.get("score"), n),
-                  targets=_targets(m.get("targets"), n))
+                  targets=_targets(m.get("targets"), n), logprobs=_row_logprobs(m.get("logprobs"), n))
         if "dtype" in m:
             t = tensor_from(rest, m["dtype"], m.get("shape"))
             if t.dim() == 0 or t.shape[0] != n:
@@ -250,12 +258,32 @@ def _score(v: Any, n: int) -> dict[str, Any] | None:
     """A segment's scoring request, checked (see SegmentMsg.score)."""
     if v is None:
         return None
-    ok = (isinstance(v, dict) and set(v) == {"from", "t", "p", "k", "s"} and _int(v["from"], 0, max(n - 1, 0))
+    ok = (isinstance(v, dict) and set(v) - {"lp"} == {"from", "t", "p", "k", "s"}
+          and _int(v.get("lp", 0), 0, MAX_TOP_LOGPROBS) and _int(v["from"], 0, max(n - 1, 0))
           and all(isinstance(v[x], (int, float)) and not isinstance(v[x], bool) and math.isfinite(v[x])
                   for x in ("t", "p")) and 0 <= v["t"] <= 1e6 and 0 < v["p"] <= 1
           and _int(v["k"], 0, 1 << 31) and _int(v["s"], -(1 << 63), (1 << 63) - 1))
     if not ok:
         raise ProtocolError(f"segment: bad scoring request {str(v)[:120]}")
+    return v
+
+
+def _row_logprobs(v: Any, n: int) -> list[Any] | None:
+    """The chosen tokens' logprobs of a returned segment, checked (see SegmentMsg.logprobs)."""
+    if v is None:
+        return None
+
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    def entry(e: Any) -> bool:
+        return e is None or (isinstance(e, list) and len(e) == 2 and number(e[0]) and isinstance(e[1], list)
+                             and len(e[1]) <= MAX_TOP_LOGPROBS and all(
+                                 isinstance(t, list) and len(t) == 2 and _int(t[0], 0, 1 << 31) and number(t[1])
+                                 for t in e[1]))
+
+    if not isinstance(v, list) or len(v) != n or not all(entry(e) for e in v):
+        raise ProtocolError("segment: logprobs must be null or [logprob, [[token, logprob], ...]] per row")
     return v
 
 

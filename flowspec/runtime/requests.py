@@ -22,7 +22,7 @@ from ..errors import RequestError
 from ..model.tokenizer import Tokenizer
 from ..speculative.bounds import FieldError, text_problem
 from ..speculative.params import SamplingParams, TreeParams
-from ..speculative.request import DecodeRequest, check_decode, check_together
+from ..speculative.request import DecodeRequest, check_decode
 from ..speculative.schedules import SCHEDULES
 
 __all__ = ["GenRequest", "Plan", "ROLES", "check_request", "finish_request", "text_problem"]
@@ -114,7 +114,6 @@ def check_request(topo: Topology, tok: Tokenizer, vocab: int, meta: dict[str, An
             raise RequestError("verify: last_stage needs decoding.verify: last_stage in the topology (then the "
                                "last stage loads the lm_head); restart the ring with it, or verify at the source",
                                "verify")
-        check_together(req)
     except FieldError as e:
         raise RequestError(str(e), e.field.split("[")[0]) from None
     sampling = req.sampling(int.from_bytes(os.urandom(4), "little"))

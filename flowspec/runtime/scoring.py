@@ -32,8 +32,9 @@ from ..speculative.drafting import DraftingStats, Expansion, step
 from ..speculative.strategies import Speculator
 
 T = TypeVar("T")
-# (node ids, final hidden states, tokens the last stage chose or None) of one returned segment
-Result = tuple[Sequence[int], torch.Tensor, Sequence[int] | None]
+# (node ids, final hidden states, tokens the last stage chose or None[, their logprobs]) of one
+# returned segment
+Result = tuple[Any, ...]
 
 
 @dataclass
@@ -118,7 +119,7 @@ class SharedHead:
         owners: list[tuple[int, list[int]]] = []  # (job index, node ids) per scored part
         parts: list[torch.Tensor] = []
         for j, job in enumerate(jobs):
-            for ids, hidden, targets in job.results:
+            for ids, hidden, targets, *_ in job.results:
                 rows = job.spec.rows_to_score(ids, targets)
                 if rows:
                     parts.append(hidden[rows])

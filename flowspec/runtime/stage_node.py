@@ -15,6 +15,7 @@ from ..config import Topology
 from ..errors import FlowSpecError, ModelError
 from ..model.kvcache import CachePool
 from ..model.stage import LMHead, Segment, Stage
+from ..speculative.logprobs import token_logprob, wire
 from ..speculative.sampling import SamplingParams
 from ..speculative.verify import target_tokens
 from .protocol import Frame, FrameType, ProtocolError, SegmentMsg, UpdateMsg
@@ -205,21 +206,21 @@ class StageNode:
 
         msgs = [batch[i][1] for i in runnable]
 
-        def compute() -> tuple[list[Any], list[list[int] | None], float, float]:
+        def compute() -> tuple[list[Any], list[list[int] | None], list[list[Any] | None], float, float]:
             t0 = time.time()
             outs = self.stage.forward_many(items)
-            chosen = self._choose(msgs, outs) if self.head is not None else [None] * len(outs)
-            return outs, chosen, t0, time.time()
+            chosen, lps = self._choose(msgs, outs) if self.head is not None else ([None] * len(outs),) * 2
+            return outs, chosen, lps, t0, time.time()
 
         try:
-            outs, chosen, t_start, t_end = await loop.run_in_executor(self._pool, compute)
+            outs, chosen, chosen_lps, t_start, t_end = await loop.run_in_executor(self._pool, compute)
         except (RuntimeError, ValueError, IndexError, TypeError) as e:  # well-formed frames, unusable data
             log.warning("%s: %d segment(s) could not be computed: %s", self.name, len(items), e)
             for i in runnable:
                 await self._report(f"segment failed on {self.name!r}: its data does not fit this stage ({e})",
                                    batch[i][0].request_id)
             return
-        for i, out, targets in zip(runnable, outs, chosen):
+        for i, out, targets, lps in zip(runnable, outs, chosen, chosen_lps):
             f, msg, t_recv = batch[i]
             if isinstance(out, FlowSpecError):
                 log.warning("%s: segment %d could not be computed (request %d): %s", self.name, f.seq,
@@ -231,12 +232,14 @@ class StageNode:
             out_bytes = 24 * len(out.node_ids) + h.numel() * h.element_size()
             hops = msg.hops + [[self.name, t_recv, t_start, t_end, time.time(), len(f.payload), out_bytes]]
             res = SegmentMsg(out.node_ids, out.parent_ids, out.positions, hidden=h, hops=hops, t_sent=msg.t_sent,
-                             score=msg.score if targets is None else None, targets=targets)
+                             score=msg.score if targets is None else None, targets=targets, logprobs=lps)
             await self._forward(res.to_frame(f.request_id, f.seq))
 
-    def _choose(self, msgs: list[SegmentMsg], outs: list[Any]) -> list[list[int] | None]:
+    def _choose(self, msgs: list[SegmentMsg], outs: list[Any]
+                ) -> tuple[list[list[int] | None], list[list[Any] | None]]:
         """In the compute thread, at the last stage: the target's token after each row a
-        segment asks for (its ``score``), all segments of the pass in one lm_head pass."""
+        segment asks for (its ``score``), all segments of the pass in one lm_head pass; and
+        where the score asks ("lp"), each chosen token's logprob (speculative/logprobs.py)."""
         assert self.head is not None
         parts: list[tuple[int, list[int]]] = []  # (segment index, rows)
         for j, (msg, out) in enumerate(zip(msgs, outs)):
@@ -247,11 +250,14 @@ class StageNode:
             if rows:
                 parts.append((j, rows))
         chosen: list[list[int] | None] = [None] * len(outs)
+        lps: list[list[Any] | None] = [None] * len(outs)
         for j, _ in enumerate(msgs):
             if msgs[j].score is not None and not isinstance(outs[j], FlowSpecError):
                 chosen[j] = [-1] * len(outs[j].node_ids)
+                if "lp" in msgs[j].score:  # type: ignore[operator]
+                    lps[j] = [None] * len(outs[j].node_ids)
         if not parts:
-            return chosen
+            return chosen, lps
         logits = self.head(torch.cat([outs[j].hidden[rows] for j, rows in parts]))
         a = 0
         for j, rows in parts:
@@ -260,12 +266,14 @@ class StageNode:
             params = SamplingParams(float(sc["t"]), float(sc["p"]), int(sc["k"]), int(sc["s"]))
             out = outs[j]
             toks = target_tokens(logits[a : a + len(rows)], [out.positions[r] for r in rows], params)
-            a += len(rows)
-            row_targets = chosen[j]
+            row_targets, row_lps = chosen[j], lps[j]
             assert row_targets is not None
-            for r, t in zip(rows, toks):
+            for k, (r, t) in enumerate(zip(rows, toks)):
                 row_targets[r] = t
-        return chosen
+                if row_lps is not None:
+                    row_lps[r] = wire(token_logprob(logits[a + k], t, int(sc["lp"])))
+            a += len(rows)
+        return chosen, lps
 
     async def _bench(self, sizes: list[int], reps: int, context: int) -> list[list[float]]:
         """Profiler: time segments of each size in the compute thread (the KV cache is reset)."""

@@ -34,20 +34,21 @@ def run_local(spec: Speculator, pipe: LocalPipeline, verify: str = "source") -> 
             if s.segment is not None:
                 seg = s.segment
                 out = pipe.run_stages(seg)
-                targets = None
+                targets = lps = None
                 if verify == "last_stage":
                     want = set(seg.node_ids[seg.score_from:]) if seg.score_from is not None else set()
                     rows = [i for i, n in enumerate(out.node_ids) if n in want]
-                    targets = choose_rows(pipe.head, out.hidden, out.positions, rows, spec.sampling)
-                results.append((out.node_ids, out.hidden, targets))
+                    targets, lps = choose_rows(pipe.head, out.hidden, out.positions, rows, spec.sampling,
+                                               spec.logprobs)
+                results.append((out.node_ids, out.hidden, targets, lps))
 
     t0 = time.perf_counter()
     deliver(spec.start())
     while not spec.done:
         if not results:
             raise RuntimeError(f"strategy {spec.strategy!r} stalled with nothing in flight")
-        ids, hidden, targets = results.popleft()
-        deliver(spec.on_result(ids, hidden, targets))
+        ids, hidden, targets, lps = results.popleft()
+        deliver(spec.on_result(ids, hidden, targets, lps))
     stats = spec.result_stats()
     stats["total_s"] = round(time.perf_counter() - t0, 4)
     return {"token_ids": list(spec.output), "stats": stats}

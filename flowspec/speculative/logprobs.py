@@ -39,3 +39,13 @@ def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
         vals, ids = torch.topk(lp, min(top, lp.numel()))
         best = tuple(zip(ids.tolist(), vals.tolist()))
     return TokenLogprob(int(token), float(lp[token]), best)
+
+
+def wire(lp: TokenLogprob) -> list[Any]:
+    """A token's logprob as the last stage returns it with the token: [logprob, [[id, logprob], ...]]."""
+    return [lp.logprob, [list(t) for t in lp.top]]
+
+
+def from_wire(token: int, v: list[Any]) -> TokenLogprob:
+    """The inverse of :func:`wire` (checked by the protocol)."""
+    return TokenLogprob(int(token), float(v[0]), tuple((int(i), float(x)) for i, x in v[1]))

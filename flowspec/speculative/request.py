@@ -5,8 +5,7 @@ budget, sampling, draft-tree changes, stop strings, where to verify, logprobs), 
 with its rule next to it (:mod:`.bounds`; the sampling and tree bounds are those of
 :class:`~.params.SamplingParams` and :class:`~.params.TreeParams`). :func:`check_decode` turns
 plain data into one, or raises :class:`~.bounds.FieldError` naming the field
-("temperature: must be a number in [0, 2], not 5"); :func:`check_together` checks the rules
-between fields once the serving ring's defaults are in.
+("temperature: must be a number in [0, 2], not 5").
 
 Every front end is an adapter over it: the topology's ``decoding`` section (defaults, errors
 at ``decoding.<field>``), the HTTP API (OpenAI names such as ``max_tokens``, errors with that
@@ -24,7 +23,7 @@ from typing import Any, Mapping
 from .bounds import Changes, FieldError, Integer, OneOf, Texts, allows, rule_of
 from .params import MAX_TOP_LOGPROBS, STRATEGIES, VERIFY_AT, SamplingParams, TreeParams
 
-__all__ = ["DecodeRequest", "FieldError", "MAX_STOPS", "check_decode", "check_field", "check_together"]
+__all__ = ["DecodeRequest", "FieldError", "MAX_STOPS", "check_decode", "check_field"]
 
 MAX_STOPS = 4  # stop strings per request (OpenAI's bound)
 
@@ -105,12 +104,3 @@ def check_decode(data: Mapping[str, Any], defaults: DecodeRequest | None = None,
                 raise e.within(f.name) from None
         values[f.name] = v
     return DecodeRequest(**values)
-
-
-def check_together(req: DecodeRequest) -> None:
-    """The rules between fields, once the serving ring's defaults are filled in (after the
-    ring's own checks, whose errors say more): FieldError naming the field to change."""
-    if req.logprobs is not None and req.verify == "last_stage":
-        raise FieldError("logprobs", "need the target's logits at the source, but this request verifies at the last "
-                         "stage (verify: last_stage, the request's own or the topology's decoding.verify), which "
-                         "returns only token ids; send \"verify\": \"source\" with logprobs, or leave logprobs out")

@@ -24,13 +24,13 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 
 from ..model.stage import Segment
 from .drafters.base import DraftCall, Drafter, DraftView, NoDrafter, Steps
-from .logprobs import TokenLogprob, token_logprob
+from .logprobs import TokenLogprob, from_wire, token_logprob
 from .params import STRATEGIES, TREE_LIMITS, TreeParams  # noqa: F401 -- STRATEGIES, TREE_LIMITS re-exported
 from .sampling import SamplingParams
 from .schedules import SCHEDULES
@@ -174,12 +174,12 @@ class Speculator:
         return sends + (yield from self._fill())
 
     def on_result(self, node_ids: Sequence[int], hidden: torch.Tensor,
-                  targets: Sequence[int] | None = None) -> list[Send]:
+                  targets: Sequence[int] | None = None, target_lps: Sequence[Any] | None = None) -> list[Send]:
         """A segment came back from the last stage: verify, prune, expand, send more.
 
         The same as ``respond()`` followed by ``think()``; a driver that can send in between
         (the source node) calls the two halves itself, so the ring is fed before drafting."""
-        return self.respond(node_ids, hidden, targets=targets) + self.think()
+        return self.respond(node_ids, hidden, targets=targets, target_lps=target_lps) + self.think()
 
     def rows_to_score(self, node_ids: Sequence[int], targets: Sequence[int] | None = None) -> list[int]:
         """Rows of a returned segment whose target token is still unknown: what ``respond``
@@ -195,7 +195,7 @@ class Speculator:
 
     def respond(self, node_ids: Sequence[int], hidden: torch.Tensor,
                 scored: Mapping[int, torch.Tensor] | None = None,
-                targets: Sequence[int] | None = None) -> list[Send]:
+                targets: Sequence[int] | None = None, target_lps: Sequence[Any] | None = None) -> list[Send]:
         """First half of on_result: verify, prune, and send what is already drafted.
 
         flowspec answers a returning segment from the nodes drafted ahead ("send first,
@@ -203,12 +203,15 @@ class Speculator:
         `targets`: the target's token after each row where the last stage chose it (-1
         elsewhere); `scored` maps node ids to target logits computed beforehand (see
         ``rows_to_score``); rows with neither go through the lm_head here."""
-        return self._alone(self.respond_steps(node_ids, hidden, scored, targets))
+        return self._alone(self.respond_steps(node_ids, hidden, scored, targets, target_lps))
 
     def respond_steps(self, node_ids: Sequence[int], hidden: torch.Tensor,
                       scored: Mapping[int, torch.Tensor] | None = None,
-                      targets: Sequence[int] | None = None) -> Steps[list[Send]]:
-        """``respond``, stepped: what it drafts is asked of the driver (see ``think_steps``)."""
+                      targets: Sequence[int] | None = None,
+                      target_lps: Sequence[Any] | None = None) -> Steps[list[Send]]:
+        """``respond``, stepped: what it drafts is asked of the driver (see ``think_steps``).
+        `target_lps`: with `targets`, the last stage's logprob of each chosen token (the wire
+        form of :func:`~.logprobs.wire`, None where none was chosen), when the request asked."""
         self.in_flight -= 1
         if self.done:
             return []
@@ -224,6 +227,8 @@ class Speculator:
                 if targets[i] >= 0 and n in self.tree and not self.tree[n].known():
                     node = self.tree[n]
                     node.target = int(targets[i])
+                    if target_lps is not None and target_lps[i] is not None:
+                        node.target_lp = from_wire(node.target, target_lps[i])
                     self.stats.chosen_at_last_stage += 1
                     if self.drafter.needs_hidden:
                         node.hidden = hidden[i]
@@ -296,10 +301,13 @@ class Speculator:
             advanced = True
             self.output.append(tok)
             if self.logprobs is not None:
-                if root.logits is None:
-                    raise RuntimeError("logprobs need the target's logits at the source, but this token was "
-                                       "chosen at the last stage")
-                self.token_logprobs.append(token_logprob(root.logits, tok, self.logprobs))
+                if root.logits is not None:
+                    self.token_logprobs.append(token_logprob(root.logits, tok, self.logprobs))
+                elif root.target_lp is not None:  # computed where the token was chosen
+                    self.token_logprobs.append(root.target_lp)
+                else:
+                    raise RuntimeError("this token was chosen at the last stage without its logprob "
+                                       "(a stage of an older version?)")
             if child is not None:
                 pruned_sent, pruned = self.tree.advance(child)
                 self.stats.accepted_drafts += 1

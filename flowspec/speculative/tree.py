@@ -9,7 +9,7 @@ topological: any prefix of that order can be sent as a segment whose ancestors c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -26,6 +26,7 @@ class Node:
     expanded: bool = False  # the drafter has proposed its children
     logits: torch.Tensor | None = None  # the target's logits after this node, once back
     target: int | None = None  # the target's token after this node, when the last stage chose it
+    target_lp: Any = None  # its TokenLogprob, when the last stage chose it and the request wants logprobs
     hidden: torch.Tensor | None = None  # the target's final hidden state, once back
 
     def sort_key(self) -> tuple[float, int, int]:

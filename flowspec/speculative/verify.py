@@ -15,10 +15,11 @@ Two rules, both exactly lossless:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
+from .logprobs import token_logprob, wire
 from .sampling import SamplingParams, choose_token, position_uniform, sample_from
 
 
@@ -40,14 +41,21 @@ def target_tokens(logits: torch.Tensor, positions: Sequence[int], params: Sampli
 
 
 def choose_rows(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, positions: Sequence[int],
-                rows: Sequence[int], params: SamplingParams) -> list[int]:
+                rows: Sequence[int], params: SamplingParams, logprobs: int | None = None
+                ) -> tuple[list[int], list[Any] | None]:
     """What a last stage that verifies returns beside the hidden states: the target's token
-    after each of `rows` (one lm_head pass over them), -1 for every other row."""
+    after each of `rows` (one lm_head pass over them), -1 for every other row; and, when
+    `logprobs` is given, each chosen token's logprob with that many alternatives (the wire
+    form of :func:`~.logprobs.wire`, None for every other row)."""
     out = [-1] * len(positions)
+    lps: list[Any] | None = None if logprobs is None else [None] * len(positions)
     if rows:
-        for r, t in zip(rows, target_tokens(head(hidden[list(rows)]), [positions[r] for r in rows], params)):
+        logits = head(hidden[list(rows)])
+        for j, (r, t) in enumerate(zip(rows, target_tokens(logits, [positions[r] for r in rows], params))):
             out[r] = t
-    return out
+            if lps is not None:
+                lps[r] = wire(token_logprob(logits[j], t, logprobs or 0))
+    return out, lps
 
 
 def accept_multi_candidate(
