@@ -27,13 +27,12 @@ import statistics
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench_engine import random_tree_parents
+from bench_engine import random_tree_parents, timed_pass
 from flowspec.model.config import ModelConfig
 from flowspec.model.loader import resolve_model
 from flowspec.model.pipeline import LocalPipeline, greedy_generate, prefill
@@ -122,13 +121,9 @@ def stage_speed(folder: Path, cfg: ModelConfig, sizes: list[int], repeats: int, 
             next_id += n
             for (dtype, weights), stage in stages.items():
                 seg = Segment(nids, parents, [prefix + d - 1 for d in depths], hidden=inputs[n].to(parse_dtype(dtype)))
-                t0 = time.perf_counter()
-                stage(seg)
-                t1 = time.perf_counter()
-                stage.cache.drop(nids)
-                stage.cache.compact()
+                took = timed_pass(stage, seg)
                 if r >= warmup:
-                    samples[(dtype, weights, n)].append(t1 - t0)
+                    samples[(dtype, weights, n)].append(took)
     return [{"dtype": d, "stage_weights": w, "layers": f"{start}-{end - 1}", "rows": n,
              "median_ms": round(statistics.median(v) * 1e3, 2), "min_ms": round(min(v) * 1e3, 2)}
             for (d, w, n), v in samples.items()]

@@ -209,7 +209,10 @@ class StageNode:
         def compute() -> tuple[list[Any], list[list[int] | None], list[list[Any] | None], float, float]:
             t0 = time.time()
             outs = self.stage.forward_many(items)
-            chosen, lps = self._choose(msgs, outs) if self.head is not None else ([None] * len(outs),) * 2
+            if self.head is not None:
+                chosen, lps = self._choose(msgs, outs)
+            else:  # a stage without the lm_head chooses nothing
+                chosen, lps = [None] * len(outs), [None] * len(outs)
             return outs, chosen, lps, t0, time.time()
 
         try:
