@@ -17,7 +17,8 @@ class HopStats:
     """Sums over the segments of one request."""
 
     source: str  # name of the source node (first and last hop of every trip)
-    compute_s: dict[str, float] = field(default_factory=dict)  # stage -> seconds computing
+    # stage -> seconds computing (a pass that served several segments counts once)
+    compute_s: dict[str, float] = field(default_factory=dict)
     queue_s: dict[str, float] = field(default_factory=dict)  # stage -> seconds waiting for its worker
     segments: dict[str, int] = field(default_factory=dict)  # stage -> segments computed
     rows: dict[str, int] = field(default_factory=dict)  # stage -> tree nodes computed
@@ -25,6 +26,7 @@ class HopStats:
     bytes: dict[str, int] = field(default_factory=dict)  # "a->b" -> payload bytes sent
     trips: int = 0  # segments that came back
     trip_s: float = 0.0  # sum of round-trip times
+    _counted: dict[str, float] = field(default_factory=dict, repr=False)  # stage -> end of the compute counted
 
     def add(self, hops: list[list[Any]], t_sent: float, t_back: float) -> None:
         self.trips += 1
@@ -37,7 +39,12 @@ class HopStats:
                 link = f"{prev_name}->{name}"
                 self.wire_s[link] = self.wire_s.get(link, 0.0) + max(0.0, float(t_recv) - prev_send)
                 self.bytes[link] = self.bytes.get(link, 0) + int(b_in)
-                self.compute_s[name] = self.compute_s.get(name, 0.0) + float(t_end) - float(t_start)
+                # segments come back in the order each stage computed them: a span that began
+                # before the end of one already counted is (part of) the same pass
+                done = self._counted.get(name, float("-inf"))
+                fresh = max(0.0, float(t_end) - max(float(t_start), done))
+                self.compute_s[name] = self.compute_s.get(name, 0.0) + fresh
+                self._counted[name] = max(done, float(t_end))
                 self.queue_s[name] = self.queue_s.get(name, 0.0) + max(0.0, float(t_start) - float(t_recv))
                 self.segments[name] = self.segments.get(name, 0) + 1
                 prev_name, prev_send, last_out = name, float(t_send), int(b_out)

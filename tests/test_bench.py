@@ -237,6 +237,39 @@ def test_source_turnaround_from_the_trace() -> None:
     assert respond_gaps({}) == []
 
 
+def test_stage_busy_counts_a_shared_pass_once() -> None:
+    """Two segments that a stage computed in one pass carry the same span: the stage was busy
+    for it once (chunked sends its chunks back to back and reported stages 108% busy when the
+    spans were added up); spans are clipped to the decode window (after the prefill)."""
+    from flowspec.bench.summary import summarize_strategy, union_length
+
+    assert union_length([(0.0, 1.0), (0.0, 1.0), (0.5, 2.0), (3.0, 4.0)]) == pytest.approx(3.0)
+    hop = lambda name, a, b: [name, a, a, b, b, 10, 10]  # noqa: E731
+    segs = [{"t_sent": 0.9, "t_back": 1.6, "hops": [hop("s1", 1.0, 1.4)]},
+            {"t_sent": 0.9, "t_back": 1.6, "hops": [hop("s1", 1.0, 1.4)]},  # the same pass
+            {"t_sent": 1.5, "t_back": 2.1, "hops": [hop("s1", 1.6, 2.0)]},
+            {"t_sent": 0.0, "t_back": 0.9, "hops": [hop("s1", 0.1, 0.6)]}]  # half of it before decoding
+    stats = {"new_tokens": 3, "prefill_s": 0.4, "total_s": 2.4, "decode_s": 2.0,
+             "hops": {"trips": 4}, "trace": {"t0": 0.0, "segments": segs, "source": []}}
+    d = summarize_strategy([{"stats": stats}])
+    assert d["stage_busy_basis"] == "decode"
+    assert d["stage_busy"] == {"s1": pytest.approx((0.2 + 0.4 + 0.4) / 2.0)}
+
+
+def test_hop_stats_count_a_shared_pass_once() -> None:
+    """A request's hop summary (the busy basis when its trace is cut short): two segments of
+    one pass add their compute once, their queueing each; wire time and bytes per segment."""
+    from flowspec.telemetry import HopStats
+
+    hs = HopStats("src")
+    hs.add([["s1", 1.0, 1.0, 1.4, 1.4, 100, 50]], 0.9, 1.5)
+    hs.add([["s1", 1.0, 1.1, 1.4, 1.4, 100, 50]], 0.9, 1.5)  # served by the same pass, queued 0.1 s
+    hs.add([["s1", 1.5, 1.6, 2.0, 2.0, 100, 50]], 1.45, 2.1)
+    out = hs.summary(2.0)["stages"]["s1"]
+    assert out["compute_s"] == pytest.approx(0.8) and out["queue_s"] == pytest.approx(0.2)
+    assert out["segments"] == 3 and out["busy"] == pytest.approx(0.4)
+
+
 def test_round_bound_is_tau_over_trip_and_turnaround() -> None:
     """tau 3 over rounds of at least 90 + 10 ms: at most 30 tok/s; 24 tok/s reach 80% of it;
     3x a 10 tok/s baseline at that trip needs tau 3 x 10 x 0.1 = 3.0; no trips, no bound."""

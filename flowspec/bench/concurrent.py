@@ -22,7 +22,7 @@ from ..config import Topology
 from ..errors import FlowSpecError
 from .options import BenchOptions
 from .run import request_for
-from .summary import quantile
+from .summary import quantile, union_length
 
 ProgressFn = Callable[[str, int], None]
 
@@ -98,16 +98,6 @@ async def _phase(topo: Topology, key: bytes, opts: BenchOptions, strategy: str, 
     return {"strategy": strategy, "concurrency": n, "t_start": t_start, "t_end": time.time(), "requests": records}
 
 
-def _union(spans: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(spans):
-        if b <= end:
-            continue
-        total += b - max(a, end)
-        end = b
-    return total
-
-
 def summarize_phase(phase: dict[str, Any], stages: Sequence[str]) -> dict[str, Any]:
     recs = phase["requests"]
     a, b = phase["t_start"], phase["t_end"]
@@ -128,7 +118,7 @@ def summarize_phase(phase: dict[str, Any], stages: Sequence[str]) -> dict[str, A
                                  "min_over_median": round(min(rates) / med, 3) if rates and med else None},
         "ttft_s": {"median": round(statistics.median(ttft), 3) if ttft else None,
                    "p95": round(quantile(ttft, 0.95) or 0.0, 3) if ttft else None},
-        "stage_busy": {s: round(_union([x for x in sp if x[1] > x[0]]) / wall, 3) for s, sp in spans.items()},
+        "stage_busy": {s: round(union_length([x for x in sp if x[1] > x[0]]) / wall, 3) for s, sp in spans.items()},
     }
 
 

@@ -15,9 +15,22 @@ REPORT_VERSION = 1  # of the --json layout
 TARGET_SPEEDUP = 3.0  # FlowSpec's goal over plain pipelined decoding: the report works out the tau it needs
 
 
+def union_length(spans: Sequence[tuple[float, float]]) -> float:
+    """Seconds covered by the (start, end) spans: where they overlap (one pass that served
+    several segments records the same span in each of them) it counts once."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
 def _window_busy(stats: dict[str, Any]) -> tuple[dict[str, float], float, float] | None:
     """Per-stage compute seconds and the source's seconds inside the decode window, and the
-    window's length; None without a complete trace."""
+    window's length; None without a complete trace. A stage's pass that served several of the
+    request's segments at once (they queued behind each other) counts once."""
     tr = stats.get("trace")
     hops = stats.get("hops") or {}
     if not isinstance(tr, dict) or len(tr.get("segments", [])) < int(hops.get("trips", 0)):
@@ -26,11 +39,14 @@ def _window_busy(stats: dict[str, Any]) -> tuple[dict[str, float], float, float]
     a, b = t0 + float(stats.get("prefill_s", 0.0)), t0 + float(stats.get("total_s", 0.0))
     if b <= a:
         return None
-    busy: dict[str, float] = {}
+    spans: dict[str, list[tuple[float, float]]] = {}
     for seg in tr["segments"]:
         for h in seg.get("hops", []):
-            name, start, end = str(h[0]), float(h[2]), float(h[3])
-            busy[name] = busy.get(name, 0.0) + max(0.0, min(end, b) - max(start, a))
+            name, start, end = str(h[0]), max(a, float(h[2])), min(b, float(h[3]))
+            spans.setdefault(name, [])
+            if end > start:
+                spans[name].append((start, end))
+    busy = {name: union_length(sp) for name, sp in spans.items()}
     src = sum(max(0.0, min(float(e), b) - max(float(s), a)) for s, e, *_ in tr.get("source", []))
     return busy, src, b - a
 
