@@ -76,7 +76,11 @@ def _model_line(topo: Topology, cfg: Any) -> str:
         weights += "; the stages' projections in int8 (1 byte a weight; model.stage_weights: int8)"
     return (f"model {topo.model.target}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocabulary "
             f"{cfg.vocab_size}; {weights}; drafter {topo.model.drafter}; tokens chosen at the "
-            f"{topo.decoding.verify.replace('_', ' ')}")
+            f"{_VERIFY_TEXT[topo.decoding.verify]}")
+
+
+_VERIFY_TEXT = {"source": "source", "last_stage": "last stage",
+                "auto": "last stage while requests share the ring, else at the source"}
 
 
 def _node_rows(topo: Topology, reached: list[str | None] | None) -> tuple[list[str], list[list[str]]]:

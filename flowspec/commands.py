@@ -81,9 +81,10 @@ def build_node(topo: Topology, name: str) -> Any:
     log.info("%s: layers %d-%d loaded (%d parameters, %.1f MB%s)", name, a, b - 1, stage.num_params(),
              stage.weight_bytes() / 1e6, "" if stage_weights == "same" else f", projections in {stage_weights}")
     head = None
-    if topo.decoding.verify == "last_stage" and topo.stages[-1].name == name:
+    if topo.decoding.lm_head_at_last_stage and topo.stages[-1].name == name:
         head = LMHead.load(folder, dtype=dtype, cfg=cfg)
-        log.info("%s: the lm_head loaded (decoding.verify: last_stage): this stage chooses the tokens", name)
+        log.info("%s: the lm_head loaded (decoding.verify: %s): this stage chooses the tokens%s", name,
+                 topo.decoding.verify, " while requests share the ring" if topo.decoding.verify == "auto" else "")
     # a stage whose place a spare took (it came back too late) waits as a spare itself
     return SpareNode(topo, name, key, fingerprint, member=StageNode(topo, name, key, stage, fingerprint, head))
 

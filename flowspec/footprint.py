@@ -88,7 +88,7 @@ def plan_ring(topo: Topology, cfg: ModelConfig, drafter_params: int = 0) -> list
         if b == cfg.num_layers:
             params += cfg.hidden_size
             parts.append("norm")
-            if n.name == last and topo.decoding.verify == "last_stage":
+            if n.name == last and topo.decoding.lm_head_at_last_stage:
                 params += vh
                 parts.append("lm_head")
         kv = (b - a) * kv_per_layer * topo.decoding.max_active

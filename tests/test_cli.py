@@ -77,7 +77,7 @@ def test_check_shipped_topologies(path: Path, default_model_dir: Path, capsys: p
     assert all("MiB" in by_name[n.name] for n in (topo.source, *topo.stages)) and out.count("total: weights") == 1
 
 
-@pytest.mark.parametrize("verify", ["source", "last_stage"])
+@pytest.mark.parametrize("verify", ["source", "last_stage", "auto"])
 def test_check_sizes_are_what_the_stages_load(tiny_qwen2: Path, tmp_path: Path, verify: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     from flowspec.check import size_text
@@ -94,7 +94,7 @@ def test_check_sizes_are_what_the_stages_load(tiny_qwen2: Path, tmp_path: Path, 
     for p in plans[1:]:
         assert p.layers is not None
         stage = Stage.load(tiny_qwen2, *p.layers, dtype="float32", max_context=128, cfg=cfg)
-        extra = head.numel() * 4 if verify == "last_stage" and p.name == "stage2" else 0
+        extra = head.numel() * 4 if verify != "source" and p.name == "stage2" else 0
         assert p.weight_bytes == stage.weight_bytes() + extra, p
         cache = stage.cache.keys + stage.cache.values
         assert p.kv_bytes == 3 * sum(t.numel() * t.element_size() for t in cache), p  # max_active 3
@@ -105,7 +105,10 @@ def test_check_sizes_are_what_the_stages_load(tiny_qwen2: Path, tmp_path: Path, 
     for p in plans:
         assert any(ln.startswith(p.name) and size_text(p.weight_bytes) in ln and p.holds in ln
                    for ln in out.splitlines()), (p, out)
-    assert ("lm_head" in plans[-1].holds) == (verify == "last_stage")
+    assert ("lm_head" in plans[-1].holds) == (verify != "source")
+    chosen = {"source": "tokens chosen at the source", "last_stage": "tokens chosen at the last stage",
+              "auto": "tokens chosen at the last stage while requests share the ring, else at the source"}[verify]
+    assert chosen in " ".join(out.split()), out
 
 
 def test_check_reports_every_bad_field_of_a_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -150,6 +150,10 @@ def test_verify_at_the_last_stage_counts_its_lm_head() -> None:
     assert topo.decoding.verify == "last_stage"
     assert LM_HEAD_WORK == 0.4  # 8 layers of weights cost a stage 3.2 layers of work
     assert topo.resolve_layers(30, None, 8.0) == {"stage1": (0, 11), "stage2": (11, 22), "stage3": (22, 30)}
+    d["decoding"] = {"verify": "auto"}  # the last stage holds the lm_head too (and chooses while requests share)
+    assert Topology.from_dict(d).decoding.lm_head_at_last_stage
+    assert Topology.from_dict(d).resolve_layers(30, None, 8.0) == topo.resolve_layers(30, None, 8.0)
+    d["decoding"] = {"verify": "last_stage"}
     d["nodes"][3]["memory_gb"] = 8.5  # 8 GiB of lm_head leaves room for no 1 GiB layer
     with pytest.raises(TopologyError, match=r"nodes\[3\]\.memory_gb: 8.5 GiB holds no layer of 1024.0 MiB "
                                             r"besides the lm_head \(8192 MiB\)"):
@@ -161,7 +165,8 @@ def test_verify_at_the_last_stage_counts_its_lm_head() -> None:
     with pytest.raises(TopologyError, match=r"layers 26-29 and the lm_head need 12.00 GiB but memory_gb is 10"):
         Topology.from_dict(d).resolve_layers(30, 1 << 30, 8.0)
     d["decoding"] = {"verify": "stage"}
-    with pytest.raises(TopologyError, match=r"decoding\.verify: unknown verify 'stage'.*allowed: source, last_stage"):
+    with pytest.raises(TopologyError,
+                       match=r"decoding\.verify: unknown verify 'stage'.*allowed: source, last_stage, auto"):
         Topology.from_dict(d)
 
 

@@ -55,7 +55,7 @@ class _View:
     ("seed", 2 ** 64, f"must be an integer from {-SEED_MAX - 1} to {SEED_MAX}, or null (random), not {2 ** 64}"),
     ("strategy", "flowspek", "unknown strategy 'flowspek' (did you mean 'flowspec'?); allowed: autoregressive, "
                              "chunked, pipedec, flowspec"),
-    ("verify", "stage", "unknown verify 'stage' (did you mean 'last_stage'?); allowed: source, last_stage"),
+    ("verify", "stage", "unknown verify 'stage' (did you mean 'last_stage'?); allowed: source, last_stage, auto"),
 ])
 def test_every_front_end_refuses_a_value_with_the_same_words(default_model_dir: Path, field: str, bad: Any,
                                                             reason: str) -> None:

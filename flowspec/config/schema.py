@@ -18,7 +18,7 @@ from pathlib import PurePath
 from ..model.dtypes import NODE_DTYPES as DTYPES  # noqa: F401 -- the node dtype names; re-exported
 from ..speculative.bounds import Integer, Number, OneOf, allows
 from ..speculative.params import DRAFTERS as DRAFTER_KINDS  # noqa: F401 -- the drafter kinds; re-exported
-from ..speculative.params import TreeParams
+from ..speculative.params import TreeParams, head_at_last_stage
 from ..speculative.request import DecodeRequest
 from ..speculative.tuning import AUTO, TUNABLE
 
@@ -183,7 +183,14 @@ class DecodingSpec:
     resume_window_s: float = field(default=60.0, metadata=allows(Number(0, 86400)))
     # a stage dead this long is replaced by a spare node, if one is connected
     failover_after_s: float = field(default=5.0, metadata=allows(Number(0, 86400)))
-    verify: str = _REQUEST.verify  # where the target's tokens are chosen: "source" (its lm_head) | "last_stage"
+    # where the target's tokens are chosen: "source" (its lm_head) | "last_stage" (which then
+    # holds the lm_head) | "auto" (the last stage holds it and chooses while requests share the ring)
+    verify: str = _REQUEST.verify
+
+    @property
+    def lm_head_at_last_stage(self) -> bool:
+        """The last stage loads the lm_head (verify: last_stage or auto)."""
+        return head_at_last_stage(self.verify)
 
     @property
     def request(self) -> DecodeRequest:

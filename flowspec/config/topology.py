@@ -292,7 +292,7 @@ class Topology:
         there in proportion to their speed, each getting at least one and, when layer_bytes
         (bytes of one decoder layer) is given, no more than its memory_gb holds.
         lm_head_layers: the lm_head's size in decoder layers; with ``decoding.verify:
-        last_stage`` the last stage holds it: its memory must hold that many layers more,
+        last_stage`` (or ``auto``) the last stage holds it: its memory must hold that many layers more,
         and an auto split charges it LM_HEAD_WORK of that in work. lm_head_work: the lm_head's
         work in decoder layers when it differs from its size in them (int8 layers are smaller,
         not faster); default lm_head_layers.
@@ -309,7 +309,7 @@ class Topology:
             raise TopologyError(f"{self.origin}: model.num_layers: {declared}, but the model has "
                                 f"{num_layers} layers; fix model.num_layers or remove it")
         last = self.stages[-1].name
-        extra = {last: lm_head_layers} if self.decoding.verify == "last_stage" else {}
+        extra = {last: lm_head_layers} if self.decoding.lm_head_at_last_stage else {}
         work = {k: (v if lm_head_work is None else lm_head_work) * LM_HEAD_WORK for k, v in extra.items()}
         return _plan_layers(self.origin, self.stages, num_layers, layer_bytes, extra, work)
 

@@ -28,6 +28,7 @@ from ..model.tokenizer import Tokenizer
 from ..speculative.drafters import Drafter
 from ..speculative.drafters.base import Steps
 from ..speculative.logprobs import TokenLogprob
+from ..speculative.params import verify_here
 from ..speculative.strategies import Send, Speculator
 from ..telemetry import HopStats
 from .drafting import SharedDrafter
@@ -102,6 +103,7 @@ class Decoding:
         self.kept_logprobs: list[TokenLogprob] = list(prior_logprobs or [])
         self.results: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()  # (request id or RING_FAILED, item)
         self.share = 0  # segments it may have in flight (set by the scheduler; 0 = the tree's own)
+        self.shared = False  # other requests share the ring now (set by the scheduler; verify: auto)
         self.spec: Speculator | None = None
         self._unchosen = False  # a segment came back without the tokens asked of the last stage
 
@@ -260,8 +262,9 @@ class Decoding:
             raise RingError(f"lost the link to {down.label}: {e}") from None
 
     def _score(self, first: int | None) -> dict[str, Any] | None:
-        """What a segment asks of the last stage when it chooses the tokens (decoding.verify)."""
-        if self.req.verify != "last_stage" or first is None:
+        """What a segment asks of the last stage when it chooses the tokens (decoding.verify;
+        auto: while other requests share the ring)."""
+        if first is None or verify_here(self.req.verify, self.shared) != "last_stage":
             return None
         sp = self.req.sampling
         score: dict[str, Any] = {"from": first, "t": sp.temperature, "p": sp.top_p, "k": sp.top_k, "s": sp.seed}

@@ -92,9 +92,9 @@ def ring_problem(topo: Topology, num_layers: int, ring: Any, expected: list[str]
     if short:
         return (f"stages hold fewer KV caches than decoding.max_active ({need}) asks for: {', '.join(short)}; "
                 "every node must run with the same topology file")
-    if topo.decoding.verify == "last_stage" and ring[-1].get("lm_head") is not True:
-        return (f"decoding.verify is last_stage, but the last stage {ring[-1]['name']!r} holds no lm_head; "
-                "every node must run with the same topology file")
+    if topo.decoding.lm_head_at_last_stage and ring[-1].get("lm_head") is not True:
+        return (f"decoding.verify is {topo.decoding.verify}, but the last stage {ring[-1]['name']!r} holds no "
+                "lm_head; every node must run with the same topology file")
     nxt, prev = 0, None
     for r in ring:
         a, b = r["layers"]

@@ -21,7 +21,7 @@ from ..config import Topology
 from ..errors import RequestError
 from ..model.tokenizer import Tokenizer
 from ..speculative.bounds import FieldError, text_problem
-from ..speculative.params import SamplingParams, TreeParams
+from ..speculative.params import SamplingParams, TreeParams, head_at_last_stage
 from ..speculative.request import DecodeRequest, check_decode
 from ..speculative.schedules import SCHEDULES
 
@@ -41,7 +41,7 @@ class GenRequest:
     tree: TreeParams  # draft tree shape
     stop: list[str] = field(default_factory=list)  # strings that end the answer (not included)
     trace: bool = False  # record every segment's timings into stats["trace"] (the profiler)
-    verify: str = "source"  # where the target's tokens are chosen: "source" | "last_stage" (VERIFY_AT)
+    verify: str = "source"  # where the target's tokens are chosen: "source" | "last_stage" | "auto" (VERIFY_AT)
     logprobs: int | None = None  # None: none; n: the target's logprob of each token and its n best alternatives
 
 
@@ -110,10 +110,10 @@ def check_request(topo: Topology, tok: Tokenizer, vocab: int, meta: dict[str, An
     try:
         req = check_decode(meta, d.request, caps={"max_new_tokens": (ctx, "model.max_context"),
                                                   "top_k": (vocab, "the vocabulary")})
-        if req.verify == "last_stage" and d.verify != "last_stage":
-            raise RequestError("verify: last_stage needs decoding.verify: last_stage in the topology (then the "
-                               "last stage loads the lm_head); restart the ring with it, or verify at the source",
-                               "verify")
+        if head_at_last_stage(req.verify) and not d.lm_head_at_last_stage:
+            raise RequestError(f"verify: {req.verify} needs decoding.verify: last_stage or auto in the topology "
+                               "(then the last stage loads the lm_head); restart the ring with it, or verify at "
+                               "the source", "verify")
     except FieldError as e:
         raise RequestError(str(e), e.field.split("[")[0]) from None
     sampling = req.sampling(int.from_bytes(os.urandom(4), "little"))

@@ -269,12 +269,14 @@ class SourceNode:
         """Share the ring among the active requests: with k of them, each may keep about
         1/k of its tree's in_flight segments in the ring (at least one); alone, a request
         gets all of them. More speculation per request pays little once the others keep
-        every stage busy, and it costs them the rows it wastes."""
+        every stage busy, and it costs them the rows it wastes. (With verify: auto, a
+        request that shares the ring has its tokens chosen at the last stage.)"""
         k = len(self._active)
         if not k:
             return
         for run in self._active.values():
             run.share = max(1, -(-run.req.tree.in_flight // k))
+            run.shared = k > 1
 
     def _count(self, ev: DoneEvent) -> None:
         st = ev.stats

@@ -93,7 +93,7 @@ class RingTuner:
             raise FlowSpecError(f"the probes came back with {len(stages)} stages and {len(rtts)} links "
                                 f"for a ring of {len(ring)} stages")
         source: tuple[tuple[int, float], ...] = ()
-        if self.topo.decoding.verify == "source":
+        if self.topo.decoding.verify != "last_stage":  # auto: a request alone verifies at the source
             loop = asyncio.get_running_loop()
             source = await loop.run_in_executor(self.pool, time_head, self.head, SIZES, REPS)
         return RingCosts(tuple(stages), sum(rtts) / 2, source)

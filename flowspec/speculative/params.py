@@ -14,8 +14,23 @@ from .bounds import FieldError, Integer, Number, allows, show, suggest
 
 STRATEGIES = ("autoregressive", "chunked", "pipedec", "flowspec")
 # Where the target's token after each returned row is chosen: at the source (it holds the
-# lm_head) or at the last stage (which then returns token ids with the hidden states).
-VERIFY_AT = ("source", "last_stage")
+# lm_head), at the last stage (which then returns token ids with the hidden states), or
+# auto: at the last stage while other requests share the ring, at the source when alone.
+VERIFY_AT = ("source", "last_stage", "auto")
+
+
+def head_at_last_stage(verify: str) -> bool:
+    """Whether a ring whose decoding.verify is `verify` loads the lm_head on its last stage."""
+    return verify != "source"
+
+
+def verify_here(verify: str, shared: bool) -> str:
+    """Where a segment of a request with this `verify` gets its tokens chosen: "source" or
+    "last_stage" (auto: the last stage while the request shares the ring with others; alone,
+    the source, whose lm_head scores only the rows still alive when they come back)."""
+    if verify == "auto":
+        return "last_stage" if shared else "source"
+    return verify
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1  # a seed is hashed as a signed 64-bit integer
 MAX_TOP_LOGPROBS = 20  # most likely alternatives a request may ask for per token (OpenAI's bound)
 # Where draft tokens come from: none; lookup (n-grams of the prompt); eagle (a feature head: the
