@@ -308,7 +308,8 @@ def test_round_bound_from_request_stats() -> None:
 def test_bench_concurrency_levels(tiny_tok_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     """--concurrency 2: every strategy at 1 and 2 requests at once; the answers equal their
-    solo answers (float32, greedy), every figure is in the JSON and the table."""
+    solo answers (float32, greedy), every figure is in the JSON and the table, and where a
+    segment's trip went at each level."""
     topo = write_topology(tmp_path, 3, tiny_tok_model)
     for k, v in {KEY_ENV: new_key(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                  "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}.items():
@@ -333,6 +334,12 @@ def test_bench_concurrency_levels(tiny_tok_model: Path, tmp_path: Path, monkeypa
             assert d["x_sequential"] > 0 and d["ttft_s"]["median"] > 0
             assert set(d["stage_busy"]) == {"stage1", "stage2"}
             assert all(0 < v <= 1 for v in d["stage_busy"].values()), d["stage_busy"]
+            trip = d["trip"]  # where a segment's trip went: the parts fit inside it
+            assert set(trip["stages"]) == {"stage1", "stage2"} and trip["median_ms"] > 0
+            parts = sum(v["compute_ms"] for v in trip["stages"].values()) + 3 * trip["link_ms"]
+            assert 0 < parts < 3 * trip["median_ms"], trip
+            assert 0 < trip["tokens_per_segment"] <= (1 if name == "autoregressive" else 12)
+            assert f"{name} x{n}: a segment's trip" in " ".join(printed.split())
         assert levels["1"]["x_sequential"] == 1.0
     # the level-1 requests also fill the usual per-strategy report
     assert report["strategies"]["flowspec"]["requests"] == 3 and report["agreement"]["all_agree"]

@@ -119,7 +119,48 @@ def summarize_phase(phase: dict[str, Any], stages: Sequence[str]) -> dict[str, A
         "ttft_s": {"median": round(statistics.median(ttft), 3) if ttft else None,
                    "p95": round(quantile(ttft, 0.95) or 0.0, 3) if ttft else None},
         "stage_busy": {s: round(union_length([x for x in sp if x[1] > x[0]]) / wall, 3) for s, sp in spans.items()},
+        "trip": trip_breakdown(recs),
     }
+
+
+def trip_breakdown(recs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Where a segment's trip went, over every traced segment of the phase: the trip's
+    median, each stage's mean compute and queueing (waiting for its worker), the mean time
+    on a link, and the tokens each returned segment brought. None without traces."""
+    trips: list[float] = []
+    compute: dict[str, list[float]] = {}
+    queue: dict[str, list[float]] = {}
+    wire: list[float] = []
+    for r in recs:
+        for seg in (r["stats"].get("trace") or {}).get("segments", []):
+            t_sent, t_back = float(seg["t_sent"]), float(seg["t_back"])
+            trips.append(t_back - t_sent)
+            prev = t_sent
+            for name, t_recv, t_start, t_end, t_send, *_ in seg.get("hops", []):
+                compute.setdefault(str(name), []).append(float(t_end) - float(t_start))
+                queue.setdefault(str(name), []).append(max(0.0, float(t_start) - float(t_recv)))
+                wire.append(max(0.0, float(t_recv) - prev))
+                prev = float(t_send)
+            wire.append(max(0.0, t_back - prev))
+    if not trips:
+        return None
+    ms = lambda xs: round(1000 * statistics.fmean(xs), 1)  # noqa: E731
+    segments = sum(int((r["stats"].get("hops") or {}).get("trips", 0)) for r in recs)
+    tokens = sum(len(r["token_ids"]) for r in recs)
+    return {"median_ms": round(1000 * statistics.median(trips), 1),
+            "stages": {s: {"compute_ms": ms(compute[s]), "queue_ms": ms(queue[s])} for s in compute},
+            "link_ms": ms(wire) if wire else None,
+            "tokens_per_segment": round(tokens / segments, 2) if segments else None}
+
+
+def trip_line(name: str, n: str, trip: dict[str, Any]) -> str:
+    """One console line: where a segment's trip went at this level."""
+    st = trip["stages"].values()
+    span = lambda k: (f"{min(v[k] for v in st):.0f}-{max(v[k] for v in st):.0f}" if st else "-")  # noqa: E731
+    link = "-" if trip["link_ms"] is None else f"{trip['link_ms']:.1f}"
+    return (f"{name} x{n}: a segment's trip {trip['median_ms']:.0f} ms (median): per stage {span('compute_ms')} ms "
+            f"computing, {span('queue_ms')} ms queued (means), {link} ms per link; "
+            f"{trip['tokens_per_segment']} tokens per returned segment")
 
 
 def summarize_levels(phases: list[dict[str, Any]], stages: Sequence[str], temperature: float) -> dict[str, Any]:
@@ -171,3 +212,7 @@ def print_levels(summary: dict[str, Any], console: Any, title: str) -> None:
                       f"{tt['median']:.2f} / {tt['p95']:.2f} s",
                       " ".join(f"{v:.2f}" for v in d["stage_busy"].values()), d.get("same_as_alone", "-"))
     console.print(t)
+    for name, levels in summary.items():
+        for n, d in levels.items():
+            if d.get("trip"):
+                console.print(trip_line(name, n, d["trip"]), highlight=False)
