@@ -307,9 +307,9 @@ def test_round_bound_from_request_stats() -> None:
 @pytest.mark.slow
 def test_bench_concurrency_levels(tiny_tok_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """--concurrency 2: every strategy at 1 and 2 requests at once; the answers equal their
-    solo answers (float32, greedy), every figure is in the JSON and the table, and where a
-    segment's trip went at each level."""
+    """--concurrency 2: every strategy at 1 and 2 requests at once, and at 1 again; the answers
+    equal their solo answers (float32, greedy), every figure is in the JSON and the table, and
+    where a segment's trip went at each level."""
     topo = write_topology(tmp_path, 3, tiny_tok_model)
     for k, v in {KEY_ENV: new_key(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                  "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}.items():
@@ -340,8 +340,14 @@ def test_bench_concurrency_levels(tiny_tok_model: Path, tmp_path: Path, monkeypa
             assert 0 < parts < 3 * trip["median_ms"], trip
             assert 0 < trip["tokens_per_segment"] <= (1 if name == "autoregressive" else 12)
             assert f"{name} x{n}: a segment's trip" in " ".join(printed.split())
-        assert levels["1"]["x_sequential"] == 1.0
-    # the level-1 requests also fill the usual per-strategy report
+        one = levels["1"]  # one at a time ran before and after the other levels: the ratios' base is the mean
+        assert one["x_sequential"] == 1.0 and one["again_tokens_per_s"] > 0
+        assert one["baseline_tokens_per_s"] == pytest.approx(
+            (one["aggregate_tokens_per_s"] + one["again_tokens_per_s"]) / 2, abs=0.01)
+        assert levels["2"]["x_sequential"] == pytest.approx(
+            levels["2"]["aggregate_tokens_per_s"] / one["baseline_tokens_per_s"], rel=0.01)
+        assert f"{one['aggregate_tokens_per_s']:.1f} / {one['again_tokens_per_s']:.1f}" in printed
+    # the level-1 requests (of its first run) also fill the usual per-strategy report
     assert report["strategies"]["flowspec"]["requests"] == 3 and report["agreement"]["all_agree"]
 
 

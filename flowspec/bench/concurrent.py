@@ -3,7 +3,9 @@
 For every strategy and every level N, all prompts are decoded with N requests in flight
 at once (N client connections; each takes the next prompt when its answer is done). Per
 level: aggregate tokens/s (every generated token over the phase's wall time), its ratio to
-level 1 (the same ring serving the same prompts one after another; level 1 always runs), each request's own
+level 1 (the same ring serving the same prompts one after another; level 1 always runs, and
+once more after the other levels: the ratios are to the mean of both runs, so that a machine
+whose speed drifts during the bench does not bias them), each request's own
 decode rate (median and the slowest relative to the median), time to first token as the
 client sees it (median, p95), and how busy every stage was over the phase (the union of
 its compute spans from all requests' traces: a pass that served several requests at once
@@ -56,6 +58,8 @@ async def run_levels(topo: Topology, key: bytes, opts: BenchOptions, levels: Seq
     for s in opts.strategies:
         for n in levels:
             phases.append(await _phase(topo, key, opts, s, n, progress))
+        if len(levels) > 1:  # one at a time again: the baseline brackets the other levels
+            phases.append(dict(await _phase(topo, key, opts, s, 1, progress), again=True))
     return status, phases
 
 
@@ -165,19 +169,36 @@ def trip_line(name: str, n: str, trip: dict[str, Any]) -> str:
 
 def summarize_levels(phases: list[dict[str, Any]], stages: Sequence[str], temperature: float) -> dict[str, Any]:
     """{strategy: {level: summary}}, with the ratio to level 1 and, at temperature 0, how
-    many answers equal their level-1 answer."""
+    many answers equal their level-1 answer. Where level 1 ran again after the other levels,
+    its summary has that run's rate as ``again_tokens_per_s`` and the ratios are to
+    ``baseline_tokens_per_s``, the mean of both runs."""
     out: dict[str, dict[str, Any]] = {}
     alone: dict[tuple[str, int], list[int]] = {}
+    base: dict[str, float] = {}
+    again: dict[str, float] = {}
     for ph in phases:
         if ph["concurrency"] == 1:
+            rate = summarize_phase(ph, stages)["aggregate_tokens_per_s"]
+            if ph.get("again"):
+                again[ph["strategy"]] = rate
+                continue
+            base[ph["strategy"]] = rate
             for r in ph["requests"]:
                 alone[(ph["strategy"], r["prompt_index"])] = r["token_ids"]
+    for name, rate in again.items():
+        if name in base:
+            base[name] = (base[name] + rate) / 2
     for ph in phases:
+        if ph.get("again"):
+            continue
         d = summarize_phase(ph, stages)
-        base = next((q for q in phases if q["strategy"] == ph["strategy"] and q["concurrency"] == 1), None)
-        if base is not None:
-            b = summarize_phase(base, stages)["aggregate_tokens_per_s"]
-            d["x_sequential"] = round(d["aggregate_tokens_per_s"] / b, 3) if b else None
+        if ph["strategy"] in base:
+            b = base[ph["strategy"]]
+            if ph["concurrency"] == 1 and ph["strategy"] in again:
+                d["again_tokens_per_s"] = again[ph["strategy"]]
+                d["baseline_tokens_per_s"] = round(b, 2)
+            d["x_sequential"] = 1.0 if ph["concurrency"] == 1 else (
+                round(d["aggregate_tokens_per_s"] / b, 3) if b else None)
             if temperature == 0:
                 same = sum(alone.get((ph["strategy"], r["prompt_index"])) == r["token_ids"] for r in ph["requests"])
                 d["same_as_alone"] = f"{same}/{len(ph['requests'])}"
@@ -189,7 +210,7 @@ def level_records(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The requests of the level-1 phases in the layout of the plain bench's records."""
     return [{"prompt_index": r["prompt_index"], "strategy": ph["strategy"], "text": r["text"],
              "token_ids": r["token_ids"], "finish_reason": r["finish_reason"], "stats": r["stats"]}
-            for ph in phases if ph["concurrency"] == 1 for r in ph["requests"]]
+            for ph in phases if ph["concurrency"] == 1 and not ph.get("again") for r in ph["requests"]]
 
 
 def print_levels(summary: dict[str, Any], console: Any, title: str) -> None:
@@ -197,7 +218,8 @@ def print_levels(summary: dict[str, Any], console: Any, title: str) -> None:
     from rich.table import Table
 
     t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False,
-              caption="agg: all generated tokens over the phase's wall time; x seq: over 1 at a time; per request: "
+              caption="agg: all generated tokens over the phase's wall time (at 1: before / after the other "
+                      "levels); x seq: over 1 at a time (the mean of its runs); per request: "
                       "decode tok/s median (slowest / median); ttft: client-side time to first token; busy: "
                       "stages in ring order over the phase")
     for col in ("strategy", "N", "agg tok/s", "x seq", "per request", "ttft med / p95", "busy", "= alone"):
@@ -206,7 +228,10 @@ def print_levels(summary: dict[str, Any], console: Any, title: str) -> None:
         for n, d in levels.items():
             rq, tt = d["request_tokens_per_s"], d["ttft_s"]
             slowest = "-" if rq["min_over_median"] is None else f"{rq['min_over_median']:.2f}"
-            t.add_row(name, n, f"{d['aggregate_tokens_per_s']:.1f}",
+            agg = f"{d['aggregate_tokens_per_s']:.1f}"
+            if "again_tokens_per_s" in d:
+                agg += f" / {d['again_tokens_per_s']:.1f}"
+            t.add_row(name, n, agg,
                       "-" if d.get("x_sequential") is None else f"{d['x_sequential']:.2f}",
                       f"{rq['median']:.1f} ({slowest})",
                       f"{tt['median']:.2f} / {tt['p95']:.2f} s",
