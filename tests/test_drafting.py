@@ -340,7 +340,9 @@ def test_a_returned_segment_goes_before_the_rest_of_an_expansion(pipe: LocalPipe
     async def main() -> list[Any]:
         loop = asyncio.get_running_loop()
         first = drafting.think(a.think_steps)
+        deadline = time.monotonic() + 30
         while not log:  # a drafts its first level
+            assert time.monotonic() < deadline, "a's expansion never drafted"
             await asyncio.sleep(0.005)
         drafting.make_way()
         verified = loop.run_in_executor(pool, lambda: log.append("verify") or seen.set())
@@ -378,7 +380,9 @@ def test_concurrent_requests_on_a_ring_share_eagle_passes(tiny_tok_model: Path, 
 
     _head(tiny_tok_model).save(tmp_path / "head")
     path = write_topology(tmp_path, 3, tiny_tok_model, drafter=f"eagle:{tmp_path / 'head'}",
-                          decoding={"max_active": 3, "tree": {"segment": 4, "in_flight": 2}})
+                          # 2 of the tree's 4 segments each: their trees grow while the ring works,
+                          # together (with one segment each, a request drafts only when it returns)
+                          decoding={"max_active": 3, "tree": {"segment": 4, "in_flight": 4}})
     topo = Topology.load(str(path))
     reqs = [{"prompt_ids": TINY_PROMPTS[i % 2] + [40 + i], "max_new_tokens": 20, "strategy": "flowspec"}
             for i in range(3)]

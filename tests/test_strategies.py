@@ -20,7 +20,7 @@ import copy
 import math
 import random
 import signal
-from collections import Counter
+from collections import Counter, deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -37,8 +37,9 @@ from flowspec.speculative.drafters import LookupDrafter
 from flowspec.speculative.drafters.base import Drafter, DraftView
 from flowspec.speculative.drafters.draft_model import DraftModelDrafter
 from flowspec.speculative.local_ring import generate_local, run_local
+from flowspec.speculative.schedules import SHARED_LEVELS
 from flowspec.speculative.sampling import SamplingParams, choose_token, position_uniform, sample_from, target_probs
-from flowspec.speculative.strategies import STRATEGIES, Speculator, TreeParams
+from flowspec.speculative.strategies import STRATEGIES, Send, Speculator, TreeParams
 from flowspec.speculative.tree import DraftTree, Node
 from flowspec.speculative.verify import accept_deterministic, accept_multi_candidate
 
@@ -431,6 +432,53 @@ def test_a_request_sharing_the_ring_sends_its_prompt_a_few_chunks_at_a_time(env,
     assert res["token_ids"] == env.greedy("mistral", prompt, n, chunk=64)
     check_stats(res, strategy, len(prompt), 64)
     check_caches(spec2, pipe)
+
+
+@pytest.mark.parametrize("kind,sampling", [("oracle", SamplingParams()), ("draft_noisy", SamplingParams()),
+                                           ("oracle", SamplingParams(temperature=0.8, seed=5))],
+                         ids=["oracle-greedy", "noisy-greedy", "oracle-sampled"])
+def test_flowspec_with_one_segment_in_the_ring_drafts_when_it_returns(env, kind, sampling) -> None:
+    """flowspec sharing the ring with one segment of its own (others fill the rest): nothing
+    is drafted while that segment flies; when it returns, the next segment carries the new root
+    with the best nodes of its first SHARED_LEVELS levels. The tokens stay plain decoding's."""
+    n = 30
+    pipe = env.pipe("mistral", 3)
+    tree = TreeParams(depth=4, top_k=3, total=32, segment=8, expand=16, in_flight=4)
+    spec = Speculator("flowspec", pipe.head, env.drafter(kind, "mistral", PROMPT, n, sampling), list(PROMPT), n,
+                      (), sampling, tree)
+    spec.limit_in_flight(1, shared=True)
+    pipe.reset()
+    back: deque = deque()
+
+    def deliver(sends: list[Send]) -> None:
+        for s in sends:
+            if s.commit or s.drop:
+                pipe.apply_update(s.commit, s.drop)
+            if s.segment is not None:
+                out = pipe.run_stages(s.segment)
+                back.append((out.node_ids, out.hidden))
+
+    deliver(spec.start())
+    depths: list[int] = []
+    while not spec.done:
+        assert len(back) == 1  # one segment in the ring, always
+        sends = spec.respond(*back.popleft())
+        for s in sends:
+            if s.segment is not None:
+                ids = s.segment.node_ids
+                assert len(ids) <= tree.segment
+                depths.append(max(spec.tree.depth(i) for i in ids if i in spec.tree))
+        drafted = spec.stats.drafted
+        assert spec.think() == [] and spec.stats.drafted == drafted  # nothing drafted in flight
+        deliver(sends)
+    want = (env.greedy("mistral", PROMPT, n) if sampling.greedy
+            else env.autoregressive("mistral", PROMPT, n, sampling))
+    assert spec.output == want
+    assert max(depths) == SHARED_LEVELS and all(d <= SHARED_LEVELS for d in depths)
+    if kind == "oracle":  # segments of two levels are accepted deeper than one level could be
+        assert spec.stats.accepted_drafts > spec.stats.rounds
+    check_stats({"token_ids": spec.output, "stats": spec.result_stats()}, "flowspec", len(PROMPT))
+    check_caches(spec, pipe)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 299, 300, 301])

@@ -240,7 +240,7 @@ class Decoding:
 
     def _apply_share(self) -> None:
         if self.spec is not None and self.share:
-            self.spec.limit_in_flight(self.share)
+            self.spec.limit_in_flight(self.share, self.shared)
 
     async def _send(self, down: FrameStream, sends: list[Send], reset: bool = False) -> None:
         """Updates and segments onto the link to the first stage, in order (after a RESET

@@ -148,21 +148,41 @@ class FlowSpec(Schedule):
     sends_first = True
 
     def returned(self, s: Speculator) -> Steps[None]:
-        """Where the target's token matched no draft, the new root travels with its children:
-        one level, drafted before it is sent (one head pass), so a round's first segment can
-        accept two tokens when it comes back. Deeper levels follow from ``think`` while the
-        ring works; drafted together with the root they would delay the whole round (measured
-        with tools/simulate_ring.py on edge-5: one level 1.92x autoregressive, none 1.80x, two
-        1.77x)."""
+        """Where the target's token matched no draft, the new root travels with its subtree,
+        drafted before it is sent, so a round's first segment can accept more than the root's
+        token when it comes back. With several segments of its own in flight the root takes
+        one level (one head pass): deeper levels follow in the next segments, drafted by
+        ``plan`` while the ring works, and drafted with the root they would delay the whole
+        round (tools/simulate_ring.py on edge-5: one level 1.92x autoregressive, none 1.80x,
+        two 1.77x). A request with one segment in the ring (its tree's in_flight, or its share
+        when others use the ring) sends nothing else before this segment returns, so its
+        segment takes the best nodes of ``SHARED_LEVELS`` levels (see ``plan``)."""
         root = s.tree[s.tree.root]
         if s.p.segment > 1 and not root.sent and not root.children:
-            yield from s._grow_steps(min(s.p.segment - 1, s.p.total), s.p.top_k, 1)
+            levels = min(s.p.depth, SHARED_LEVELS) if s.share == 1 else 1
+            yield from s._grow_steps(min(s.p.segment - 1, s.p.total), s.p.top_k, levels)
 
     def plan(self, s: Speculator) -> Steps[None]:
+        """Expand the tree from its frontier while the ring works, so that returning segments
+        find their successors drafted. Not for a request that shares the ring with one
+        segment of its own: what it drafts meanwhile is used only where the returning
+        segment is accepted to its end (the round drafts from its new root otherwise,
+        ``returned``), and the source, which drafts for every request, is then busy with
+        the others' rounds. Alone, the source has nothing else to do while the ring works."""
+        if s.share == 1 and s.shared:
+            return
         unsent = sum(1 for n in s.tree if not n.sent)
         live = len(s.tree) - 1
         if unsent < s.p.segment and live < s.p.total:
             yield from s._grow_steps(min(s.p.expand, s.p.total - live), s.p.top_k, s.p.depth)
+
+
+# Levels below a new root drafted before it is sent, for a request with one segment in the
+# ring. In memory (10 MT-bench turns x 128 tokens, the bundled head, edge-5's tree: segments
+# of 8, top_k 4, one segment in flight; tokens per segment / head passes per segment):
+# before, one level with expansions while the ring works 1.74 / 3.65; two levels and no
+# expansion 1.96 / 2.0; three 2.03 / 3.0; four 2.05 / 3.7 (with expansions 2.10 / 6.0).
+SHARED_LEVELS = 2
 
 
 SCHEDULES: dict[str, type[Schedule]] = {

@@ -125,21 +125,26 @@ class Speculator:
         self._prompt_ids: set[int] = set()
         self._max_in_flight = self.schedule.max_in_flight(tree)
         self.share = self._max_in_flight  # this request's share of the ring (see limit_in_flight)
+        self.shared = False  # other requests use the ring, and the source's time, now (see limit_in_flight)
         # prompt chunks in the ring at once while the prompt goes out; None = all at once (alone)
         self._prefill_window: int | None = None
         self._prefill_left: deque[Segment] = deque()  # prompt chunks not sent yet
         self._prefilling = False  # the prompt's last chunk (with the root) is not sent yet
         self.drafter.begin(self.prompt)
 
-    def limit_in_flight(self, n: int) -> None:
+    def limit_in_flight(self, n: int, shared: bool | None = None) -> None:
         """At most n of this request's segments in the ring at once (its share when other
         requests fill the ring too); the tree's own in_flight stays the upper bound. The
         output does not depend on it: only how far ahead the request speculates.
+        `shared`: whether other requests use the ring now (None: whether n is below the
+        tree's in_flight); a shared request with one segment drafts only when it returns
+        (see schedules.FlowSpec).
 
         A request that shares the ring (n below its tree's in_flight) also sends its prompt
         n chunks at a time, the next as one comes back, so that a long prefill does not
         hold back the segments of the others; alone, it sends every chunk at once."""
         self.share = max(1, min(n, self._max_in_flight))
+        self.shared = n < self._max_in_flight if shared is None else shared
         self._prefill_window = max(1, n) if n < self.p.in_flight else None
 
     # ----------------------------------------------------------------- driver API
