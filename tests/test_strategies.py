@@ -36,10 +36,10 @@ from flowspec.speculative import strategies as strategies_mod
 from flowspec.speculative.drafters import LookupDrafter
 from flowspec.speculative.drafters.base import Drafter, DraftView
 from flowspec.speculative.drafters.draft_model import DraftModelDrafter
-from flowspec.speculative.local_ring import generate_local, run_local
+from flowspec.speculative.local_ring import deliver, generate_local, run_local
 from flowspec.speculative.schedules import SHARED_LEVELS
 from flowspec.speculative.sampling import SamplingParams, choose_token, position_uniform, sample_from, target_probs
-from flowspec.speculative.strategies import STRATEGIES, Send, Speculator, TreeParams
+from flowspec.speculative.strategies import STRATEGIES, Speculator, TreeParams
 from flowspec.speculative.tree import DraftTree, Node
 from flowspec.speculative.verify import accept_deterministic, accept_multi_candidate
 
@@ -449,20 +449,12 @@ def test_flowspec_with_one_segment_in_the_ring_drafts_when_it_returns(env, kind,
     spec.limit_in_flight(1, shared=True)
     pipe.reset()
     back: deque = deque()
-
-    def deliver(sends: list[Send]) -> None:
-        for s in sends:
-            if s.commit or s.drop:
-                pipe.apply_update(s.commit, s.drop)
-            if s.segment is not None:
-                out = pipe.run_stages(s.segment)
-                back.append((out.node_ids, out.hidden))
-
-    deliver(spec.start())
+    deliver(pipe, spec.start(), back)
     depths: list[int] = []
     while not spec.done:
         assert len(back) == 1  # one segment in the ring, always
-        sends = spec.respond(*back.popleft())
+        ids, hidden, _, _ = back.popleft()
+        sends = spec.respond(ids, hidden)
         for s in sends:
             if s.segment is not None:
                 ids = s.segment.node_ids
@@ -470,7 +462,7 @@ def test_flowspec_with_one_segment_in_the_ring_drafts_when_it_returns(env, kind,
                 depths.append(max(spec.tree.depth(i) for i in ids if i in spec.tree))
         drafted = spec.stats.drafted
         assert spec.think() == [] and spec.stats.drafted == drafted  # nothing drafted in flight
-        deliver(sends)
+        deliver(pipe, sends, back)
     want = (env.greedy("mistral", PROMPT, n) if sampling.greedy
             else env.autoregressive("mistral", PROMPT, n, sampling))
     assert spec.output == want

@@ -20,35 +20,41 @@ from .strategies import Send, Speculator, TreeParams
 from .verify import choose_rows
 
 
+def deliver(pipe: LocalPipeline, sends: Sequence[Send], results: deque,
+            choose: Speculator | None = None) -> None:
+    """What the ring does with a request's sends, in order: each tree update applied on every
+    stage, each segment run through them, its result appended to `results` as (node ids,
+    hidden states, target tokens, their logprobs). `choose`: the request whose tokens are
+    chosen after the last stage (``decoding.verify: last_stage``); None: no tokens chosen."""
+    for s in sends:
+        if s.commit or s.drop:
+            pipe.apply_update(s.commit, s.drop)
+        if s.segment is not None:
+            seg = s.segment
+            out = pipe.run_stages(seg)
+            targets = lps = None
+            if choose is not None:
+                want = set(seg.node_ids[seg.score_from:]) if seg.score_from is not None else set()
+                rows = [i for i, n in enumerate(out.node_ids) if n in want]
+                targets, lps = choose_rows(pipe.head, out.hidden, out.positions, rows, choose.sampling,
+                                           choose.logprobs)
+            results.append((out.node_ids, out.hidden, targets, lps))
+
+
 def run_local(spec: Speculator, pipe: LocalPipeline, verify: str = "source") -> dict:
     """Decode one request through the in-process stages; returns {token_ids, stats}.
     verify="last_stage": the tokens are chosen after the last stage, as a ring's last stage
     does with ``decoding.verify: last_stage``, and the strategy gets them with the rows."""
     pipe.reset()
     results: deque = deque()
-
-    def deliver(sends: list[Send]) -> None:
-        for s in sends:
-            if s.commit or s.drop:
-                pipe.apply_update(s.commit, s.drop)
-            if s.segment is not None:
-                seg = s.segment
-                out = pipe.run_stages(seg)
-                targets = lps = None
-                if verify == "last_stage":
-                    want = set(seg.node_ids[seg.score_from:]) if seg.score_from is not None else set()
-                    rows = [i for i, n in enumerate(out.node_ids) if n in want]
-                    targets, lps = choose_rows(pipe.head, out.hidden, out.positions, rows, spec.sampling,
-                                               spec.logprobs)
-                results.append((out.node_ids, out.hidden, targets, lps))
-
+    choose = spec if verify == "last_stage" else None
     t0 = time.perf_counter()
-    deliver(spec.start())
+    deliver(pipe, spec.start(), results, choose)
     while not spec.done:
         if not results:
             raise RuntimeError(f"strategy {spec.strategy!r} stalled with nothing in flight")
         ids, hidden, targets, lps = results.popleft()
-        deliver(spec.on_result(ids, hidden, targets, lps))
+        deliver(pipe, spec.on_result(ids, hidden, targets, lps), results, choose)
     stats = spec.result_stats()
     stats["total_s"] = round(time.perf_counter() - t0, 4)
     return {"token_ids": list(spec.output), "stats": stats}
@@ -64,18 +70,9 @@ def run_local_together(specs: Sequence[Speculator], pipes: Sequence[LocalPipelin
     if len(specs) != len(pipes):
         raise ValueError("one pipeline per request")
     queues: list[deque] = [deque() for _ in specs]
-
-    def deliver(i: int, sends: list[Send]) -> None:
-        for s in sends:
-            if s.commit or s.drop:
-                pipes[i].apply_update(s.commit, s.drop)
-            if s.segment is not None:
-                out = pipes[i].run_stages(s.segment)
-                queues[i].append((out.node_ids, out.hidden))
-
     for i, spec in enumerate(specs):
         pipes[i].reset()
-        deliver(i, spec.start())
+        deliver(pipes[i], spec.start(), queues[i])
     while True:
         live = [i for i, spec in enumerate(specs) if not spec.done]
         if not live:
@@ -83,12 +80,12 @@ def run_local_together(specs: Sequence[Speculator], pipes: Sequence[LocalPipelin
         for i in live:
             if not queues[i]:
                 raise RuntimeError(f"strategy {specs[i].strategy!r} stalled with nothing in flight")
-        answered = run_together([specs[i].respond_steps(*queues[i].popleft()) for i in live], stats)
+        answered = run_together([specs[i].respond_steps(*queues[i].popleft()[:2]) for i in live], stats)
         for i, sends in zip(live, answered):
-            deliver(i, sends)
+            deliver(pipes[i], sends, queues[i])
         thought = run_together([specs[i].think_steps() for i in live], stats)
         for i, sends in zip(live, thought):
-            deliver(i, sends)
+            deliver(pipes[i], sends, queues[i])
     return [list(spec.output) for spec in specs]
 
 
