@@ -256,6 +256,21 @@ def test_stage_busy_counts_a_shared_pass_once() -> None:
     assert d["stage_busy"] == {"s1": pytest.approx((0.2 + 0.4 + 0.4) / 2.0)}
 
 
+def test_busy_while_every_request_runs() -> None:
+    """The steady state of a concurrency phase: the spans during which n requests ran at
+    once (the ramp and the tail left out), and each stage's busy fraction inside them."""
+    from flowspec.bench.concurrent import full_window_busy, full_windows
+
+    recs = [{"t0": 0.0, "t1": 4.0}, {"t0": 1.0, "t1": 3.0}, {"t0": 3.0, "t1": 6.0}]
+    assert full_windows(recs, 2) == [(1.0, 3.0), (3.0, 4.0)]  # one ends as the next starts: no gap
+    assert full_windows(recs, 3) == []
+    spans = {"s1": [(0.0, 2.0), (1.5, 2.5), (3.5, 5.0)], "s2": []}
+    d = full_window_busy(recs, spans, 2)
+    assert d["seconds"] == 3.0 and d["share"] == 0.5
+    assert d["stage_busy"] == {"s1": pytest.approx((1.5 + 0.5) / 3.0, abs=1e-3), "s2": 0.0}
+    assert full_window_busy(recs, spans, 3) is None
+
+
 def test_hop_stats_count_a_shared_pass_once() -> None:
     """A request's hop summary (the busy basis when its trace is cut short): two segments of
     one pass add their compute once, their queueing each; wire time and bytes per segment."""
@@ -340,6 +355,11 @@ def test_bench_concurrency_levels(tiny_tok_model: Path, tmp_path: Path, monkeypa
             assert 0 < parts < 3 * trip["median_ms"], trip
             assert 0 < trip["tokens_per_segment"] <= (1 if name == "autoregressive" else 12)
             assert f"{name} x{n}: a segment's trip" in " ".join(printed.split())
+            assert trip["respond_ms"]["median"] >= 0 and trip["respond_ms"]["p95"] >= trip["respond_ms"]["median"]
+            full = d["full"]  # while n requests ran at once: a part of the phase, busy inside it
+            assert full is not None and 0 < full["share"] <= 1.001, full
+            assert set(full["stage_busy"]) == {"stage1", "stage2"}
+            assert all(0 <= v <= 1 for v in full["stage_busy"].values()), full
         one = levels["1"]  # one at a time ran before and after the other levels: the ratios' base is the mean
         assert one["x_sequential"] == 1.0 and one["again_tokens_per_s"] > 0
         assert one["baseline_tokens_per_s"] == pytest.approx(

@@ -24,7 +24,7 @@ from ..config import Topology
 from ..errors import FlowSpecError
 from .options import BenchOptions
 from .run import request_for
-from .summary import quantile, union_length
+from .summary import quantile, respond_gaps, union_length
 
 ProgressFn = Callable[[str, int], None]
 
@@ -123,8 +123,45 @@ def summarize_phase(phase: dict[str, Any], stages: Sequence[str]) -> dict[str, A
         "ttft_s": {"median": round(statistics.median(ttft), 3) if ttft else None,
                    "p95": round(quantile(ttft, 0.95) or 0.0, 3) if ttft else None},
         "stage_busy": {s: round(union_length([x for x in sp if x[1] > x[0]]) / wall, 3) for s, sp in spans.items()},
+        "full": full_window_busy(recs, spans, phase["concurrency"]),
         "trip": trip_breakdown(recs),
     }
+
+
+def full_windows(recs: Sequence[dict[str, Any]], n: int) -> list[tuple[float, float]]:
+    """The spans of the phase during which n requests were on the ring at once (from each
+    request's client-side start and end): the steady state, without the ramp at the start
+    and the tail where the last requests finish alone."""
+    events = sorted([(float(r["t0"]), 1) for r in recs] + [(float(r["t1"]), -1) for r in recs],
+                    key=lambda e: (e[0], e[1]))  # an end before a start at the same instant
+    out: list[tuple[float, float]] = []
+    active, since = 0, 0.0
+    for t, d in events:
+        if active >= n and d < 0 and t > since:
+            out.append((since, t))
+        active += d
+        if active >= n and d > 0:
+            since = t
+    return out
+
+
+def full_window_busy(recs: Sequence[dict[str, Any]], spans: dict[str, list[tuple[float, float]]],
+                     n: int) -> dict[str, Any] | None:
+    """How busy every stage was while n requests were on the ring at once (``stage_busy`` is
+    over the whole phase, ramp and tail included): the seconds of such windows, their share of
+    the phase, and each stage's busy fraction inside them. None when n requests never ran
+    together."""
+    windows = full_windows(recs, n)
+    length = sum(b - a for a, b in windows)
+    if length <= 0:
+        return None
+    busy = {}
+    for s, sp in spans.items():
+        inside = [(max(a, wa), min(b, wb)) for wa, wb in windows for a, b in sp if min(b, wb) > max(a, wa)]
+        busy[s] = round(union_length(inside) / length, 3)
+    phase = max(float(r["t1"]) for r in recs) - min(float(r["t0"]) for r in recs)
+    return {"seconds": round(length, 3), "share": round(length / phase, 3) if phase > 0 else None,
+            "stage_busy": busy}
 
 
 def trip_breakdown(recs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -151,9 +188,12 @@ def trip_breakdown(recs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     ms = lambda xs: round(1000 * statistics.fmean(xs), 1)  # noqa: E731
     segments = sum(int((r["stats"].get("hops") or {}).get("trips", 0)) for r in recs)
     tokens = sum(len(r["token_ids"]) for r in recs)
+    gaps = [g for r in recs for g in respond_gaps(r["stats"])]
     return {"median_ms": round(1000 * statistics.median(trips), 1),
             "stages": {s: {"compute_ms": ms(compute[s]), "queue_ms": ms(queue[s])} for s in compute},
             "link_ms": ms(wire) if wire else None,
+            "respond_ms": {"median": round(1000 * statistics.median(gaps), 1),
+                           "p95": round(1000 * (quantile(gaps, 0.95) or 0.0), 1)} if gaps else None,
             "tokens_per_segment": round(tokens / segments, 2) if segments else None}
 
 
@@ -162,9 +202,11 @@ def trip_line(name: str, n: str, trip: dict[str, Any]) -> str:
     st = trip["stages"].values()
     span = lambda k: (f"{min(v[k] for v in st):.0f}-{max(v[k] for v in st):.0f}" if st else "-")  # noqa: E731
     link = "-" if trip["link_ms"] is None else f"{trip['link_ms']:.1f}"
+    rs = trip.get("respond_ms")
+    respond = "" if not rs else f"; the source answers a return in {rs['median']:.0f} ms (median, p95 {rs['p95']:.0f})"
     return (f"{name} x{n}: a segment's trip {trip['median_ms']:.0f} ms (median): per stage {span('compute_ms')} ms "
             f"computing, {span('queue_ms')} ms queued (means), {link} ms per link; "
-            f"{trip['tokens_per_segment']} tokens per returned segment")
+            f"{trip['tokens_per_segment']} tokens per returned segment{respond}")
 
 
 def summarize_levels(phases: list[dict[str, Any]], stages: Sequence[str], temperature: float) -> dict[str, Any]:
@@ -221,7 +263,7 @@ def print_levels(summary: dict[str, Any], console: Any, title: str) -> None:
               caption="agg: all generated tokens over the phase's wall time (at 1: before / after the other "
                       "levels); x seq: over 1 at a time (the mean of its runs); per request: "
                       "decode tok/s median (slowest / median); ttft: client-side time to first token; busy: "
-                      "stages in ring order over the phase")
+                      "stages in ring order over the phase (ramp and tail included)")
     for col in ("strategy", "N", "agg tok/s", "x seq", "per request", "ttft med / p95", "busy", "= alone"):
         t.add_column(col, justify="left" if col in ("strategy", "busy") else "right", no_wrap=True)
     for name, levels in summary.items():
@@ -241,3 +283,8 @@ def print_levels(summary: dict[str, Any], console: Any, title: str) -> None:
         for n, d in levels.items():
             if d.get("trip"):
                 console.print(trip_line(name, n, d["trip"]), highlight=False)
+            full = d.get("full")
+            if full and n != "1":
+                console.print(f"{name} x{n}: while {n} requests ran at once ({full['seconds']:.0f} s, "
+                              f"{100 * (full['share'] or 0):.0f}% of the phase) the stages were "
+                              + " ".join(f"{v:.2f}" for v in full["stage_busy"].values()) + " busy", highlight=False)
