@@ -153,9 +153,13 @@ def _split(origin: str, start: int, end: int, group: list[NodeSpec], layer_bytes
         )
     counts = [1] * len(group)
     for _ in range(total - len(group)):
-        # the stage that would finish its share soonest with one more layer takes it
+        # the stage that would finish its share soonest with one more layer takes it; of two
+        # that would finish it as soon, the later in the ring: the first stage takes a
+        # request's segments as the source sends them, back to back, and queues form there
+        # first (edge-5, 4-8 requests: 8/9/9/4 layers beat 9/9/8/4 and 9/8/8/5; README,
+        # "Where the lm_head runs")
         best = min((i for i in range(len(group)) if caps[i] is None or counts[i] < caps[i]),  # type: ignore
-                   key=lambda i: ((counts[i] + 1 + extra_work.get(group[i].name, 0.0)) / group[i].speed, i))
+                   key=lambda i: ((counts[i] + 1 + extra_work.get(group[i].name, 0.0)) / group[i].speed, -i))
         counts[best] += 1
     return counts
 

@@ -31,7 +31,7 @@ from flowspec.runtime.scoring import SharedHead
 from flowspec.speculative.drafters.base import DraftCall, Drafter, DraftView, Proposals
 from flowspec.speculative.drafters.eagle import EagleDrafter, EagleHead
 from flowspec.speculative.drafting import DraftingStats, run_together
-from flowspec.speculative.local_ring import generate_local, run_local_together
+from flowspec.speculative.local_ring import deliver, generate_local, run_local_together
 from flowspec.speculative.sampling import SamplingParams
 from flowspec.speculative.strategies import STRATEGIES, Send, Speculator, TreeParams
 from flowspec.speculative.tree import DraftTree, Node
@@ -256,12 +256,7 @@ class Request:
         self.deliver(self.spec.start())
 
     def deliver(self, sends: list[Send]) -> None:
-        for s in sends:
-            if s.commit or s.drop:
-                self.pipe.apply_update(s.commit, s.drop)
-            if s.segment is not None:
-                out = self.pipe.run_stages(s.segment)
-                self.results.append((out.node_ids, out.hidden, None))
+        deliver(self.pipe, sends, self.results)
 
 
 def test_shared_drafter_on_a_compute_thread(pipe: LocalPipeline, head: EagleHead) -> None:
@@ -279,7 +274,7 @@ def test_shared_drafter_on_a_compute_thread(pipe: LocalPipeline, head: EagleHead
 
             def then(sc: dict[int, torch.Tensor], results=results) -> Any:
                 sends: list[Send] = []
-                for ids, hidden, _ in results:
+                for ids, hidden, _, _ in results:
                     sends += yield from r.spec.respond_steps(ids, hidden, sc)
                 return sends
 

@@ -30,11 +30,16 @@ from .yaml_load import _parse_yaml
 
 log = logging.getLogger(__package__)  # "flowspec.config", as before the split into a package
 
-# Work of the lm_head per segment as a share of its size in layers: it runs only over the
-# rows being scored, the layers over every row of a segment. Measured on edge-5 (verify:
-# last_stage, 8/8/8/4 and 10/9/9/2 layers): the last stage's busy share put the lm_head at
-# 2.7-3.9 layers of work against 8 layers of weights (docs: README, "Where the lm_head runs").
-LM_HEAD_WORK = 0.4
+# Work of the lm_head as a share of its size in decoder layers (it reads as many bytes, but
+# one matrix product costs less than a layer's dozen operations). Measured for the default
+# model in bfloat16, one thread (`tools/bench_engine.py`: `--stage 8 --stage-sizes 1,8,16`
+# and `--head-sizes 1,8,16`): the lm_head takes 0.62 / 0.64 / 0.63 of an 8-layer stage's
+# time at 1 / 8 / 16 rows; on edge-5 with 4 requests sharing the ring (the last stage
+# chooses every token) 0.56 (27 ms of a 58 ms pass of 5 layers and the lm_head, 49 ms
+# for 8 layers). An earlier estimate from busy shares with one request, 0.4, left the
+# last stage the slowest of the ring whenever requests share it (README, "Where the
+# lm_head runs").
+LM_HEAD_WORK = 0.6
 
 _KEY_HINT = "python -c 'import secrets; print(secrets.token_hex(32))'"
 
