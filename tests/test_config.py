@@ -469,6 +469,40 @@ def test_bad_testbed_link_key(write: Callable[[Any], Path]) -> None:
     assert "testbed.links['stage1->stage2'].latency: unknown key (did you mean 'latency_ms'?)" in msg
 
 
+def test_every_problem_of_every_section_at_once(write: Callable[[Any], Path]) -> None:
+    """Fields checked by hand (names, addresses, flags, origins, links) and across fields
+    (ports, timeouts) are all reported, in file order, not only the first of each section."""
+    from flowspec.errors import TopologyErrors
+
+    d = base(
+        model={"target": "default", "drafter": 5, "name": "bad name!"},
+        api={"host": "0.0.0.0", "port": 7700, "cors_origins": ["ftp//x", "https://ok.example", 5],
+             "access_log": "yes"},
+        decoding={"strategy": "flowspek", "temperature": -1, "top_p": 7, "max_active": 0,
+                  "tree": {"segment": 0, "top_k": 999, "depth": 0}},
+        security={"heartbeat_s": 5, "dead_after_s": 2, "read_timeout_s": 1, "encrypt": "maybe",
+                  "key_env": "1BAD"},
+        testbed={"link": {"bandwidth_mbit": 0}, "links": {"a->b": {}, "source->stage1": {"latency_ms": -1}},
+                 "cpus": {"nobody": 0.5}})
+    p = write(d)
+    with pytest.raises(TopologyErrors) as ei:
+        Topology.load(p)
+    fields = [m.split(": ")[1] for m in ei.value.messages]
+    assert fields == [
+        "model.drafter", "model.name", "api.port", "api.host", "api.cors_origins[0]", "api.cors_origins[2]",
+        "api.access_log", "decoding.strategy", "decoding.temperature", "decoding.top_p", "decoding.tree.segment",
+        "decoding.tree.depth", "decoding.tree.top_k", "decoding.max_active", "security.dead_after_s",
+        "security.read_timeout_s", "security.key_env", "security.encrypt", "testbed.link.bandwidth_mbit",
+        "testbed.links['a->b']", "testbed.links['source->stage1'].latency_ms", "testbed.cpus.nobody"], fields
+    assert all(m.startswith(f"{p}: ") for m in ei.value.messages)
+    # a cross-field check needs both fields accepted: a refused heartbeat is said once, on its own
+    d = base(security={"heartbeat_s": -1, "dead_after_s": 0.5})
+    with pytest.raises(TopologyError) as one:
+        Topology.load(write(d))
+    assert "security.heartbeat_s: must be a number > 0" in str(one.value)
+    assert "dead_after_s" not in str(one.value)
+
+
 def test_dead_after_not_above_heartbeat(write: Callable[[Any], Path]) -> None:
     msg = load_error(write, base(security={"heartbeat_s": 2.0, "dead_after_s": 2.0}))
     assert "security.dead_after_s: 2 s must be greater than heartbeat_s (2 s)" in msg

@@ -48,6 +48,12 @@ class _Fields:
             pass
         return fallback
 
+    def close(self, before: int) -> None:
+        """End a section: _Recorded when it recorded a problem since `before` (the count of
+        ``problems`` when it began), since its value would hold stand-ins for refused fields."""
+        if len(self.problems) > before:
+            raise _Recorded
+
     # ------------------------------------------------------------------ helpers
     def error(self, path: str, msg: str) -> TopologyError:
         return TopologyError(f"{self.origin}: {path}: {msg}" if path else f"{self.origin}: {msg}")
@@ -103,6 +109,13 @@ class _Fields:
                 raise
             self.problems.append(e)
             return default
+
+    def field_ok(self, cls: type, name: str, d: Mapping[str, Any], path: str) -> tuple[Any, bool]:
+        """:meth:`field`, and whether the value was accepted (False: a problem was recorded and
+        the default stands in; a check across fields then has nothing to compare)."""
+        n = len(self.problems)
+        v = self.field(cls, name, d, path)
+        return v, len(self.problems) == n
 
     def string(self, v: Any, path: str, allowed: str, pattern: re.Pattern[str] | None = None) -> str:
         if not isinstance(v, str) or not v.strip() or (pattern is not None and not pattern.match(v)):

@@ -4,10 +4,10 @@
 :class:`~flowspec.errors.TopologyError` naming the file, the field path
 (``nodes[2].layers``) and what is allowed. It reports every problem at once
 (:class:`~flowspec.errors.TopologyErrors`, one line each): every section, every node and
-every field of a node is checked even after an earlier one failed, and every unknown key
-is named; in the other sections every field read by its declared rule
-(:meth:`~flowspec.config.fields._Fields.field`) is checked, while a field checked by hand
-(a name, an address, a key file) or across fields ends its section at the first problem. The
+every field is checked even after an earlier one failed, and every unknown key is named.
+A check across fields (a port used twice, dead_after_s against heartbeat_s) runs when the
+fields it compares were accepted; the API's port and the testbed's links, which name
+nodes, are checked once the nodes are valid. The
 layer ranges are checked as far as possible without the model (see
 :mod:`flowspec.layer_plan`), once the rest of the file is valid.
 """
@@ -99,24 +99,31 @@ class _Parser(_Fields):
 
     def model(self, v: Any) -> ModelSpec:
         d = self.mapping(v, "model", _MODEL_KEYS)
+        before = len(self.problems)
         dflt = ModelSpec()
-        target = d.get("target", dflt.target)
-        target = self.string(target, "model.target",
-                             f"{DEFAULT_TARGET!r}, a model folder or a .gguf file")
-        if target != DEFAULT_TARGET:
-            target = self.resolve(target)
-        drafter = self.drafter(d.get("drafter", str(dflt.drafter)))
-        dtype = self.field(ModelSpec, "dtype", d, "model")
-        stage_weights = self.field(ModelSpec, "stage_weights", d, "model")
-        max_context = self.field(ModelSpec, "max_context", d, "model")
-        num_layers = self.field(ModelSpec, "num_layers", d, "model")
-        name = d.get("name")
-        if name is not None:
-            name = self.string(name, "model.name", "the model's id in the HTTP API (letters, digits and ._:/@+-, "
+
+        def target() -> str:
+            t = self.string(d.get("target", dflt.target), "model.target",
+                            f"{DEFAULT_TARGET!r}, a model folder or a .gguf file")
+            return t if t == DEFAULT_TARGET else self.resolve(t)
+
+        def name() -> str | None:
+            n = d.get("name")
+            if n is None:
+                return None
+            return self.string(n, "model.name", "the model's id in the HTTP API (letters, digits and ._:/@+-, "
                                "at most 128 characters, e.g. SmolLM2-135M-Instruct), or null to derive it from "
                                "model.target", _MODEL_NAME_RE)
-        return ModelSpec(target=target, drafter=drafter, dtype=dtype, max_context=max_context,
-                         num_layers=num_layers, name=name, stage_weights=stage_weights)
+
+        out = ModelSpec(target=self.attempt(target, dflt.target),
+                        drafter=self.attempt(lambda: self.drafter(d.get("drafter", str(dflt.drafter))), dflt.drafter),
+                        dtype=self.field(ModelSpec, "dtype", d, "model"),
+                        stage_weights=self.field(ModelSpec, "stage_weights", d, "model"),
+                        max_context=self.field(ModelSpec, "max_context", d, "model"),
+                        num_layers=self.field(ModelSpec, "num_layers", d, "model"),
+                        name=self.attempt(name, None))
+        self.close(before)
+        return out
 
     def drafter(self, v: Any) -> DrafterSpec:
         """model.drafter (speculative.params.split_drafter reads it), a path resolved against the file's folder."""
@@ -223,69 +230,92 @@ class _Parser(_Fields):
 
     def api(self, v: Any, nodes: tuple[NodeSpec, ...]) -> ApiSpec:
         d = self.mapping({} if v is None else v, "api", _API_KEYS)
+        before = len(self.problems)
         dflt = ApiSpec()
-        host = self.host(d.get("host", dflt.host), "api.host", wildcard_ok=True)
-        port = self.field(ApiSpec, "port", d, "api")
+        host = self.attempt(lambda: self.host(d.get("host", dflt.host), "api.host", wildcard_ok=True), None)
+        port, port_ok = self.field_ok(ApiSpec, "port", d, "api")
         src = next(n for n in nodes if n.is_source)
-        for n in nodes:
+        for n in nodes if host is not None and port_ok else ():
             same_host = _host_key(n.host) == _host_key(host) or (n is src and _is_wildcard(host))
             if same_host and n.port == port:
-                raise self.error("api.port", f"{port} is already the ring port of {n.label}; "
-                                 "the HTTP API needs a port of its own")
-        key_env = self.env_name(d.get("api_key_env"), "api.api_key_env", nullable=True)
-        key_file = self.file_path(d.get("api_key_file"), "api.api_key_file")
-        open_ok = self.flag(d.get("allow_unauthenticated", dflt.allow_unauthenticated),
-                            "api.allow_unauthenticated")
-        if key_env is None and key_file is None and not open_ok and not _is_loopback(host):
-            raise self.error("api.host", f"{host} serves the HTTP API beyond this machine without a key: "
-                             "anyone on the network could use the ring; set api.api_key_env (or "
-                             "api.api_key_file) to a Bearer key, bind 127.0.0.1, or set "
-                             "api.allow_unauthenticated: true if the network is yours alone")
-        return ApiSpec(
-            host=host, port=port, api_key_env=key_env, api_key_file=key_file,
+                self.problems.append(self.error("api.port", f"{port} is already the ring port of {n.label}; "
+                                                "the HTTP API needs a port of its own"))
+        no_key = object()  # a key setting that was refused: whether the API is open is not known
+        key_env = self.attempt(lambda: self.env_name(d.get("api_key_env"), "api.api_key_env", nullable=True), no_key)
+        key_file = self.attempt(lambda: self.file_path(d.get("api_key_file"), "api.api_key_file"), no_key)
+        open_ok = self.attempt(lambda: self.flag(d.get("allow_unauthenticated", dflt.allow_unauthenticated),
+                                                 "api.allow_unauthenticated"), True)
+        if host is not None and key_env is None and key_file is None and not open_ok and not _is_loopback(host):
+            self.problems.append(self.error(
+                "api.host", f"{host} serves the HTTP API beyond this machine without a key: anyone on the "
+                "network could use the ring; set api.api_key_env (or api.api_key_file) to a Bearer key, bind "
+                "127.0.0.1, or set api.allow_unauthenticated: true if the network is yours alone"))
+        out = ApiSpec(
+            host=host or dflt.host, port=port,
+            api_key_env=key_env if isinstance(key_env, str) else None,
+            api_key_file=key_file if isinstance(key_file, str) else None,
             queue_size=self.field(ApiSpec, "queue_size", d, "api"),
             allow_unauthenticated=open_ok,
             cors_origins=self.origins(d.get("cors_origins")),
-            access_log=self.flag(d.get("access_log", dflt.access_log), "api.access_log"),
+            access_log=self.attempt(lambda: self.flag(d.get("access_log", dflt.access_log), "api.access_log"),
+                                    dflt.access_log),
         )
+        self.close(before)
+        return out
 
     def origins(self, v: Any) -> tuple[str, ...]:
-        """api.cors_origins: browser origins (scheme://host[:port]) or "*", as a list."""
+        """api.cors_origins: browser origins (scheme://host[:port]) or "*", as a list; each
+        origin that is not one is recorded as a problem."""
         allowed = ("a list of browser origins such as https://example.com or http://localhost:3000 "
                    "(scheme://host[:port], no path), or [\"*\"] for any origin")
         if v is None:
             return ()
         items = [v] if isinstance(v, str) else v
         if not isinstance(items, (list, tuple)):
-            raise self.error("api.cors_origins", f"must be {allowed}, not {v!r}")
+            self.problems.append(self.error("api.cors_origins", f"must be {allowed}, not {v!r}"))
+            return ()
         out = []
         for i, o in enumerate(items):
             if not isinstance(o, str) or not (o.strip() == "*" or _ORIGIN_RE.match(o.strip().rstrip("/"))):
-                raise self.error(f"api.cors_origins[{i}]", f"must be {allowed}, not {o!r}")
+                self.problems.append(self.error(f"api.cors_origins[{i}]", f"must be {allowed}, not {o!r}"))
+                continue
             out.append(o.strip().rstrip("/").lower())  # browsers send scheme and host in lower case
         return tuple(dict.fromkeys(out))
 
     def decoding(self, v: Any) -> DecodingSpec:
         d = self.mapping({} if v is None else v, "decoding", _DECODING_KEYS)
-        try:  # a request's defaults: null is a value here (seed: null = random), never "not given"
-            r = check_decode({k: d[k] for k in _REQUEST_KEYS if k in d}, null_is_default=False)
-        except FieldError as e:
-            raise self.error(f"decoding.{e.field}", e.reason) from None
-        return DecodingSpec(
+        before = len(self.problems)
+        # a request's defaults: null is a value here (seed: null = random), never "not given";
+        # a refused field is recorded and left out, and the others are checked again without it
+        given = {k: d[k] for k in _REQUEST_KEYS if k in d}
+        r = None
+        while r is None:
+            try:
+                r = check_decode(given, null_is_default=False)
+            except FieldError as e:
+                self.problems.append(self.error(f"decoding.{e.field}", e.reason))
+                key = re.split(r"[.\[]", e.field, maxsplit=1)[0]
+                if key not in given:  # not one of the fields given: nothing left to take out
+                    r = check_decode({}, null_is_default=False)
+                given.pop(key, None)
+        out = DecodingSpec(
             strategy=r.strategy, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
             top_k=r.top_k, seed=r.seed, verify=r.verify,
-            tree=self.tree(d.get("tree")),
+            tree=self.attempt(lambda: self.tree(d.get("tree")), TreeSpec()),
             **{k: self.field(DecodingSpec, k, d, "decoding")
                for k in ("prefill_chunk", "max_active", "resume_window_s", "failover_after_s")},
         )
+        self.close(before)
+        return out
 
     def tree(self, v: Any) -> TreeSpec:
         d = self.mapping({} if v is None else v, "decoding.tree", _TREE_KEYS)
+        before = len(self.problems)
         dflt = TreeSpec()
         p = "decoding.tree"
-        auto = {}
-        for k in TUNABLE:  # an integer, or "auto": chosen for the ring once it has formed
-            value = d.get(k, getattr(dflt, k))
+
+        def tunable(k: str, value: Any) -> Any:
+            """An integer, or "auto": chosen for the ring once it has formed."""
             if value != AUTO:
                 rule = rule_of(TreeParams, k)
                 try:
@@ -293,35 +323,43 @@ class _Parser(_Fields):
                 except FieldError:
                     raise self.error(f"{p}.{k}", f"must be {rule.allowed} or \"auto\" (chosen from what the "
                                      f"ring's nodes and links cost), not {show(value)}") from None
-            auto[k] = value
-        sizes = {k: self.ruled(TreeParams, k, d.get(k, getattr(dflt, k)), f"{p}.{k}")
+            return value
+
+        auto = {k: self.attempt(functools.partial(tunable, k, d.get(k, getattr(dflt, k))), getattr(dflt, k))
+                for k in TUNABLE}
+        sizes = {k: self.attempt(functools.partial(self.ruled, TreeParams, k, d.get(k, getattr(dflt, k)),
+                                                   f"{p}.{k}"), getattr(dflt, k))
                  for k in ("depth", "top_k", "total")}
+        self.close(before)
         return TreeSpec(**sizes, **auto)
 
     def security(self, v: Any) -> SecuritySpec:
         d = self.mapping({} if v is None else v, "security", _SECURITY_KEYS)
+        before = len(self.problems)
         dflt = SecuritySpec()
         p = "security"
-        hb = self.field(SecuritySpec, "heartbeat_s", d, p)
-        dead = self.field(SecuritySpec, "dead_after_s", d, p)
-        if dead <= hb:
-            raise self.error(f"{p}.dead_after_s", f"{dead:g} s must be greater than heartbeat_s "
-                             f"({hb:g} s), or a live peer is declared dead between two heartbeats")
-        read_to = self.field(SecuritySpec, "read_timeout_s", d, p)
-        if read_to <= hb:
-            raise self.error(f"{p}.read_timeout_s", f"{read_to:g} s must be greater than heartbeat_s "
-                             f"({hb:g} s), or an idle but live peer times out")
-        key_env = self.string(d.get("key_env", dflt.key_env), f"{p}.key_env",
-                              "the name of an environment variable ([A-Za-z_][A-Za-z0-9_]*)", _ENV_RE)
-        return SecuritySpec(
-            key_env=key_env,
-            key_file=self.file_path(d.get("key_file"), f"{p}.key_file"),
-            encrypt=self.flag(d.get("encrypt", dflt.encrypt), f"{p}.encrypt"),
+        hb, hb_ok = self.field_ok(SecuritySpec, "heartbeat_s", d, p)
+        dead, dead_ok = self.field_ok(SecuritySpec, "dead_after_s", d, p)
+        if hb_ok and dead_ok and dead <= hb:
+            self.problems.append(self.error(f"{p}.dead_after_s", f"{dead:g} s must be greater than heartbeat_s "
+                                            f"({hb:g} s), or a live peer is declared dead between two heartbeats"))
+        read_to, read_ok = self.field_ok(SecuritySpec, "read_timeout_s", d, p)
+        if hb_ok and read_ok and read_to <= hb:
+            self.problems.append(self.error(f"{p}.read_timeout_s", f"{read_to:g} s must be greater than "
+                                            f"heartbeat_s ({hb:g} s), or an idle but live peer times out"))
+        out = SecuritySpec(
+            key_env=self.attempt(lambda: self.string(d.get("key_env", dflt.key_env), f"{p}.key_env",
+                                                     "the name of an environment variable ([A-Za-z_][A-Za-z0-9_]*)",
+                                                     _ENV_RE), dflt.key_env),
+            key_file=self.attempt(lambda: self.file_path(d.get("key_file"), f"{p}.key_file"), None),
+            encrypt=self.attempt(lambda: self.flag(d.get("encrypt", dflt.encrypt), f"{p}.encrypt"), dflt.encrypt),
             max_frame_mb=self.field(SecuritySpec, "max_frame_mb", d, p),
             read_timeout_s=read_to,
             heartbeat_s=hb,
             dead_after_s=dead,
         )
+        self.close(before)
+        return out
 
     def link(self, v: Any, path: str, base: LinkSpec) -> LinkSpec:
         """A link at `path`; what it does not set is `base`'s (testbed.link, or LinkSpec's defaults)."""
@@ -330,21 +368,21 @@ class _Parser(_Fields):
 
     def testbed(self, v: Any, nodes: tuple[NodeSpec, ...]) -> TestbedSpec:
         d = self.mapping(v, "testbed", _TESTBED_KEYS)
+        before = len(self.problems)
         spares = [n.label for n in nodes if n.is_spare]
         if spares:
-            raise self.error("testbed", f"{', '.join(spares)} {'is a spare' if len(spares) == 1 else 'are spares'}: "
-                             "the emulated testbed puts a proxy on each ring link of the file's order and "
-                             "cannot follow a spare into the ring; remove the spare or the testbed section")
+            self.problems.append(self.error(
+                "testbed", f"{', '.join(spares)} {'is a spare' if len(spares) == 1 else 'are spares'}: the "
+                "emulated testbed puts a proxy on each ring link of the file's order and cannot follow a spare "
+                "into the ring; remove the spare or the testbed section"))
         raw_link = d.get("link")
-        link = self.link({} if raw_link is None else raw_link, "testbed.link", LinkSpec())
+        link = self.attempt(lambda: self.link({} if raw_link is None else raw_link, "testbed.link", LinkSpec()),
+                            LinkSpec())
         names = [n.name for n in nodes]
         edges = [(n.name, nodes[(n.index + 1) % len(nodes)].name) for n in nodes]
         edge_text = ", ".join(f"{a}->{b}" for a, b in edges)
-        links: dict[tuple[str, str], LinkSpec] = {}
-        raw_links = {} if d.get("links") is None else d["links"]
-        if not isinstance(raw_links, dict):
-            raise self.error("testbed.links", f"must be a mapping \"A->B\": link, not {_kind(raw_links)}")
-        for k, lv in raw_links.items():
+
+        def one_link(k: Any, lv: Any) -> tuple[tuple[str, str], LinkSpec]:
             p = f"testbed.links[{str(k)!r}]"
             a, arrow, b = str(k).partition("->")
             a, b = a.strip(), b.strip()
@@ -358,18 +396,41 @@ class _Parser(_Fields):
             if (a, b) not in edges:
                 raise self.error(p, f"{a}->{b} is not a ring edge (each node sends only to the next "
                                  f"one); the ring edges are {edge_text}")
-            links[(a, b)] = self.link(lv if lv is not None else {}, p, link)
-        cpus: dict[str, float | None] = {}
-        raw_cpus = {} if d.get("cpus") is None else d["cpus"]
-        if not isinstance(raw_cpus, dict):
-            raise self.error("testbed.cpus", f"must be a mapping node name: cpu_quota, not {_kind(raw_cpus)}")
-        for k, cv in raw_cpus.items():
+            return (a, b), self.link(lv if lv is not None else {}, p, link)
+
+        def one_cpu(k: Any, cv: Any) -> float | None:
             p = f"testbed.cpus.{k}"
             if k not in names:
                 raise self.error(p, f"no node named {str(k)!r}{_suggest(str(k), names)}; "
                                  f"nodes: {', '.join(names)}")
-            cpus[k] = self.ruled(TestbedSpec, "cpu_quota", cv, p)
-        return TestbedSpec(
+            return self.ruled(TestbedSpec, "cpu_quota", cv, p)
+
+        links: dict[tuple[str, str], LinkSpec] = {}
+        raw_links = {} if d.get("links") is None else d["links"]
+        if not isinstance(raw_links, dict):
+            self.problems.append(self.error("testbed.links", f"must be a mapping \"A->B\": link, not "
+                                            f"{_kind(raw_links)}"))
+            raw_links = {}
+        if spares:  # the ring's edges are not the file's order then: the entries name nothing to check
+            raw_links = {}
+        for k, lv in raw_links.items():
+            got = self.attempt(functools.partial(one_link, k, lv), None)
+            if got is not None:
+                links[got[0]] = got[1]
+        cpus: dict[str, float | None] = {}
+        raw_cpus = {} if d.get("cpus") is None else d["cpus"]
+        if not isinstance(raw_cpus, dict):
+            self.problems.append(self.error("testbed.cpus", f"must be a mapping node name: cpu_quota, not "
+                                            f"{_kind(raw_cpus)}"))
+            raw_cpus = {}
+        for k, cv in ({} if spares else raw_cpus).items():
+            n = len(self.problems)
+            quota = self.attempt(functools.partial(one_cpu, k, cv), None)
+            if len(self.problems) == n:
+                cpus[k] = quota
+        out = TestbedSpec(
             link=link, links=links, cpus=cpus,
             **{k: self.field(TestbedSpec, k, d, "testbed") for k in ("cpu_quota", "threads", "cpu_period_ms")},
         )
+        self.close(before)
+        return out
