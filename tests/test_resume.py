@@ -27,7 +27,7 @@ from flowspec.errors import FlowSpecError, RingError
 from flowspec.runtime.client import RingClient
 
 from ring_helpers import (formed, generate, kill_leftovers, new_key, node_env, running_ring, tiny_tok_model,  # noqa: F401
-                          wait_gone, write_topology)
+                          wait_gone, wait_log, write_topology)
 
 FAST = {"heartbeat_s": 0.2, "dead_after_s": 1.0, "read_timeout_s": 5.0}  # a dead node is noticed in ~1 s
 PROMPT = [1, 504, 3458, 282, 4649, 314, 30, 198, 28, 216]
@@ -141,8 +141,9 @@ def test_an_http_stream_pauses_through_a_stall_and_completes(tmp_path: Path, tin
 def test_a_probe_holding_the_ring_lets_go_when_a_stage_dies(tmp_path: Path, tiny_tok_model: Path) -> None:
     """A ring probe (the profiler's, or the source's own tuning at formation) holds the ring:
     no request decodes meanwhile. When a stage dies under it, the probe ends at once with a
-    message, and once the stage is back the ring serves requests again (before, the probe
-    waited out its timeout, minutes, and every request waited behind it)."""
+    message, the stages that were timing their passes for it stop, and once the stage is back
+    the ring serves requests again (before, the probe waited out its timeout, minutes, and
+    every request waited behind it)."""
     path = write_topology(tmp_path, 3, tiny_tok_model, drafter="lookup", security=FAST)
     topo = Topology.load(str(path))
     with running_ring(path) as ring:
@@ -163,10 +164,14 @@ def test_a_probe_holding_the_ring_lets_go_when_a_stage_dies(tmp_path: Path, tiny
         msg, took = asyncio.run(probe_and_kill())
         assert "the bench probe failed" in msg and "broke" in msg, msg
         assert took < 10, took  # whole, the probe takes ~30 s; its own timeout here is 2.3 hours
+        # stage1 stops timing its share once its successor is gone (it held its compute thread,
+        # and the ring's next FORM behind it, for the rest of the ~30 s before)
+        stopped = "stopped: the ring broke while this stage timed its passes"
+        assert stopped in wait_log(ring, "stage1", stopped, timeout=10.0)
         p.proc.wait(5)
         ring.procs.remove(p)
         ring.spawn("stage2", str(path), append=True)
-        formed(topo, ring.key, 60.0, ring)  # (stage1 finishes its share of the probe first)
+        formed(topo, ring.key, 60.0, ring)
         assert generate(topo, ring.key, request("flowspec", 0.0, 24), timeout=60)["token_ids"] == truth
 
 

@@ -26,6 +26,7 @@ import asyncio
 import itertools
 import logging
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -225,10 +226,14 @@ def bandwidth_mbit(samples: list[list[float]]) -> float | None:
     return round(8 / (slope / 1000) / 1e6, 1)
 
 
-def bench_stage(stage: Any, sizes: list[int], reps: int, context: int) -> list[list[float]]:
+def bench_stage(stage: Any, sizes: list[int], reps: int, context: int,
+                stop: threading.Event | None = None) -> list[list[float]]:
     """[tokens, min_ms, median_ms] per size: segments of a chain after `context` committed tokens.
 
     Runs in the stage's compute thread. The stage's KV cache is reset before and after.
+    `stop`: once set (the ring broke), ProbeError before the next timed pass: a long
+    benchmark (up to 33 sizes x 50 passes of 512 tokens) would hold the compute thread, and
+    the re-formed ring behind it, for minutes.
     """
     import torch
 
@@ -252,6 +257,8 @@ def bench_stage(stage: Any, sizes: list[int], reps: int, context: int) -> list[l
         for n in [sizes[0]] + list(sizes):  # the first run warms up
             times = []
             for _ in range(reps):
+                if stop is not None and stop.is_set():
+                    raise ProbeError("stopped: the ring broke while this stage timed its passes")
                 ids = list(range(nxt, nxt + n))
                 nxt += n
                 parents = [last] + ids[:-1]

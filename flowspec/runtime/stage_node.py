@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -279,9 +280,24 @@ class StageNode:
         return chosen, lps
 
     async def _bench(self, sizes: list[int], reps: int, context: int) -> list[list[float]]:
-        """Profiler: time segments of each size in the compute thread (the KV cache is reset)."""
+        """Profiler: time segments of each size in the compute thread (the KV cache is reset).
+        The timing stops between two passes when a link of this node is lost or replaced (the
+        ring broke: the probe has failed at the source, and the ring that forms again must not
+        wait behind it), or when the node stops."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, bench_stage, self.stage, sizes, reps, context)
+        stop = threading.Event()
+        links = self.links
+        up, down = links.upstream, links.downstream
+        job = loop.run_in_executor(self._pool, bench_stage, self.stage, sizes, reps, context, stop)
+        try:
+            while True:
+                done, _ = await asyncio.wait({job}, timeout=BENCH_WATCH_S)
+                if done:
+                    return job.result()
+                if links.upstream is not up or links.downstream is not down or links.closing:
+                    stop.set()
+        finally:
+            stop.set()
 
     async def _forward(self, f: Frame) -> None:
         s = self.links.downstream
@@ -295,6 +311,7 @@ class StageNode:
                 log.warning("%s: could not forward to %s: %s", self.name, s.label, e)
 
 
+BENCH_WATCH_S = 0.2  # how often a stage timing its passes for the profiler looks at its links
 BATCH_ROWS = 256  # a stage adds waiting segments to a pass until it holds this many rows
 
 
