@@ -100,6 +100,16 @@ class DecoderLayer(nn.Module):
         self.gate_proj = lin("mlp.gate_proj", cfg.mlp_bias)
         self.up_proj = lin("mlp.up_proj", cfg.mlp_bias)
         self.down_proj = lin("mlp.down_proj", cfg.mlp_bias)
+        # q, k and v read as one matrix, and gate and up as another (bfloat16; see _Fused); the
+        # entries of w they were copied from are taken out, so that a stage's load (w holds
+        # every layer of the stage) does not keep both copies until its last layer is made
+        self._qkv = _Fused.of(self.q_proj, self.k_proj, self.v_proj)
+        self._gate_up = _Fused.of(self.gate_proj, self.up_proj)
+        for fused, names in ((self._qkv, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                             (self._gate_up, ("mlp.gate_proj", "mlp.up_proj"))):
+            for name in names if fused is not None else ():
+                w.pop(prefix + name + ".weight", None)
+                w.pop(prefix + name + ".bias", None)
 
     def forward(
         self,
@@ -150,9 +160,10 @@ class DecoderLayer(nn.Module):
             t = t if dtype is None else t.to(dtype)
             return t.view(*lead, count, cfg.head_dim).transpose(-3, -2)
 
-        q = heads(self.q_proj(h), cfg.num_heads)
-        k = heads(self.k_proj(h), cfg.num_kv_heads)
-        v = heads(self.v_proj(h), cfg.num_kv_heads)
+        qp, kp, vp = _project(self._qkv, (self.q_proj, self.k_proj, self.v_proj), h)
+        q = heads(qp, cfg.num_heads)
+        k = heads(kp, cfg.num_kv_heads)
+        v = heads(vp, cfg.num_kv_heads)
         c, s = cos.unsqueeze(-3).to(q.dtype), sin.unsqueeze(-3).to(q.dtype)
         return apply_rope(q, c, s), apply_rope(k, c, s), v
 
@@ -185,7 +196,64 @@ class DecoderLayer(nn.Module):
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """The post-attention norm and gated MLP, added to the residual stream x."""
         h = self.post_norm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        gate, up = _project(self._gate_up, (self.gate_proj, self.up_proj), h)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class _Fused:
+    """Projections that read the same input, kept as one matrix (bfloat16 weights only).
+
+    One product over the concatenated weights costs less than one per projection: at the
+    few rows of decoding each product is bound by reading its weights plus a fixed cost per
+    call, and an 8-layer bfloat16 stage of the default model took 8.8 instead of 9.5 ms at
+    one row and 11.3 instead of 12.1 at 8 (one thread, AVX-512 BF16), with outputs equal bit
+    for bit. In float32 it gained nothing and rounded differently in the last bits, so
+    float32 (and int8) layers keep one product per projection. The projections' own weights
+    become views of the fused matrix (nothing is stored twice) and keep working alone
+    (checkpoints, the training pass); the fused product is used only while those views are
+    intact and nothing asks for their gradients."""
+
+    def __init__(self, parts: tuple[nn.Linear, ...], weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.parts = parts  # the projections, in the fused matrix's row order
+        self.weight = weight  # [sum of their outputs, in]
+        self.bias = bias
+        self.sizes = [p.out_features for p in parts]
+        self._ptrs = self._now()  # where each part's weight (and bias) must stay
+
+    @classmethod
+    def of(cls, *parts: nn.Module) -> "_Fused | None":
+        lins = [p for p in parts if type(p) is nn.Linear]
+        if len(lins) != len(parts) or any(p.weight.dtype != torch.bfloat16 for p in lins):
+            return None
+        if len({p.bias is None for p in lins}) > 1 or len({p.in_features for p in lins}) > 1:
+            return None
+        weight = torch.cat([p.weight.detach() for p in lins])
+        bias = None if lins[0].bias is None else torch.cat([p.bias.detach() for p in lins])
+        a = 0
+        for p in lins:
+            b = a + p.out_features
+            p.weight = nn.Parameter(weight[a:b], requires_grad=p.weight.requires_grad)
+            if bias is not None:
+                p.bias = nn.Parameter(bias[a:b], requires_grad=p.bias.requires_grad)
+            a = b
+        return cls(tuple(lins), weight, bias)
+
+    def _now(self) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for p in self.parts for t in (p.weight, p.bias) if t is not None)
+
+    def usable(self) -> bool:
+        """The parts still read the fused matrix (no ``.to()`` or reload replaced them), and
+        no gradient is asked for (the fused matrix is outside autograd)."""
+        if torch.is_grad_enabled() and any(p.weight.requires_grad for p in self.parts):
+            return False
+        return self._now() == self._ptrs
+
+
+def _project(fused: _Fused | None, parts: tuple[nn.Module, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each projection of x: one product over the fused matrix where it is usable."""
+    if fused is not None and fused.usable():
+        return F.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1)
+    return tuple(p(x) for p in parts)
 
 
 @dataclass

@@ -92,7 +92,8 @@ class EagleHead(nn.Module):
         t = checkpoint_tensors(self.fc, self.layer)
         if self.draft_vocab is not None:
             t["draft_vocab"] = self.draft_vocab
-        save_file({k: v.contiguous() for k, v in t.items()}, str(folder / "model.safetensors"))
+        # copies: the layer's projections may be views of one fused matrix (model/blocks.py)
+        save_file({k: v.detach().clone() for k, v in t.items()}, str(folder / "model.safetensors"))
 
     def trainable(self) -> list[nn.Parameter]:
         """The parameters training updates: fc and the whole decoder layer (the layer's weights
