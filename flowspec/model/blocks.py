@@ -7,8 +7,12 @@ both faster and more exact for the short queries of decoding.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +114,8 @@ class DecoderLayer(nn.Module):
             for name in names if fused is not None else ():
                 w.pop(prefix + name + ".weight", None)
                 w.pop(prefix + name + ".bias", None)
+        if self._qkv is not None or self._gate_up is not None:
+            _give_back_freed()
 
     def forward(
         self,
@@ -247,6 +253,26 @@ class _Fused:
         if torch.is_grad_enabled() and any(p.weight.requires_grad for p in self.parts):
             return False
         return self._now() == self._ptrs
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+def _give_back_freed() -> None:
+    """Return the pages of freed heap blocks to the system. The projections a layer copied
+    into its fused matrices were freed between blocks still in use, where the allocator
+    keeps them: an 8-layer bfloat16 stage of the default model peaked at 86.7 MB while
+    loading (54 MB of weights) instead of 69.3 with one product per projection; trimmed
+    after each layer, 68.8."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _project(fused: _Fused | None, parts: tuple[nn.Module, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
