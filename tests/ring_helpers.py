@@ -199,7 +199,8 @@ def ring_logs(ring: LocalRing) -> str:
 
 
 def wait_log(ring: LocalRing, name: str, text: str, timeout: float = 5.0) -> str:
-    """Wait until node `name`'s log contains text; return the log (assert on timeout)."""
+    """Wait until node `name`'s log contains text, at most `timeout` seconds; return the log
+    (also after the timeout: the caller asserts on it)."""
     path = next(p.log_path for p in ring.procs if p.name == name)
     deadline = time.monotonic() + timeout
     while True:

@@ -211,9 +211,10 @@ class _Fused:
 
     One product over the concatenated weights costs less than one per projection: at the
     few rows of decoding each product is bound by reading its weights plus a fixed cost per
-    call, and an 8-layer bfloat16 stage of the default model took 8.8 instead of 9.5 ms at
-    one row and 11.3 instead of 12.1 at 8 (one thread, AVX-512 BF16), with outputs equal bit
-    for bit. In float32 it gained nothing and rounded differently in the last bits, so
+    call, and an 8-layer bfloat16 stage of the default model took 10.5 instead of 11.1 ms at
+    one row, 13.3 instead of 14.0 at 8 and 16.6 instead of 17.4 at 16 (medians of four
+    alternated runs of ``tools/bench_engine.py --stage 8``, one thread, AVX-512 BF16), with
+    outputs equal bit for bit. In float32 it gained nothing and rounded differently in the last bits, so
     float32 (and int8) layers keep one product per projection. The projections' own weights
     become views of the fused matrix (nothing is stored twice) and keep working alone
     (checkpoints, the training pass); the fused product is used only while those views are
