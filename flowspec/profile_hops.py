@@ -136,6 +136,9 @@ def chrome_trace(report: dict[str, Any]) -> dict[str, Any]:
         ev.append({"ph": "X", "name": "draft + verify", "cat": "source", "pid": NODE_PID, "tid": tid[src_name],
                    "ts": us(a), "dur": max(0.1, round((b - a) * 1e6, 1)), "args": {"sends": sends}})
     links: dict[str, int] = {}
+    # a stage's passes: segments that waited together ran in one pass (same start and end),
+    # which is one span on its track, not one per segment stacked on each other
+    passes: dict[tuple[str, float, float], list[dict[str, Any]]] = {}
     for k, seg in enumerate(segs):
         prev, prev_send = src_name, float(seg["t_sent"])
         ev.append({"ph": "i", "name": "send", "cat": "source", "s": "t", "pid": NODE_PID, "tid": tid[src_name],
@@ -155,12 +158,17 @@ def chrome_trace(report: dict[str, Any]) -> dict[str, Any]:
             if name not in tid:
                 tid[name] = len(tid)
                 ev.append({"ph": "M", "name": "thread_name", "pid": NODE_PID, "tid": tid[name], "args": {"name": name}})
-            ev.append({"ph": "X", "name": f"compute ({seg.get('rows', '?')} rows out)", "cat": "stage",
-                       "pid": NODE_PID, "tid": tid[name], "ts": us(t_start),
-                       "dur": max(0.1, round((float(t_end) - float(t_start)) * 1e6, 1)),
-                       "args": {"segment": k, "queue_ms": round(1000 * (float(t_start) - t_recv), 3),
-                                "bytes_in": b_in, "bytes_out": b_out}})
+            passes.setdefault((name, float(t_start), float(t_end)), []).append(
+                {"segment": k, "rows": seg.get("rows", "?"), "queue_ms": round(1000 * (float(t_start) - t_recv), 3),
+                 "bytes_in": b_in, "bytes_out": b_out})
             prev, prev_send = name, float(t_send)
+    for (name, t_start, t_end), parts in passes.items():
+        rows = [p["rows"] for p in parts]
+        what = (f"compute ({rows[0]} rows out)" if len(parts) == 1 else
+                f"compute ({len(parts)} segments, {sum(r for r in rows if isinstance(r, int))} rows out)")
+        ev.append({"ph": "X", "name": what, "cat": "stage", "pid": NODE_PID, "tid": tid[name], "ts": us(t_start),
+                   "dur": max(0.1, round((t_end - t_start) * 1e6, 1)),
+                   "args": parts[0] if len(parts) == 1 else {"segments": parts}})
     for link, lt in links.items():
         ev.append({"ph": "M", "name": "thread_name", "pid": LINK_PID, "tid": lt, "args": {"name": link}})
     return {"traceEvents": ev, "displayTimeUnit": "ms",

@@ -72,6 +72,35 @@ def test_profile_local_ring(tiny_tok_model: Path, tmp_path: Path) -> None:
     assert begins and len(begins) == len([e for e in events if e["ph"] == "e"])
 
 
+def test_segments_of_one_pass_are_one_span() -> None:
+    """Segments that waited together at a stage ran in one pass (the same start and end in
+    their hop records): the trace shows that pass once on the stage's track, not once per
+    segment stacked on each other (the ring test above met this when stage1 batched two)."""
+    from flowspec.profile_hops import NODE_PID, chrome_trace
+
+    def seg(t_sent: float, rows: int, s1: tuple[float, float], s2: tuple[float, float]) -> dict[str, Any]:
+        return {"t_sent": t_sent, "t_back": s2[1] + 0.002, "rows": rows,
+                "hops": [["stage1", s1[0] - 0.001, s1[0], s1[1], s1[1], 100, 200],
+                         ["stage2", s2[0] - 0.001, s2[0], s2[1], s2[1], 200, 300]]}
+
+    segs = [seg(10.000, 3, (10.002, 10.010), (10.011, 10.020)),
+            seg(10.001, 5, (10.002, 10.010), (10.021, 10.030)),  # batched with the first at stage1
+            seg(10.015, 2, (10.016, 10.024), (10.031, 10.040))]
+    report = {"trace": {"t0": 10.0, "segments": segs, "source": [[10.041, 10.043, 1]]}, "source_name": "source",
+              "ring": [{"name": "stage1"}, {"name": "stage2"}], "cluster": "c", "model": "m"}
+    events = chrome_trace(report)["traceEvents"]
+    tids = {e["args"]["name"]: e["tid"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"
+            and e["pid"] == NODE_PID}
+    spans = {n: sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                       if e["ph"] == "X" and e["tid"] == tids[n] and e["pid"] == NODE_PID) for n in ("stage1", "stage2")}
+    assert [s[2] for s in spans["stage1"]] == ["compute (2 segments, 8 rows out)", "compute (2 rows out)"]
+    assert len(spans["stage2"]) == 3
+    for n, ss in spans.items():
+        assert all(a[1] <= b[0] + 1 for a, b in zip(ss, ss[1:])), n
+    merged = next(e for e in events if e["ph"] == "X" and e["name"].startswith("compute (2 segments"))
+    assert [p["segment"] for p in merged["args"]["segments"]] == [0, 1]
+
+
 def test_profile_errors_are_messages(tmp_path: Path, tiny_tok_model: Path) -> None:
     path = write_topology(tmp_path, 2, tiny_tok_model)
     r = subprocess.run(TOOL + ["--topology", str(path)], capture_output=True, text=True, env=env(), timeout=60)
