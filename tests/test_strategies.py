@@ -179,8 +179,17 @@ def check_stats(res: dict, strategy: str, prompt_len: int, chunk: int = 256) -> 
     assert s["accepted_drafts"] + s["rounds"] in (s["new_tokens"], s["new_tokens"] + 1)
     assert 1 <= s["verifications"] <= s["new_tokens"]
     assert s["mean_accepted"] == round(s["new_tokens"] / s["verifications"], 3)
+    # acceptance by depth: one step per output token, one accepted step per accepted draft;
+    # a round ends missed or undrafted, unless the request's end cut it
+    assert sum(s["depth_steps"]) == s["new_tokens"]
+    assert sum(s["depth_accepted"]) == s["accepted_drafts"]
+    assert all(0 <= a <= n for a, n in zip(s["depth_accepted"], s["depth_steps"], strict=True))
+    assert s["depth_steps"][0] == s["rounds"]  # every round starts at depth 0
+    assert s["ends_missed"] + s["ends_undrafted"] in (s["rounds"], s["rounds"] - 1)
     if strategy == "autoregressive":
         assert s["drafted"] == s["accepted_drafts"] == 0
+        assert s["ends_undrafted"] == s["rounds"] == s["new_tokens"] and s["ends_missed"] == 0
+        assert s["depth_steps"] == [s["new_tokens"]] and s["depth_accepted"] == [0]
         assert s["segments_sent"] == math.ceil(prompt_len / chunk) + len(out) - 1
     return s
 
@@ -308,6 +317,15 @@ def test_drafters_exercise_both_paths(env) -> None:
         wrong = run(env, "mistral", 2, strategy, PROMPT, N, env.drafter("wrong", "mistral", PROMPT, N))
         assert oracle["stats"]["mean_accepted"] > 1 and oracle["stats"]["tau"] > 2
         assert wrong["stats"]["accepted_drafts"] == 0 and wrong["stats"]["pruned_sent"] > 0
+        # every round the wrong drafter had children for ends missed, at depth 0
+        assert wrong["stats"]["ends_missed"] > 0 and wrong["stats"]["depth_accepted"] == [0]
+        # the oracle never misses; Chunk-PP's rounds end where its tree ends, while flowspec
+        # expands from the frontier so that its one round lasts the whole answer
+        assert oracle["stats"]["ends_missed"] == 0
+        if strategy == "chunked":
+            assert oracle["stats"]["ends_undrafted"] == oracle["stats"]["rounds"] - 1 > 0
+        else:
+            assert oracle["stats"]["rounds"] == 1 and oracle["stats"]["ends_undrafted"] == 0
     # the noisy draft model is right sometimes and wrong sometimes
     noisy = run(env, "mistral", 3, "flowspec", PROMPT, N, env.drafter("draft_noisy", "mistral", PROMPT, N))
     assert 0 < noisy["stats"]["accepted_drafts"] < N - 1

@@ -35,14 +35,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from flowspec.bench.output import rounds_lines  # noqa: E402
 from flowspec.bench.prompts import MTBENCH, load_prompts, split_variant  # noqa: E402
+from flowspec.bench.summary import rounds_profile  # noqa: E402
 from flowspec.config import Topology  # noqa: E402
 from flowspec.model.config import ModelConfig  # noqa: E402
 from flowspec.model.dtypes import dtype_name, parse_dtype  # noqa: E402
 from flowspec.model.loader import resolve_model  # noqa: E402
 from flowspec.model.stage import LMHead, Segment, Stage  # noqa: E402
 from flowspec.model.tokenizer import Tokenizer  # noqa: E402
-from flowspec.speculative.drafters import make_drafter  # noqa: E402
+from flowspec.speculative.drafters import eagle, make_drafter  # noqa: E402
+from flowspec.speculative.drafters.base import PassCount  # noqa: E402
 from flowspec.speculative.strategies import Send, Speculator  # noqa: E402
 from flowspec.speculative.tuning import RingCosts, tune  # noqa: E402
 
@@ -172,7 +175,8 @@ def time_source(head: LMHead, drafter: Any, hidden: int, reps: int) -> dict[str,
         def run(n: int) -> None:
             drafter.begin([])
             ids = [2 * i for i in range(n)]
-            drafter._run(ids, [-1] + ids[:-1], list(range(n)), [5] * n, [torch.randn(hidden)] * n)
+            rows = eagle._Rows(ids, [-1] + ids[:-1], list(range(n)), [5] * n, [torch.randn(hidden)] * n)
+            eagle._run_together(eh, [(drafter, rows)], PassCount())
         tables["draft_run"] = time_calls(run, SIZES, reps)
         drafter.begin([])
     return tables
@@ -291,10 +295,22 @@ class RingSim:
         spec = self.spec
         spec.head = meter.wrap("lm_head", spec.head, lambda h: h.shape[0])
         d = spec.drafter
-        if "draft_run" in meter.tables and hasattr(d, "_run"):
-            d._run = meter.wrap("draft_run", d._run, lambda hids, *a: len(hids))  # type: ignore[attr-defined]
-            d.head.logits = meter.wrap("draft_logits", d.head.logits,  # type: ignore[attr-defined]
+        if "draft_run" in meter.tables and isinstance(d, eagle.EagleDrafter):
+            # the head's layer and logits passes, metered for this run only (the head is shared)
+            run_together, logits = eagle._run_together, d.head.logits
+            eagle._run_together = meter.wrap("draft_run", run_together,  # type: ignore[assignment]
+                                             lambda head, work, count: sum(len(r.hids) for _, r in work))
+            d.head.logits = meter.wrap("draft_logits", logits,  # type: ignore[method-assign]
                                        lambda pred, *a, **k: pred.shape[0])
+            try:
+                return self._run(src_slow, meter)
+            finally:
+                eagle._run_together = run_together  # type: ignore[assignment]
+                del d.head.logits  # the class's method again
+        return self._run(src_slow, meter)
+
+    def _run(self, src_slow: float, meter: SourceMeter) -> dict[str, Any]:
+        spec = self.spec
 
         def timed(fn: Callable[[], list[Send]]) -> tuple[list[Send], float]:
             out, ms = meter.step(fn)
@@ -459,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:32s} {rate:6.2f} {x} {n_all / rounds:5.2f} {n_all / ver:5.2f} {wasted:10.2f} "
               f"{trip:5.0f} {ms / rounds:5.0f} {src:4.2f}  "
               + " ".join(f"{b:.2f}" for b in busy))
+    for label, rs in results.items():
+        for line in rounds_lines(label, rounds_profile([r["stats"] for r in rs])):
+            print(line)
     if args.json:
         Path(args.json).write_text(json.dumps({k: [{a: b for a, b in r.items() if a not in ("token_ids", "trips_ms")}
                                                    for r in v]

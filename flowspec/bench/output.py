@@ -89,7 +89,22 @@ def bound_lines(st: dict[str, Any]) -> list[str]:
         if b.get("tau_for_target"):
             line += f"; {b['target_speedup']:g}x autoregressive needs tau >= {b['tau_for_target']:.2f} at this trip"
         lines.append(line)
+        lines.extend(rounds_lines(name, d.get("rounds_profile")))
     return lines
+
+
+def rounds_lines(name: str, prof: dict[str, Any] | None, depths: int = 8) -> list[str]:
+    """Why a drafting strategy's rounds ended, and its acceptance by depth in a round."""
+    if not prof:
+        return []
+    ends = prof["ends"]
+    total = ends["missed"] + ends["undrafted"]
+    if not total:
+        return []
+    share = " ".join(f"{a:.2f}" for a in prof["by_depth"][:depths])
+    return [f"{name}: {total} rounds ended, {ends['missed'] / total:.0%} where the drafted children missed the "
+            f"target's token, {ends['undrafted'] / total:.0%} where the tree had not grown yet; "
+            f"accepted by depth in a round (0, 1, ...): {share}"]
 
 
 def print_cpu_caps(caps: dict[str, Any] | None, console: Any) -> None:

@@ -114,6 +114,28 @@ def _ratio(a: float, b: float, digits: int = 3) -> float | None:
     return round(a / b, digits) if b else None
 
 
+def rounds_profile(stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """How the requests' rounds ended and how far they got: ``ends`` counts rounds that ended
+    because the drafter's children missed the target's token (``missed``) or because the tree
+    had not grown to that token yet (``undrafted``); ``by_depth[d]`` is the share of tokens with
+    d drafted tokens accepted before them in their round whose next token was a drafted child
+    (tau = 1 + the sum over d of the products of these shares, up to d, for rounds that end)."""
+    steps: list[int] = []
+    acc: list[int] = []
+    for s in stats:
+        for i, (n, a) in enumerate(zip(s.get("depth_steps") or [], s.get("depth_accepted") or [])):
+            if i == len(steps):
+                steps.append(0)
+                acc.append(0)
+            steps[i] += int(n)
+            acc[i] += int(a)
+    missed = sum(int(s.get("ends_missed", 0)) for s in stats)
+    undrafted = sum(int(s.get("ends_undrafted", 0)) for s in stats)
+    return {"ends": {"missed": missed, "undrafted": undrafted},
+            "by_depth": [round(a / n, 3) for n, a in zip(steps, acc) if n],
+            "steps_by_depth": steps}
+
+
 def summarize_strategy(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Totals and rates over one strategy's requests (speedups are added by summarize)."""
     st = [r["stats"] for r in recs]
@@ -185,6 +207,8 @@ def summarize_strategy(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
                        "p95": None if p95 is None else round(1000 * p95, 2), "segments": len(gaps)},
         # ring work spent on rows that were pruned after they were sent, per generated token
         "wasted_rows_per_token": _ratio(counts["pruned_sent"], new, 2) if new else None,
+        # why rounds ended, and the drafter's acceptance by depth in a round
+        "rounds_profile": rounds_profile(st),
         # a round lasts at least one ring trip: tau / (trip + turnaround) bounds tokens/s
         "round_bound": round_bound(tau, 1000 * sum(dtrips) / len(dtrips) if dtrips else None,
                                    None if med is None else 1000 * med, tps),

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
@@ -38,6 +38,7 @@ from .tree import DraftTree, Node
 from .verify import accept_deterministic
 
 T = TypeVar("T")
+DEPTHS_KEPT = 16  # acceptance by depth in a round: depths counted apart, the last one gathers the rest
 
 
 @dataclass
@@ -62,12 +63,31 @@ class Stats:
     pruned: int = 0  # drafted nodes discarded (sent or not)
     pruned_sent: int = 0  # of which had been sent (wasted ring work)
     accepted_drafts: int = 0  # drafted nodes accepted
+    # why rounds ended (the request's last round, cut by its end, is neither):
+    ends_missed: int = 0  # the token had drafted children, none of them the target's next token
+    ends_undrafted: int = 0  # the token had no drafted children yet (the tree had not grown to it)
+    # acceptance by depth in a round: [d] counts the verified tokens that had d drafted tokens
+    # accepted before them in their round, and of those, the ones whose target's next token
+    # was a drafted child (the last index gathers the deeper ones)
+    depth_steps: list[int] = field(default_factory=list)
+    depth_accepted: list[int] = field(default_factory=list)
     chosen_at_last_stage: int = 0  # rows whose target token the last stage chose (decoding.verify)
     draft_s: float = 0.0  # source time spent drafting
     verify_s: float = 0.0  # source time spent in the lm_head and acceptance
 
-    def as_dict(self) -> dict[str, float]:
+    def step(self, depth: int, accepted: bool) -> None:
+        """A verified token at `depth` in its round: its target's next token was a drafted child or not."""
+        d = min(depth, DEPTHS_KEPT - 1)
+        while len(self.depth_steps) <= d:
+            self.depth_steps.append(0)
+            self.depth_accepted.append(0)
+        self.depth_steps[d] += 1
+        self.depth_accepted[d] += int(accepted)
+
+    def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
+        d["depth_steps"] = list(self.depth_steps)
+        d["depth_accepted"] = list(self.depth_accepted)
         d["draft_s"] = round(self.draft_s, 4)
         d["verify_s"] = round(self.verify_s, 4)
         d["mean_accepted"] = round(self.new_tokens / self.verifications, 3) if self.verifications else 0.0
@@ -114,6 +134,7 @@ class Speculator:
         self.logprobs = logprobs
         self.token_logprobs: list[TokenLogprob] = []  # one per token of `output`, when recorded
         self.stats = Stats()
+        self._round_depth = 0  # drafted tokens accepted so far in the current round
         self.done = False
         self.in_flight = 0
         self._sent: set[int] = set()
@@ -313,13 +334,20 @@ class Speculator:
                 else:
                     raise RuntimeError("this token was chosen at the last stage without its logprob "
                                        "(a stage of an older version?)")
+            self.stats.step(self._round_depth, child is not None)
             if child is not None:
                 pruned_sent, pruned = self.tree.advance(child)
                 self.stats.accepted_drafts += 1
+                self._round_depth += 1
                 new = self.tree[child]
             else:
+                if root.children:
+                    self.stats.ends_missed += 1
+                else:
+                    self.stats.ends_undrafted += 1
                 new, pruned_sent, pruned = self.tree.replace_root(tok)
                 self.stats.rounds += 1
+                self._round_depth = 0
             self._hidden_keep(root)
             self.stats.pruned += pruned
             self.stats.pruned_sent += len(pruned_sent)
