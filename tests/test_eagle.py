@@ -175,6 +175,73 @@ def test_unrolled_passes_equal_drafting_deeper_levels(tiny_head: EagleHead) -> N
                                               torch.ones(1, T, dtype=torch.bool)))
 
 
+def test_nodes_below_an_accepted_node_are_still_drafted(tiny_head: EagleHead) -> None:
+    """When a drafted node is accepted its head row is replaced by a chain row (computed with
+    the target's feature); the tree nodes below it keep their rows and get children later.
+    (Once, the replaced row took its cached subtree with it while the predictions stayed, and
+    every node below it that had no children yet got none: rounds ended at depth 4.)"""
+    g = torch.Generator().manual_seed(5)
+    n = 6
+    toks = torch.randint(0, 256, (n,), generator=g).tolist()
+    hidden = {i: torch.randn(64, generator=g) for i in range(n - 1)}
+    tree = DraftTree()
+    ids = tree.take_ids(n - 1)
+    root = tree.set_root(toks[-1], ids[-1], n - 1)
+    chain, chain_toks = ids + [root.id], list(toks)
+    view = DraftView(chain, chain_toks, tree, hidden)
+    d = EagleDrafter(tiny_head, 256)
+
+    def child(node_id: int) -> int:
+        (props,) = d.propose(view, [tree[node_id]], 3)
+        assert len(props) == 3
+        for tok, lp in props:
+            tree.add_child(node_id, tok, lp)
+        assert all(h in d.cache.slot_of for h in d._pred)  # a prediction always has its row
+        return tree[node_id].children[props[0][0]]
+
+    a = child(root.id)
+    b = child(a)
+    c = child(b)  # its row is not computed yet
+    hidden[root.id] = torch.randn(64, generator=g)  # the root came back: its target feature
+    tree.advance(a)  # ... and the target chose a
+    chain.append(a)
+    chain_toks.append(tree[a].token)
+    for nid in (c, b):  # the deepest first: c's row needs b's row, kept below a's chain row
+        (props,) = d.propose(view, [tree[nid]], 3)
+        assert len(props) == 3, f"node at depth {tree.depth(nid)} got no proposals"
+        assert all(h in d.cache.slot_of for h in d._pred)
+    assert 2 * a in d.cache.committed and 2 * a + 1 not in d.cache.slot_of
+
+
+def test_flowspec_drafts_every_frontier_node(default_model_dir: Path, monkeypatch) -> None:
+    """In a flowspec run of the default model with the bundled head, every node the drafter
+    is asked about gets its top_k children (a node marked expanded without children ends its
+    round there), and the run still equals greedy decoding."""
+    from flowspec.model.tokenizer import Tokenizer
+
+    asked = empty = 0
+    real = EagleDrafter.propose_together.__func__  # type: ignore[attr-defined]
+
+    def counting(cls, calls):  # noqa: ANN001, ANN202
+        nonlocal asked, empty
+        out, count = real(cls, calls)
+        for got in out:
+            assert not isinstance(got, Exception), got
+            asked += len(got)
+            empty += sum(1 for props in got if not props)
+        return out, count
+
+    monkeypatch.setattr(EagleDrafter, "propose_together", classmethod(counting))
+    tok = Tokenizer(default_model_dir)
+    pipe = LocalPipeline.load(default_model_dir, 2, dtype="float32", max_context=1024)
+    prompt = tok.encode_prompt("Name three colours of the rainbow and say one thing about each.")
+    got = generate_local(pipe, "flowspec", prompt, 48, _bundled(default_model_dir, "float32"), tok.eos_ids,
+                         tree=TreeParams(in_flight=3))
+    assert got["token_ids"] == greedy_generate(pipe, prompt, 48, tok.eos_ids).token_ids
+    assert got["stats"]["accepted_drafts"] > 24
+    assert asked > 50 and empty == 0, f"{empty} of {asked} frontier nodes got no proposals"
+
+
 def test_eagle_layout_loads_like_project_format(tmp_path: Path, tiny_llama: Path) -> None:
     """A head written in the published EAGLE layout (pytorch_model.bin, no input norm) and the
     same weights in the project's format give the same outputs."""

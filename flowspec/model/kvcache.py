@@ -149,6 +149,14 @@ class KVCache:
             self.committed.append(nid)
             self._committed_mask[self.slot_of[nid]] = True
 
+    def reparent(self, old: int, new: int) -> None:
+        """The cached children of node `old` hang from node `new` from now on (`new` takes
+        `old`'s place in the sequence). A row's keys and values depend on its own input only,
+        so the children stay valid; rows added below them attend to `new`, not `old`."""
+        for nid, pid in self.parent_of.items():
+            if pid == old:
+                self.parent_of[nid] = new
+
     def drop(self, ids: list[int]) -> None:
         """Rejected nodes and their cached descendants: their slots become free (reclaimed
         at the next compaction)."""

@@ -152,8 +152,16 @@ class EagleDrafter(Drafter):
         in_chain = set(chain)
         stale = [h for h in self.cache.parent_of if h % 2 == 1 and ((h // 2) not in tree or (h // 2) in in_chain)]
         if stale:
-            self.cache.drop(stale)
+            # a node that joined the chain has a chain entry (2 * id) now: its children in the
+            # tree hang from that entry, rows and predictions kept. Dropped, they took their
+            # subtrees out of the cache while their predictions stayed, and the children of
+            # such an orphan were never drafted (no row, no proposals).
             for h in stale:
+                if h // 2 in in_chain:
+                    self.cache.reparent(h, h - 1)
+            cached = set(self.cache.parent_of)
+            self.cache.drop(stale)
+            for h in cached - set(self.cache.parent_of):
                 self._pred.pop(h, None)
         new = []
         for j in range(self._chain_done + 1, len(chain)):
