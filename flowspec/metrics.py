@@ -20,7 +20,9 @@ Speculative decoding, mapped onto vLLM's counters so that its dashboards' formul
 * *draft tokens* are the drafted tree nodes sent through the target (``Stats.verified``),
   so ``accepted / draft_tokens`` is the share of verified drafts accepted (a tree verifies
   siblings of which at most one is accepted, so it is lower than a chain's);
-* *accepted tokens* are the drafted nodes accepted (``Stats.accepted_drafts``).
+* *accepted tokens* are the drafted nodes accepted (``Stats.accepted_drafts``); per
+  position, as vLLM's ``..._num_accepted_tokens_per_pos``, by their depth in their round
+  (``Stats.depth_accepted``); ``..._round_ends_total{reason}`` says why rounds ended.
 
 A request that the ring never drafted for (strategy ``autoregressive``) adds no drafts.
 """
@@ -97,6 +99,12 @@ class ApiMetrics:
                                 "(verified or not)", registry=r)
         self.verifications = Counter(spec + "num_verifications", "returned segments that advanced the accepted "
                                      "path", registry=r)
+        self.accepted_per_pos = Counter(spec + "num_accepted_tokens_per_pos", "drafted tokens accepted, by their "
+                                        "depth in their round (position 0: the round's first draft; the last "
+                                        "position gathers the deeper ones)", ["position"], registry=r)
+        self.round_ends = Counter(spec + "round_ends", "draft-and-verify rounds that ended because the drafted "
+                                  "children missed the target's token (missed) or because the token had no "
+                                  "drafted children yet (undrafted)", ["reason"], registry=r)
         self.stage_compute = Counter("flowspec_stage_compute_seconds", "seconds each stage computed segments",
                                      ["stage"], registry=r)
         self.stage_queue = Counter("flowspec_stage_queue_seconds", "seconds segments waited for each stage's "
@@ -184,6 +192,12 @@ class RequestWatch:
         m.accepted.inc(int(st.get("accepted_drafts") or 0))
         m.proposed.inc(int(st.get("drafted") or 0))
         m.verifications.inc(int(st.get("verifications") or 0))
+        if verified:
+            for pos, n in enumerate(st.get("depth_accepted") or []):
+                if n:
+                    m.accepted_per_pos.labels(str(pos)).inc(int(n))
+            m.round_ends.labels("missed").inc(int(st.get("ends_missed") or 0))
+            m.round_ends.labels("undrafted").inc(int(st.get("ends_undrafted") or 0))
         self._hops(st.get("hops") or {})
 
     def _hops(self, hops: dict[str, Any]) -> None:

@@ -443,6 +443,13 @@ def test_metrics_count_what_a_request_reported(api_ring: dict[str, Any]) -> None
     assert d("flowspec_spec_decode_num_accepted_tokens_total") == st["accepted_drafts"]
     assert d("flowspec_spec_decode_num_proposed_tokens_total") == st["drafted"]
     assert d("flowspec_spec_decode_num_verifications_total") == st["verifications"]
+    per_pos = st["depth_accepted"]
+    assert sum(per_pos) == st["accepted_drafts"]
+    for pos, k in enumerate(per_pos):
+        assert d("flowspec_spec_decode_num_accepted_tokens_per_pos_total", position=str(pos)) == k
+    assert d("flowspec_spec_decode_round_ends_total", reason="missed") == st["ends_missed"]
+    assert d("flowspec_spec_decode_round_ends_total", reason="undrafted") == st["ends_undrafted"]
+    assert st["ends_missed"] + st["ends_undrafted"] in (st["rounds"], st["rounds"] - 1)
     assert d("flowspec_decode_seconds_total") == pytest.approx(st["decode_s"], abs=1e-6)
     hops = st["hops"]
     assert set(hops["stages"]) == {"stage1", "stage2"}

@@ -119,7 +119,7 @@ def rounds_profile(stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
     because the drafter's children missed the target's token (``missed``) or because the tree
     had not grown to that token yet (``undrafted``); ``by_depth[d]`` is the share of tokens with
     d drafted tokens accepted before them in their round whose next token was a drafted child
-    (tau = 1 + the sum over d of the products of these shares, up to d, for rounds that end)."""
+    (with shares p0, p1, ..., tau is about 1 + p0 + p0 p1 + p0 p1 p2 + ...)."""
     steps: list[int] = []
     acc: list[int] = []
     for s in stats:

@@ -468,6 +468,6 @@ class Speculator:
         out, self._to_drop = self._to_drop, []
         return out
 
-    def result_stats(self) -> dict[str, float]:
+    def result_stats(self) -> dict[str, Any]:
         return self.stats.as_dict()
 
